@@ -1,0 +1,490 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/image"
+	"github.com/sealdisk/sealdisk/provider"
+	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+// progress returns a progress callback drawing a bar when stderr is a terminal.
+func progress(what string) (image.Progress, func()) {
+	if !term.IsTerminal(int(os.Stderr.Fd())) {
+		return nil, func() {}
+	}
+	var bar *progressbar.ProgressBar
+	return func(done, total int64) {
+			if bar == nil {
+				bar = progressbar.DefaultBytes(total, what)
+			}
+			_ = bar.Set64(done)
+		}, func() {
+			if bar != nil {
+				_ = bar.Finish()
+			}
+		}
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+// newImage creates OUT.tmp with a fresh UUID and certificate; finish renames it into place.
+func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sector.Cipher, func(error) error, error) {
+	if _, err := os.Stat(out); err == nil {
+		return nil, nil, nil, fmt.Errorf("--out %s already exists; refusing to overwrite an image", out)
+	}
+	id := uuid.New()
+	cert, key, err := f.issue(id, virtualSize)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	defer clear(key)
+	h, err := format.NewHeader(id, virtualSize, f.sectorSize, cert.Suite, f.readOnly, 0, cert.Bytes())
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	c, err := sector.NewCipher(cert.Suite, key, id, int(f.sectorSize))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	tmp := out + ".tmp"
+	os.Remove(tmp)
+	img, err := image.Create(tmp, h)
+	if err != nil {
+		c.Destroy()
+		return nil, nil, nil, err
+	}
+	finish := func(err error) error {
+		c.Destroy()
+		if err == nil {
+			err = img.Store.Sync()
+		}
+		if cerr := img.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			err = os.Rename(tmp, out)
+		}
+		if err != nil {
+			os.Remove(tmp)
+			return err
+		}
+		return syncDir(filepath.Dir(out))
+	}
+	return img, c, finish, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func createCmd() *cobra.Command {
+	var f certFlags
+	var out, size string
+	cmd := &cobra.Command{
+		Use:   "create",
+		Short: "Create a blank sealed image",
+		Long: `Creates a sparse sealed image of the given virtual size: a fresh image key sealed to the chip in
+a certificate signed by the provider. Every sector reads as zeros until written; the file
+takes 128 KiB on disk.`,
+		Example: `  sealdisk create --size 20G --out vm.img --chip psp/chip.crt --vendor-root vendor/vendor.crt \
+      --provider-key provider/provider.key --firmware /usr/share/OVMF/OVMF_CODE.fd`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := need(map[string]string{"out": out, "size": size}); err != nil {
+				return err
+			}
+			n, err := parseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			if n%uint64(f.sectorSize) != 0 {
+				return fmt.Errorf("--size %d is not a multiple of the %d-byte sector size", n, f.sectorSize)
+			}
+			img, _, finish, err := newImage(out, &f, n)
+			if err != nil {
+				return err
+			}
+			id := img.Header.UUID
+			if err := finish(nil); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created %s: %d bytes, image uuid %s\n", out, n, uuid.UUID(id))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", "", "image file to create")
+	cmd.Flags().StringVar(&size, "size", "", "virtual disk size, e.g. 20G")
+	f.register(cmd)
+	return cmd
+}
+
+func sealCmd() *cobra.Command {
+	var f certFlags
+	var in, out string
+	cmd := &cobra.Command{
+		Use:   "seal",
+		Short: "Seal an existing raw disk image",
+		Long: `Encrypts a raw disk image into a new sealed image. The virtual size is the input's size rounded
+up to a whole sector (the tail reads as zeros). Holes and all-zero sectors of the input stay
+holes. The output appears only when complete (written as OUT.tmp, then renamed).`,
+		Example: `  sealdisk seal --in disk.raw --out vm.img --chip psp/chip.crt --vendor-root vendor/vendor.crt \
+      --provider-key provider/provider.key --firmware OVMF.fd --suite aes-256-gcm`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := need(map[string]string{"in": in, "out": out}); err != nil {
+				return err
+			}
+			src, err := os.Open(in)
+			if err != nil {
+				return fmt.Errorf("failed to open input: %w", err)
+			}
+			defer src.Close()
+			fi, err := src.Stat()
+			if err != nil {
+				return err
+			}
+			if fi.Size() == 0 {
+				return fmt.Errorf("--in %s is empty: nothing to seal", in)
+			}
+			vs := format.RoundUpVirtualSize(uint64(fi.Size()), f.sectorSize)
+			img, c, finish, err := newImage(out, &f, vs)
+			if err != nil {
+				return err
+			}
+			sess, err := c.NewSession()
+			if err != nil {
+				return finish(err)
+			}
+			ctx, stop := signalContext()
+			defer stop()
+			prog, done := progress("sealing")
+			start := time.Now()
+			err = image.Seal(ctx, src, img, sess, prog)
+			done()
+			if err := finish(err); err != nil {
+				return fmt.Errorf("failed to seal %s: %w", in, err)
+			}
+			slog.Info("sealed", "in", in, "out", out, "bytes", vs, "seconds", time.Since(start).Seconds())
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&in, "in", "", "raw disk image to seal")
+	cmd.Flags().StringVar(&out, "out", "", "sealed image to create")
+	f.register(cmd)
+	return cmd
+}
+
+func unsealCmd() *cobra.Command {
+	var in, out, pspDir string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "unseal",
+		Short: "Decrypt a sealed image back to a raw image",
+		Long: `Decrypts a sealed image into a raw file of its virtual size, using the PSP the image is sealed
+to (its trust store must hold the provider). Never-written sectors stay holes. Any sector that
+fails authentication stops the unseal with an error naming the sector; the partial output is
+removed.`,
+		Example: "  sealdisk unseal --in vm.img --out disk.raw --psp /var/lib/sealdisk/psp",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := need(map[string]string{"in": in, "out": out, "psp": pspDir}); err != nil {
+				return err
+			}
+			if _, err := os.Stat(out); err == nil && !force {
+				return fmt.Errorf("--out %s exists; add --force to overwrite", out)
+			}
+			img, err := image.Open(in, true)
+			if err != nil {
+				return err
+			}
+			defer img.Close()
+			if img.FellBack() {
+				slog.Warn("primary header invalid; using backup", "image", in, "error", img.Status.PrimaryErr)
+			}
+			c, err := openCipher(img, pspDir)
+			if err != nil {
+				return err
+			}
+			defer c.Destroy()
+			ov, js, err := image.Recover(img, c)
+			if err != nil {
+				return err
+			}
+			if js.Records > 0 {
+				slog.Info("applied journal in memory", "epoch", js.Epoch, "records", js.Records)
+			}
+			dst, err := os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+			if err != nil {
+				return fmt.Errorf("failed to create output: %w", err)
+			}
+			ctx, stop := signalContext()
+			defer stop()
+			prog, done := progress("unsealing")
+			err = image.Unseal(ctx, img, c, ov, dst, prog)
+			done()
+			if cerr := dst.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				os.Remove(out)
+				return fmt.Errorf("failed to unseal %s: %w", in, err)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&in, "in", "", "sealed image")
+	cmd.Flags().StringVar(&out, "out", "", "raw image to write")
+	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
+	cmd.Flags().BoolVar(&force, "force", false, "overwrite --out")
+	return cmd
+}
+
+// openCipher verifies the certificate with the PSP and returns the image's sector cipher.
+func openCipher(img *image.Image, pspDir string) (*sector.Cipher, error) {
+	p, err := psp.Open(pspDir, psp.Options{})
+	if err != nil {
+		return nil, err
+	}
+	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(key)
+	return sector.NewCipher(img.Cert.Suite, key, img.Cert.UUID, int(img.Cert.SectorSize))
+}
+
+func resealCmd() *cobra.Command {
+	var in, pspDir, toChip, root, providerKey string
+	cmd := &cobra.Command{
+		Use:   "reseal",
+		Short: "Re-seal an image's certificate to another chip (host migration)",
+		Long: `Opens the image key with the current PSP, seals it to another chip and has the provider sign the
+new certificate; every other certificate field is kept. Only the two header copies are
+rewritten (backup first, then primary); the data, metadata and journal are untouched.`,
+		Example: `  sealdisk reseal --in vm.img --psp /var/lib/sealdisk/psp --to-chip host2-chip.crt \
+      --vendor-root vendor/vendor.crt --provider-key provider/provider.key`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := need(map[string]string{"in": in, "psp": pspDir, "to-chip": toChip, "vendor-root": root, "provider-key": providerKey}); err != nil {
+				return err
+			}
+			img, err := image.Open(in, false)
+			if err != nil {
+				return err
+			}
+			defer img.Close()
+			p, err := psp.Open(pspDir, psp.Options{})
+			if err != nil {
+				return err
+			}
+			key, err := p.UnsealImageKey(img.Cert, img.Header)
+			if err != nil {
+				return err
+			}
+			defer clear(key)
+			chip, err := loadChip(toChip, root)
+			if err != nil {
+				return err
+			}
+			signer, err := provider.LoadSigner(providerKey)
+			if err != nil {
+				return err
+			}
+			old := img.Cert
+			nc, err := provider.Issue(signer, provider.IssueRequest{
+				Chip: chip, UUID: old.UUID, VirtualSize: old.VirtualSize, SectorSize: old.SectorSize,
+				Suite: old.Suite, MeasureAlg: old.MeasureAlg, Measurements: old.Measurements,
+				NotBefore: old.NotBefore, NotAfter: old.NotAfter, ReadOnly: old.ReadOnly, ImageKey: key,
+			})
+			if err != nil {
+				return err
+			}
+			if err := img.Rewrite(nc.Bytes()); err != nil {
+				return fmt.Errorf("failed to rewrite headers: %w", err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "resealed %s to chip %x (header generation %d)\n", in, chip.ID, img.Header.Generation)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&in, "in", "", "sealed image (rewritten in place)")
+	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to now")
+	cmd.Flags().StringVar(&toChip, "to-chip", "", "chip certificate of the new host")
+	cmd.Flags().StringVar(&root, "vendor-root", "", "vendor root the new chip certificate must chain to")
+	cmd.Flags().StringVar(&providerKey, "provider-key", "", "provider private key that signs the new certificate")
+	return cmd
+}
+
+type inspectOut struct {
+	Image          string   `json:"image"`
+	HeaderCopy     string   `json:"header_copy"`
+	PrimaryError   string   `json:"primary_error,omitempty"`
+	BackupError    string   `json:"backup_error,omitempty"`
+	Generation     uint64   `json:"generation"`
+	UUID           string   `json:"image_uuid"`
+	VirtualSize    uint64   `json:"virtual_size"`
+	SectorSize     uint32   `json:"sector_size"`
+	Suite          string   `json:"suite"`
+	ReadOnly       bool     `json:"read_only"`
+	JournalOffset  uint64   `json:"journal_offset"`
+	JournalSize    uint64   `json:"journal_size"`
+	MetaOffset     uint64   `json:"meta_offset"`
+	MetaSize       uint64   `json:"meta_size"`
+	DataOffset     uint64   `json:"data_offset"`
+	AllocatedBytes int64    `json:"allocated_bytes"`
+	MeasureAlg     string   `json:"measure_alg"`
+	Measurements   []string `json:"measurements"`
+	NotBefore      string   `json:"not_before"`
+	NotAfter       string   `json:"not_after"`
+	ChipID         string   `json:"chip_id"`
+	KEM            string   `json:"kem"`
+	ProviderAlg    string   `json:"provider_alg"`
+	ProviderKey    string   `json:"provider_key_sha256"`
+	CertDigest     string   `json:"cert_sha384"`
+	Remote         bool     `json:"remote_key"`
+	BrokerURL      string   `json:"broker_url,omitempty"`
+	KeyID          string   `json:"key_id,omitempty"`
+	Signature      string   `json:"signature"`
+	SignatureError string   `json:"signature_error,omitempty"`
+}
+
+func inspectCmd() *cobra.Command {
+	var asJSON bool
+	var trust string
+	cmd := &cobra.Command{
+		Use:   "inspect IMAGE",
+		Short: "Show an image's header and certificate (no private key needed)",
+		Long: `Prints the header fields, which header copy was used (and why the other was not), the
+certificate's public fields, the bytes allocated on disk, and the provider signature verdict
+against a trust store (--trust DIR or a provider .pub file): valid, unknown provider, bad
+signature, or "not checked" without --trust.`,
+		Example: "  sealdisk inspect vm.img --trust psp/trust\n  sealdisk inspect vm.img --json | jq .signature",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			img, err := image.Open(args[0], true)
+			if err != nil {
+				return err
+			}
+			defer img.Close()
+			h, c := img.Header, img.Cert
+			o := inspectOut{
+				Image: args[0], HeaderCopy: "primary", Generation: h.Generation, UUID: uuid.UUID(h.UUID).String(),
+				VirtualSize: h.VirtualSize, SectorSize: h.SectorSize, Suite: h.Suite.String(), ReadOnly: h.ReadOnly,
+				JournalOffset: h.JournalOffset, JournalSize: h.JournalSize, MetaOffset: h.MetaOffset, MetaSize: h.MetaSize,
+				DataOffset: h.DataOffset, MeasureAlg: c.MeasureAlg.String(),
+				NotBefore: c.NotBefore.Format(time.RFC3339), NotAfter: c.NotAfter.Format(time.RFC3339),
+				ChipID: hex.EncodeToString(c.ChipID[:]), KEM: format.KEMName(c.KEM), ProviderAlg: c.ProviderAlg.String(),
+				Remote: c.Remote, BrokerURL: c.BrokerURL, KeyID: c.KeyID, Signature: "not checked",
+			}
+			if img.FellBack() {
+				o.HeaderCopy = "backup"
+			}
+			if img.Status.PrimaryErr != nil {
+				o.PrimaryError = img.Status.PrimaryErr.Error()
+			}
+			if img.Status.BackupErr != nil {
+				o.BackupError = img.Status.BackupErr.Error()
+			}
+			for _, m := range c.Measurements {
+				o.Measurements = append(o.Measurements, hex.EncodeToString(m))
+			}
+			pk := sha256.Sum256(c.ProviderKey)
+			o.ProviderKey = hex.EncodeToString(pk[:])
+			o.CertDigest = hex.EncodeToString(sha384(c.Bytes()))
+			if fi, err := os.Stat(args[0]); err == nil {
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+					o.AllocatedBytes = st.Blocks * 512
+				}
+			}
+			if trust != "" {
+				ts, err := psp.LoadTrustStore(trust)
+				if err != nil {
+					return err
+				}
+				switch err := ts.VerifySignature(c); {
+				case err == nil:
+					o.Signature = "valid"
+				case errors.Is(err, psp.ErrUnknownProvider):
+					o.Signature, o.SignatureError = "unknown provider", err.Error()
+				default:
+					o.Signature, o.SignatureError = "bad signature", err.Error()
+				}
+			}
+			w := cmd.OutOrStdout()
+			if asJSON {
+				e := json.NewEncoder(w)
+				e.SetIndent("", "  ")
+				return e.Encode(o)
+			}
+			printInspect(w, &o)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
+	cmd.Flags().StringVar(&trust, "trust", "", "trust store directory (PSPDIR/trust) or a provider .pub file")
+	cmd.Flags().StringVar(&trust, "provider-pub", "", "provider public key to check the signature against (same as --trust FILE)")
+	return cmd
+}
+
+func printInspect(w io.Writer, o *inspectOut) {
+	p := func(k string, v any) { fmt.Fprintf(w, "%-22s %v\n", k+":", v) }
+	p("image", o.Image)
+	p("header copy", o.HeaderCopy)
+	if o.PrimaryError != "" {
+		p("primary header", "INVALID: "+o.PrimaryError)
+	}
+	if o.BackupError != "" {
+		p("backup header", "INVALID: "+o.BackupError)
+	}
+	p("generation", o.Generation)
+	p("image uuid", o.UUID)
+	p("virtual size", fmt.Sprintf("%d bytes", o.VirtualSize))
+	p("sector size", o.SectorSize)
+	p("data suite", o.Suite)
+	p("read-only", o.ReadOnly)
+	p("regions", fmt.Sprintf("journal %d+%d, metadata %d+%d, data %d", o.JournalOffset, o.JournalSize, o.MetaOffset, o.MetaSize, o.DataOffset))
+	p("allocated on disk", fmt.Sprintf("%d bytes", o.AllocatedBytes))
+	p("measure alg", o.MeasureAlg)
+	for _, m := range o.Measurements {
+		p("allowed firmware", m)
+	}
+	p("valid", o.NotBefore+" .. "+o.NotAfter)
+	p("chip id", o.ChipID)
+	p("kem", o.KEM)
+	p("provider", o.ProviderAlg+" key sha256:"+o.ProviderKey)
+	p("certificate sha384", o.CertDigest)
+	if o.Remote {
+		p("remote key", o.BrokerURL+" id "+o.KeyID)
+	}
+	sig := o.Signature
+	if o.SignatureError != "" {
+		sig += " (" + o.SignatureError + ")"
+	}
+	p("signature", sig)
+}

@@ -1,0 +1,90 @@
+// Command sealdisk keeps VM disk images encrypted and authenticated at rest; see README.md.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func main() {
+	root := newRoot()
+	if err := root.Execute(); err != nil {
+		fmt.Fprintf(os.Stderr, "sealdisk: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func newRoot() *cobra.Command {
+	var level string
+	root := &cobra.Command{
+		Use:   "sealdisk",
+		Short: "Encrypted, authenticated VM disk images sealed to a secure processor",
+		Long: `sealdisk keeps guest VM disk images encrypted and authenticated at rest. Each image carries a
+certificate that seals its key to one host's secure processor (PSP); nobody types a key.
+
+This binary holds the offline tools: a development vendor CA and PSP, provider keys, and
+creating, sealing, unsealing, inspecting and re-sealing images.`,
+		Example: `  sealdisk vendor init --dir vendor
+  sealdisk psp init --dir psp --vendor vendor
+  sealdisk provider keygen --dir provider
+  sealdisk psp trust add --dir psp provider/provider.pub
+  sealdisk seal --in disk.raw --out vm.img --chip psp/chip.crt --vendor-root vendor/vendor.crt \
+      --provider-key provider/provider.key --firmware OVMF.fd
+  sealdisk inspect vm.img --trust psp/trust`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			var l slog.Level
+			if err := l.UnmarshalText([]byte(level)); err != nil {
+				return fmt.Errorf("invalid --log-level %q: want debug, info, warn or error", level)
+			}
+			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})))
+			return nil
+		},
+	}
+	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
+	root.AddCommand(vendorCmd(), pspCmd(), providerCmd(), measureCmd(), createCmd(), sealCmd(),
+		unsealCmd(), inspectCmd(), resealCmd(), attestCmd(), versionCmd())
+	return root
+}
+
+func versionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "version",
+		Short:   "Print the version",
+		Example: "  sealdisk version",
+		Args:    cobra.NoArgs,
+		Run:     func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), "sealdisk", version) },
+	}
+}
+
+// need returns an error naming the missing required flags.
+func need(flags map[string]string) error {
+	var missing []string
+	for name, v := range flags {
+		if v == "" {
+			missing = append(missing, "--"+name)
+		}
+	}
+	if len(missing) > 0 {
+		return errors.New("missing required flag(s): " + strings.Join(sortStrings(missing), ", "))
+	}
+	return nil
+}
+
+func sortStrings(s []string) []string {
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+	return s
+}

@@ -1,0 +1,484 @@
+// Package psp is the platform secure processor: the chip identity (an HPKE key for sealing,
+// an ECDSA P-384 attestation key endorsed by a vendor root), the trust store of provider keys,
+// firmware measurement, certificate verification and opening, the ASID pool, key binding into
+// the engine, and signed attestation reports.
+//
+// The PSP never sees guest data; the engine never sees a certificate. Keys cross from here to
+// the engine only through KeyBinder.
+//
+// Files of a PSP directory: kem.key, attest.key (0600), chip.crt, vendor.crt, trust/*.pub.
+// The chip certificate carries the HPKE public key in extension OIDChipKEM
+// (1.3.6.1.4.1.59999.1.1): an OCTET STRING of u16 KEM id || serialized public key.
+package psp
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/hpke"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/emmansun/gmsm/sm3"
+
+	"github.com/sealdisk/sealdisk/format"
+)
+
+// Refusal reasons; each has its own sentinel so callers and tests can branch on it.
+var (
+	ErrUnknownProvider  = errors.New("unknown provider")
+	ErrBadSignature     = errors.New("bad certificate signature")
+	ErrWrongChip        = errors.New("certificate is sealed to another chip")
+	ErrExpired          = errors.New("certificate expired")
+	ErrNotYetValid      = errors.New("certificate not yet valid")
+	ErrImageMismatch    = format.ErrImageMismatch
+	ErrFirmwareMismatch = errors.New("firmware measurement not allowed by the certificate")
+	ErrASIDExhausted    = errors.New("ASID pool exhausted")
+	ErrASIDInUse        = errors.New("ASID already in use")
+	ErrKeyUnseal        = errors.New("failed to unseal image key")
+	ErrRemoteKey        = errors.New("certificate references a remote key broker, which this build cannot reach yet")
+	ErrNoKeyBound       = errors.New("no key bound to this ASID")
+)
+
+// ASID is an address-space id: one per attached VM.
+type ASID uint32
+
+// Binding is what the PSP loads into an engine key slot.
+type Binding struct {
+	Suite      format.Suite
+	Key        []byte // the 32-byte image key; the binder must copy it
+	UUID       [16]byte
+	SectorSize int
+	ReadOnly   bool
+}
+
+// KeyBinder is the engine side of key binding: only the PSP calls it. LoadKey must copy
+// b.Key (the PSP zeroises its copy when LoadKey returns); ClearKey zeroises the slot.
+type KeyBinder interface {
+	LoadKey(asid ASID, b Binding) error
+	ClearKey(asid ASID) error
+}
+
+// DefaultASIDs is the pool size (as SEV's 509 guest ASIDs).
+const DefaultASIDs = 509
+
+// Options configure Open.
+type Options struct {
+	ASIDs  int              // pool size; 0 = DefaultASIDs
+	Now    func() time.Time // clock; nil = time.Now
+	Binder KeyBinder        // nil: Launch refuses
+}
+
+// PSP is one chip. It is safe for concurrent use.
+type PSP struct {
+	dir      string
+	kem      hpke.PrivateKey
+	kemID    uint16
+	id       [32]byte
+	attest   crypto.Signer
+	chip     *x509.Certificate
+	chipPEM  []byte
+	vendor   *x509.Certificate
+	now      func() time.Time
+	binder   KeyBinder
+	maxASIDs int
+
+	mu       sync.Mutex                  // guards trust, launches
+	trust    map[string]crypto.PublicKey // PKIX DER → key
+	launches map[ASID]*Launch
+}
+
+// Open loads the chip identity and trust store from dir.
+func Open(dir string, opts Options) (*PSP, error) {
+	kem, kemID, err := loadKEMKey(filepath.Join(dir, KEMKeyFile))
+	if err != nil {
+		return nil, err
+	}
+	attest, err := LoadSigner(filepath.Join(dir, AttestKeyFile))
+	if err != nil {
+		return nil, err
+	}
+	chipPEM, err := os.ReadFile(filepath.Join(dir, ChipCrtFile))
+	if err != nil {
+		return nil, fmt.Errorf("failed to read chip certificate: %w", err)
+	}
+	cc, err := ParseChipCert(chipPEM)
+	if err != nil {
+		return nil, err
+	}
+	if !bytes.Equal(cc.PublicKey.Bytes(), kem.PublicKey().Bytes()) {
+		return nil, fmt.Errorf("failed to open PSP %s: chip.crt does not endorse kem.key", dir)
+	}
+	vendor, err := ReadCertificate(filepath.Join(dir, VendorCrtFile))
+	if err != nil {
+		return nil, err
+	}
+	p := &PSP{
+		dir: dir, kem: kem, kemID: kemID, id: cc.ID, attest: attest,
+		chip: cc.Cert, chipPEM: chipPEM, vendor: vendor,
+		now: opts.Now, binder: opts.Binder, maxASIDs: opts.ASIDs,
+		launches: make(map[ASID]*Launch),
+	}
+	if p.now == nil {
+		p.now = time.Now
+	}
+	if p.maxASIDs <= 0 {
+		p.maxASIDs = DefaultASIDs
+	}
+	if err := p.ReloadTrust(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// ID is the chip id (FORMAT.md §3.3).
+func (p *PSP) ID() [32]byte { return p.id }
+
+// ChipPEM is the chip certificate.
+func (p *PSP) ChipPEM() []byte { return p.chipPEM }
+
+// ReloadTrust re-reads trust/*.pub.
+func (p *PSP) ReloadTrust() error {
+	files, err := filepath.Glob(filepath.Join(p.dir, TrustDir, "*.pub"))
+	if err != nil {
+		return fmt.Errorf("failed to list trust store: %w", err)
+	}
+	trust := make(map[string]crypto.PublicKey)
+	for _, f := range files {
+		der, pub, err := readPublicKey(f)
+		if err != nil {
+			return err
+		}
+		trust[string(der)] = pub
+	}
+	p.mu.Lock()
+	p.trust = trust
+	p.mu.Unlock()
+	return nil
+}
+
+func readPublicKey(path string) ([]byte, crypto.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("failed to read public key: %w", err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "PUBLIC KEY" {
+		return nil, nil, fmt.Errorf("failed to read %s: not a PEM public key", path)
+	}
+	pub, err := x509.ParsePKIXPublicKey(blk.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("failed to parse %s: %w", path, err)
+	}
+	return blk.Bytes, pub, nil
+}
+
+// AddTrustedProvider copies a provider's PEM public key into dir/trust.
+func AddTrustedProvider(dir, pubPath string) error {
+	der, _, err := readPublicKey(pubPath)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(der)
+	dst := filepath.Join(dir, TrustDir, hex.EncodeToString(sum[:8])+".pub")
+	if err := os.MkdirAll(filepath.Join(dir, TrustDir), 0o700); err != nil {
+		return fmt.Errorf("failed to create trust store: %w", err)
+	}
+	if _, err := os.Stat(dst); err == nil {
+		return nil
+	}
+	return writeFile(dst, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644)
+}
+
+// TrustStore is a set of provider keys, usable without a chip (inspect).
+type TrustStore map[string]crypto.PublicKey
+
+// LoadTrustStore reads *.pub from a directory, or one .pub file.
+func LoadTrustStore(path string) (TrustStore, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("failed to open trust store: %w", err)
+	}
+	files := []string{path}
+	if fi.IsDir() {
+		files, _ = filepath.Glob(filepath.Join(path, "*.pub"))
+	}
+	ts := TrustStore{}
+	for _, f := range files {
+		der, pub, err := readPublicKey(f)
+		if err != nil {
+			return nil, err
+		}
+		ts[string(der)] = pub
+	}
+	return ts, nil
+}
+
+// VerifySignature checks a certificate's provider signature against the trust store
+// (FORMAT.md §3.4 steps 2–3).
+func (ts TrustStore) VerifySignature(c *format.Certificate) error {
+	pub, ok := ts[string(c.ProviderKey)]
+	if !ok {
+		sum := sha256.Sum256(c.ProviderKey)
+		return fmt.Errorf("%w: provider key %x… is not in the trust store", ErrUnknownProvider, sum[:8])
+	}
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if c.ProviderAlg != format.SigECDSAP384 {
+			return fmt.Errorf("%w: certificate says %s but the trusted key is ECDSA", ErrBadSignature, c.ProviderAlg)
+		}
+		h := sha512.Sum384(c.Body)
+		if !ecdsa.VerifyASN1(k, h[:], c.Signature) {
+			return fmt.Errorf("%w: ECDSA P-384 signature does not verify over the certificate body", ErrBadSignature)
+		}
+	case ed25519.PublicKey:
+		if c.ProviderAlg != format.SigEd25519 {
+			return fmt.Errorf("%w: certificate says %s but the trusted key is Ed25519", ErrBadSignature, c.ProviderAlg)
+		}
+		if !ed25519.Verify(k, c.Body, c.Signature) {
+			return fmt.Errorf("%w: Ed25519 signature does not verify over the certificate body", ErrBadSignature)
+		}
+	default:
+		return fmt.Errorf("%w: unsupported provider key type %T", ErrBadSignature, pub)
+	}
+	return nil
+}
+
+// Verdict is the outcome of certificate verification, for attestation.
+type Verdict struct {
+	Signature  string // "valid"
+	CertDigest [48]byte
+}
+
+// VerifyCertificate runs FORMAT.md §3.4 steps 2–6 against this chip.
+func (p *PSP) VerifyCertificate(c *format.Certificate, h *format.Header) (*Verdict, error) {
+	p.mu.Lock()
+	ts := TrustStore(p.trust)
+	p.mu.Unlock()
+	if err := ts.VerifySignature(c); err != nil {
+		return nil, err
+	}
+	if c.ChipID != p.id {
+		return nil, fmt.Errorf("%w: certificate is for chip %x…, this chip is %x…", ErrWrongChip, c.ChipID[:8], p.id[:8])
+	}
+	now := p.now()
+	if now.Before(c.NotBefore) {
+		return nil, fmt.Errorf("%w: valid from %s, now %s", ErrNotYetValid, c.NotBefore.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	if !now.Before(c.NotAfter) {
+		return nil, fmt.Errorf("%w: valid until %s, now %s", ErrExpired, c.NotAfter.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	if h != nil {
+		if err := c.CheckHeader(h); err != nil {
+			return nil, err
+		}
+	}
+	return &Verdict{Signature: "valid", CertDigest: sha512.Sum384(c.Bytes())}, nil
+}
+
+// KeyInfo is the HPKE info binding a sealed image key to an image and a chip (FORMAT §3.3).
+func KeyInfo(uuid [16]byte, chipID [32]byte) []byte {
+	info := []byte("sealdisk v1 image key")
+	info = append(info, uuid[:]...)
+	return append(info, chipID[:]...)
+}
+
+func (p *PSP) unseal(c *format.Certificate) ([]byte, error) {
+	if c.Remote {
+		return nil, fmt.Errorf("%w (broker %s, key %s)", ErrRemoteKey, c.BrokerURL, c.KeyID)
+	}
+	if c.KEM != p.kemID {
+		return nil, fmt.Errorf("%w: sealed with KEM %s, chip has %s", ErrKeyUnseal, format.KEMName(c.KEM), format.KEMName(p.kemID))
+	}
+	kdf, err := hpke.NewKDF(c.KDF)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrKeyUnseal, err)
+	}
+	aead, err := hpke.NewAEAD(c.AEAD)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrKeyUnseal, err)
+	}
+	key, err := hpke.Open(p.kem, kdf, aead, KeyInfo(c.UUID, c.ChipID), c.SealedKey)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrKeyUnseal, err)
+	}
+	if len(key) != 32 {
+		clear(key)
+		return nil, fmt.Errorf("%w: unsealed key is %d bytes, want 32", ErrKeyUnseal, len(key))
+	}
+	return key, nil
+}
+
+// UnsealImageKey verifies the certificate (steps 2–6) and unwraps the image key (step 8), for
+// offline tools. The caller zeroises the key.
+func (p *PSP) UnsealImageKey(c *format.Certificate, h *format.Header) ([]byte, error) {
+	if _, err := p.VerifyCertificate(c, h); err != nil {
+		return nil, err
+	}
+	return p.unseal(c)
+}
+
+// Measure hashes a firmware file (FORMAT.md §7).
+func Measure(path string, alg format.MeasureAlg) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("failed to measure firmware: %w", err)
+	}
+	defer f.Close()
+	var h interface {
+		io.Writer
+		Sum([]byte) []byte
+	}
+	switch alg {
+	case format.MeasureSHA384:
+		h = sha512.New384()
+	case format.MeasureSM3:
+		h = sm3.New()
+	default:
+		return nil, fmt.Errorf("failed to measure firmware: unknown algorithm %d", uint16(alg))
+	}
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, fmt.Errorf("failed to measure firmware %s: %w", path, err)
+	}
+	return h.Sum(nil), nil
+}
+
+// LaunchRequest asks the PSP to admit a VM's disk.
+type LaunchRequest struct {
+	VM           string
+	Cert         *format.Certificate
+	Header       *format.Header
+	FirmwarePath string
+	ASID         ASID // 0 = allocate
+}
+
+// Launch is an admitted VM disk.
+type Launch struct {
+	VM          string
+	ASID        ASID
+	Measurement []byte
+	MeasureAlg  format.MeasureAlg
+	FirmwareOK  bool
+	SignatureOK bool
+	CertDigest  [48]byte
+	Suite       format.Suite
+	UUID        [16]byte
+	Time        time.Time
+}
+
+// Launch runs FORMAT.md §3.4 in order: verify, measure firmware (no key is unwrapped on a
+// mismatch), allocate an ASID, unseal, bind the key into the engine, zeroise.
+func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
+	if p.binder == nil {
+		return nil, errors.New("failed to launch: this PSP has no engine to bind keys into")
+	}
+	v, err := p.VerifyCertificate(req.Cert, req.Header)
+	if err != nil {
+		return nil, err
+	}
+	m, err := Measure(req.FirmwarePath, req.Cert.MeasureAlg)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	for _, want := range req.Cert.Measurements {
+		ok = ok || bytes.Equal(m, want)
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: %s %s of %s is not among the certificate's %d allowed measurements",
+			ErrFirmwareMismatch, req.Cert.MeasureAlg, hex.EncodeToString(m), req.FirmwarePath, len(req.Cert.Measurements))
+	}
+	l := &Launch{
+		VM: req.VM, Measurement: m, MeasureAlg: req.Cert.MeasureAlg, FirmwareOK: true,
+		SignatureOK: v.Signature == "valid", CertDigest: v.CertDigest, Suite: req.Cert.Suite,
+		UUID: req.Cert.UUID, Time: p.now().UTC(),
+	}
+	asid, err := p.reserve(req.ASID, l)
+	if err != nil {
+		return nil, err
+	}
+	key, err := p.unseal(req.Cert)
+	if err != nil {
+		p.release(asid)
+		return nil, err
+	}
+	err = p.binder.LoadKey(asid, Binding{
+		Suite: req.Cert.Suite, Key: key, UUID: req.Cert.UUID,
+		SectorSize: int(req.Cert.SectorSize), ReadOnly: req.Cert.ReadOnly,
+	})
+	clear(key)
+	if err != nil {
+		p.release(asid)
+		return nil, fmt.Errorf("failed to bind key to ASID %d: %w", asid, err)
+	}
+	return l, nil
+}
+
+func (p *PSP) reserve(want ASID, l *Launch) (ASID, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if want != 0 {
+		if int(want) > p.maxASIDs {
+			return 0, fmt.Errorf("ASID %d is outside the pool 1..%d", want, p.maxASIDs)
+		}
+		if _, busy := p.launches[want]; busy {
+			return 0, fmt.Errorf("%w: ASID %d", ErrASIDInUse, want)
+		}
+		l.ASID = want
+		p.launches[want] = l
+		return want, nil
+	}
+	for a := ASID(1); int(a) <= p.maxASIDs; a++ {
+		if _, busy := p.launches[a]; !busy {
+			l.ASID = a
+			p.launches[a] = l
+			return a, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: all %d ASIDs are bound", ErrASIDExhausted, p.maxASIDs)
+}
+
+func (p *PSP) release(a ASID) {
+	p.mu.Lock()
+	delete(p.launches, a)
+	p.mu.Unlock()
+}
+
+// Detach clears the engine key slot and frees the ASID.
+func (p *PSP) Detach(a ASID) error {
+	p.mu.Lock()
+	_, ok := p.launches[a]
+	p.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("failed to detach: %w: ASID %d", ErrNoKeyBound, a)
+	}
+	if err := p.binder.ClearKey(a); err != nil {
+		return fmt.Errorf("failed to clear key slot %d: %w", a, err)
+	}
+	p.release(a)
+	return nil
+}
+
+// Launches lists the current launches by ASID.
+func (p *PSP) Launches() []*Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]*Launch, 0, len(p.launches))
+	for _, l := range p.launches {
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ASID < out[j].ASID })
+	return out
+}
