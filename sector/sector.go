@@ -160,7 +160,8 @@ func (c *Cipher) aead(salt [SaltSize]byte, pin bool) (cipher.AEAD, error) {
 	if a := c.sessions[salt]; a != nil {
 		return a, nil
 	}
-	ks, err := hkdf.Key(sha256.New, c.key, salt[:], string(c.info), keySize(c.suite))
+	saltCopy := salt // only the miss path pays for the escaping copy
+	ks, err := hkdf.Key(sha256.New, c.key, saltCopy[:], string(c.info), keySize(c.suite))
 	if err != nil {
 		return nil, fmt.Errorf("failed to derive session key: %w", err)
 	}
@@ -239,10 +240,21 @@ func (s *Session) next() (*sessionKey, uint64) {
 	}
 }
 
-func aad(buf *[aadSize]byte, uuid [16]byte, lba uint64) []byte {
-	copy(buf[:16], uuid[:])
-	binary.BigEndian.PutUint64(buf[16:], lba)
-	return buf[:]
+// scratch holds a nonce and an AAD. Pooled because slices passed to an AEAD interface
+// method escape, and the data path must not allocate per sector.
+type scratch struct {
+	nonce [nonceSize]byte
+	aad   [aadSize]byte
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+
+func getScratch(uuid [16]byte, lba, ctr uint64) *scratch {
+	sc := scratchPool.Get().(*scratch)
+	binary.BigEndian.PutUint64(sc.nonce[4:], ctr)
+	copy(sc.aad[:16], uuid[:])
+	binary.BigEndian.PutUint64(sc.aad[16:], lba)
+	return sc
 }
 
 // Seal encrypts one sector into dst and fills e. len(pt) == SectorSize; dst has len
@@ -254,10 +266,9 @@ func (s *Session) Seal(lba uint64, dst, pt []byte, e *Entry) {
 		panic("BUG: sector: Seal buffer sizes")
 	}
 	k, ctr := s.next()
-	var nonce [nonceSize]byte
-	binary.BigEndian.PutUint64(nonce[4:], ctr)
-	var ad [aadSize]byte
-	out := k.aead.Seal(dst[:0], nonce[:], pt, aad(&ad, s.c.uuid, lba))
+	sc := getScratch(s.c.uuid, lba, ctr)
+	out := k.aead.Seal(dst[:0], sc.nonce[:], pt, sc.aad[:])
+	scratchPool.Put(sc)
 	*e = Entry{}
 	copy(e[:16], k.salt[:])
 	binary.BigEndian.PutUint64(e[16:24], ctr)
@@ -290,14 +301,14 @@ func (c *Cipher) Open(lba uint64, dst, ct []byte, e *Entry) error {
 		clear(dst)
 		return &AuthError{LBA: lba, Reason: err.Error()}
 	}
-	var nonce [nonceSize]byte
-	binary.BigEndian.PutUint64(nonce[4:], ctr)
-	var ad [aadSize]byte
 	// The AEAD wants ct||tag contiguous: put them in dst's slack (copy is a no-op in place).
 	buf := dst[:n+TagSize]
 	copy(buf, ct)
 	copy(buf[n:], e[24:40])
-	if _, err := a.Open(buf[:0], nonce[:], buf, aad(&ad, c.uuid, lba)); err != nil {
+	sc := getScratch(c.uuid, lba, ctr)
+	_, err = a.Open(buf[:0], sc.nonce[:], buf, sc.aad[:])
+	scratchPool.Put(sc)
+	if err != nil {
 		clear(buf)
 		return &AuthError{LBA: lba, Reason: "tag mismatch (data, nonce, tag or position was modified)"}
 	}
