@@ -120,15 +120,37 @@ func Issue(signer crypto.Signer, req IssueRequest) (*format.Certificate, error) 
 	if err != nil {
 		return nil, fmt.Errorf("failed to issue certificate: %w", err)
 	}
-	switch alg {
+	if err := sign(signer, c, body); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Resign signs c's current fields again (after MarshalBody), e.g. after editing a field.
+func Resign(signer crypto.Signer, c *format.Certificate) (*format.Certificate, error) {
+	body, err := c.MarshalBody()
+	if err != nil {
+		return nil, err
+	}
+	if err := sign(signer, c, body); err != nil {
+		return nil, err
+	}
+	return format.ParseCertificate(c.Bytes())
+}
+
+func sign(signer crypto.Signer, c *format.Certificate, body []byte) error {
+	var err error
+	switch c.ProviderAlg {
 	case format.SigECDSAP384:
 		h := sha512.Sum384(body)
 		c.Signature, err = signer.Sign(rand.Reader, h[:], crypto.SHA384)
 	case format.SigEd25519:
 		c.Signature, err = signer.Sign(rand.Reader, body, crypto.Hash(0))
+	default:
+		err = fmt.Errorf("unknown provider algorithm %d", uint16(c.ProviderAlg))
 	}
 	if err != nil {
-		return nil, fmt.Errorf("failed to sign certificate: %w", err)
+		return fmt.Errorf("failed to sign certificate: %w", err)
 	}
-	return c, nil
+	return nil
 }
