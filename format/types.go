@@ -105,8 +105,11 @@ type FieldError struct {
 	Where  string // "header", "header copy 1", "certificate"
 	Field  string // the field's name in FORMAT.md, e.g. "sector_size"
 	Reason string
+	Err    error // optional cause (the certificate's own error, ErrImageMismatch), for errors.Is/As
 }
 
 func (e *FieldError) Error() string {
 	return fmt.Sprintf("invalid %s field %s: %s", e.Where, e.Field, e.Reason)
 }
+
+func (e *FieldError) Unwrap() error { return e.Err }

@@ -184,11 +184,10 @@ func (c *Cipher) aead(salt [SaltSize]byte, pin bool) (cipher.AEAD, error) {
 
 // Session is one writing session: a fresh salt and a nonce counter. Safe for concurrent use.
 type Session struct {
-	c    *Cipher
-	max  uint64 // counter limit; a new salt is drawn past it (injectable in tests)
-	mu   sync.Mutex
-	cur  atomic.Pointer[sessionKey]
-	salt [SaltSize]byte
+	c   *Cipher
+	max uint64 // counter limit; a new salt is drawn past it (injectable in tests)
+	mu  sync.Mutex
+	cur atomic.Pointer[sessionKey]
 }
 
 type sessionKey struct {

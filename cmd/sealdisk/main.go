@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/sealdisk/sealdisk/config"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -23,7 +25,7 @@ func main() {
 }
 
 func newRoot() *cobra.Command {
-	var level string
+	var cfgPath string
 	root := &cobra.Command{
 		Use:   "sealdisk",
 		Short: "Encrypted, authenticated VM disk images sealed to a secure processor",
@@ -42,15 +44,24 @@ creating, sealing, unsealing, inspecting and re-sealing images.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			var l slog.Level
-			if err := l.UnmarshalText([]byte(level)); err != nil {
-				return fmt.Errorf("invalid --log-level %q: want debug, info, warn or error", level)
+			cfg, err := config.Load(cfgPath, cmd.Flags())
+			if err != nil {
+				return err
 			}
-			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})))
+			var l slog.Level
+			_ = l.UnmarshalText([]byte(cfg.Log.Level)) // validated by config
+			opts := &slog.HandlerOptions{Level: l}
+			var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+			if cfg.Log.Format == "json" {
+				h = slog.NewJSONHandler(os.Stderr, opts)
+			}
+			slog.SetDefault(slog.New(h))
 			return nil
 		},
 	}
-	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level: debug, info, warn, error")
+	root.PersistentFlags().StringVar(&cfgPath, "config", "", "YAML config file (keys also settable as SEALDISK_* environment variables)")
+	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error (config log.level)")
+	root.PersistentFlags().String("log-format", "text", "log format: text or json (config log.format)")
 	root.AddCommand(vendorCmd(), pspCmd(), providerCmd(), measureCmd(), createCmd(), sealCmd(),
 		unsealCmd(), inspectCmd(), resealCmd(), attestCmd(), versionCmd())
 	return root

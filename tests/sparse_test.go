@@ -1,0 +1,52 @@
+package tests
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// dataExtents lists a file's data ranges with SEEK_DATA/SEEK_HOLE.
+func dataExtents(t testing.TB, f *os.File, size int64) [][2]int64 {
+	var out [][2]int64
+	fd := int(f.Fd())
+	for off := int64(0); off < size; {
+		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, [2]int64{d, h})
+		off = h
+	}
+	return out
+}
+
+// cmpSparse compares two files byte for byte over n bytes like cmp, but reads only the
+// union of their data extents: everything else is a hole in both and reads as zeros.
+func cmpSparse(t testing.TB, a, b string, n int64) {
+	t.Helper()
+	fa, fb := mustOpen(t, a), mustOpen(t, b)
+	ranges := append(dataExtents(t, fa, n), dataExtents(t, fb, n)...)
+	ba, bb := make([]byte, 1<<20), make([]byte, 1<<20)
+	for _, r := range ranges {
+		for off := r[0]; off < min(r[1], n); {
+			k := min(int64(len(ba)), min(r[1], n)-off)
+			fa.ReadAt(ba[:k], off)
+			fb.ReadAt(bb[:k], off)
+			if !bytes.Equal(ba[:k], bb[:k]) {
+				t.Fatalf("%s and %s differ in [%d, %d)", a, b, off, off+k)
+			}
+			off += k
+		}
+	}
+}
