@@ -62,6 +62,7 @@ func (w *writer) u32(v uint32) { w.b = binary.BigEndian.AppendUint32(w.b, v) }
 func (w *writer) u64(v uint64) { w.b = binary.BigEndian.AppendUint64(w.b, v) }
 func (w *writer) raw(v []byte) { w.b = append(w.b, v...) }
 func (w *writer) str(s string) { w.b = append(w.b, s...) }
+
 func allZero(b []byte) bool {
 	for _, c := range b {
 		if c != 0 {
@@ -69,4 +70,30 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// check records reason against field unless an earlier field already failed; "" means the
+// value passed. Parsers and Validate methods share it so the same rule yields the same error.
+func (r *reader) check(field, reason string) {
+	if reason != "" {
+		r.fail(field, reason)
+	}
+}
+
+// checkErr is check for a rule whose cause callers may test with errors.Is/As.
+func (r *reader) checkErr(field, reason string, cause error) {
+	if reason != "" && r.err == nil {
+		r.err = &FieldError{Where: r.where, Field: field, Reason: reason, Err: cause}
+	}
+}
+
+// array16 and array32 read fixed-size fields; they stay zero after a failure.
+func (r *reader) array16(field string) (a [16]byte) {
+	copy(a[:], r.take(field, 16))
+	return a
+}
+
+func (r *reader) array32(field string) (a [32]byte) {
+	copy(a[:], r.take(field, 32))
+	return a
 }

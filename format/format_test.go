@@ -5,309 +5,240 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 )
 
+// testUUID is 5ea1d15c-0000-4000-8000-000000000001 (FORMAT.md §8).
 var testUUID = [16]byte{0x5e, 0xa1, 0xd1, 0x5c, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 1}
 
-// testCert is a fixed, unsigned-but-well-formed certificate for codec tests.
+// testCert is the fixed, well-formed but unsigned certificate of FORMAT.md §8.1.
 func testCert() *Certificate {
-	m := bytes.Repeat([]byte{0xab}, 48)
 	return &Certificate{
 		UUID: testUUID, VirtualSize: 1 << 30, SectorSize: 4096, Suite: SuiteAES256GCM,
 		MeasureAlg: MeasureSHA384, NotBefore: time.Unix(1700000000, 0).UTC(), NotAfter: time.Unix(1900000000, 0).UTC(),
 		ChipID: [32]byte{1, 2, 3}, KEM: KEMMLKEM768X25519, KDF: KDFHKDFSHA384, AEAD: AEADAES256GCM,
-		ProviderAlg: SigECDSAP384, ProviderKey: bytes.Repeat([]byte{0x30}, 120), Measurements: [][]byte{m},
-		SealedKey: bytes.Repeat([]byte{0x5a}, 1168), Signature: bytes.Repeat([]byte{0x77}, 103),
+		ProviderAlg: SigECDSAP384, ProviderKey: bytes.Repeat([]byte{0x30}, 120),
+		Measurements: [][]byte{bytes.Repeat([]byte{0xab}, 48)},
+		SealedKey:    bytes.Repeat([]byte{0x5a}, 1168), Signature: bytes.Repeat([]byte{0x77}, 103),
 	}
 }
 
-func testCertBytes(t testing.TB) []byte {
+// remoteCert is testCert with a broker-held key.
+func remoteCert() *Certificate {
 	c := testCert()
+	c.Remote, c.SealedKey, c.BrokerURL, c.KeyID = true, nil, "https://broker.example:8443/v1", "tenant-7/disk 1"
+	return c
+}
+
+// certBytes marshals c (which must be valid) as stored.
+func certBytes(t testing.TB, c *Certificate) []byte {
+	t.Helper()
 	if _, err := c.MarshalBody(); err != nil {
 		t.Fatal(err)
 	}
 	return c.Bytes()
 }
 
+// certFor is testCert for another image shape.
+func certFor(t testing.TB, uuid [16]byte, virtualSize uint64, sectorSize uint32, suite Suite, readOnly bool) []byte {
+	c := testCert()
+	c.UUID, c.VirtualSize, c.SectorSize, c.Suite, c.ReadOnly = uuid, virtualSize, sectorSize, suite, readOnly
+	return certBytes(t, c)
+}
+
 func testHeader(t testing.TB) *Header {
-	h, err := NewHeader(testUUID, 1<<30, 4096, SuiteAES256GCM, false, 0, testCertBytes(t))
+	t.Helper()
+	h, err := NewHeader(testUUID, 1<<30, 4096, SuiteAES256GCM, false, 0, certBytes(t, testCert()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return h
 }
 
-// memFile is an in-memory SyncWriterAt/ReaderAt.
-type memFile struct{ b []byte }
-
-func (m *memFile) WriteAt(p []byte, off int64) (int, error) {
-	if need := int(off) + len(p); need > len(m.b) {
-		m.b = append(m.b, make([]byte, need-len(m.b))...)
+func mustMarshal(t testing.TB, h *Header, copy int) []byte {
+	t.Helper()
+	b, err := h.Marshal(copy)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return copy(m.b[off:], p), nil
+	return b
 }
 
-func (m *memFile) ReadAt(p []byte, off int64) (int, error) {
-	if off >= int64(len(m.b)) {
-		return 0, nil
+// wantField fails unless err is a *FieldError for where/field.
+func wantField(t *testing.T, name string, err error, where, field string) {
+	t.Helper()
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Where != where || fe.Field != field {
+		t.Errorf("%s: want %s field %s, got %v", name, where, field, err)
 	}
-	return copy(p, m.b[off:]), nil
 }
-
-func (m *memFile) Sync() error { return nil }
 
 func TestLayoutWorkedExample(t *testing.T) {
 	// FORMAT.md §1: 20 GiB, 4096-byte sectors.
-	h, err := NewHeader(testUUID, 20<<30, 4096, SuiteAES256GCM, false, 0, []byte{1})
+	h, err := NewHeader(testUUID, 20<<30, 4096, SuiteAES256GCM, false, 0, certFor(t, testUUID, 20<<30, 4096, SuiteAES256GCM, false))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.MetaSize != 320<<20 || h.MetaOffset != 5<<20 || h.DataOffset != 325<<20 || h.FileSize() != 20805<<20 {
+	if h.Sectors() != 5242880 || h.JournalOffset != 1<<20 || h.JournalSize != 4<<20 || h.MetaSize != 320<<20 ||
+		h.MetaOffset != 5<<20 || h.DataOffset != 325<<20 || h.FileSize() != 20805<<20 || h.Generation != 1 {
 		t.Fatalf("layout %+v", h)
 	}
-	if h.DataPos(1) != 325<<20+4096 || h.EntryPos(2) != 5<<20+128 {
+	if h.DataPos(0) != 325<<20 || h.DataPos(1) != 325<<20+4096 || h.EntryPos(2) != 5<<20+128 {
 		t.Fatal("positions")
 	}
-}
-
-func TestHeaderRoundTrip(t *testing.T) {
-	h := testHeader(t)
-	for c := 0; c < 2; c++ {
-		b, err := h.Marshal(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := ParseHeader(b, c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b2, _ := got.Marshal(c)
-		if !bytes.Equal(b, b2) {
-			t.Fatal("round trip differs")
-		}
-		if _, err := ParseHeader(b, 1-c); err == nil || !strings.Contains(err.Error(), "copy") {
-			t.Fatalf("slot mismatch not refused: %v", err)
-		}
+	last := h.Sectors() - 1
+	if uint64(h.DataPos(last))+4096 != h.FileSize() || uint64(h.EntryPos(last))+64 > h.DataOffset {
+		t.Fatal("last sector does not end at the file end / inside the metadata region")
 	}
 }
 
-// corrupt rewrites field bytes of a marshalled header and fixes the checksum, so the
-// field rule itself (not the checksum) must refuse it.
-func corrupt(t *testing.T, off int, val []byte) error {
-	b, err := testHeader(t).Marshal(0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	copy(b[off:], val)
-	hl := len(b) - ChecksumSize
-	sum := sha256.Sum256(b[:hl])
-	copy(b[hl:], sum[:])
-	_, err = ParseHeader(b, 0)
-	return err
-}
-
-func TestHeaderRefusals(t *testing.T) {
-	be := func(n int, v uint64) []byte {
-		b := make([]byte, n)
-		for i := n - 1; i >= 0; i-- {
-			b[i] = byte(v)
-			v >>= 8
-		}
-		return b
-	}
+func TestLayoutSmallAnd512(t *testing.T) {
 	for _, tc := range []struct {
-		field string
-		off   int
-		val   []byte
+		vs                   uint64
+		ss                   uint32
+		journal              uint64
+		metaSize, dataOffset uint64
 	}{
-		{"magic", 0, []byte("SEALDISX")},
-		{"version", 8, be(2, 2)},
-		{"copy", 10, be(2, 1)},
-		{"generation", 16, be(8, 0)},
-		{"image_uuid", 24, make([]byte, 16)},
-		{"virtual_size", 40, be(8, 1<<30+1)},
-		{"sector_size", 48, be(4, 1024)},
-		{"data_suite", 52, be(2, 9)},
-		{"flags", 54, be(2, 4)},
-		{"journal_offset", 56, be(8, 0)},
-		{"journal_size", 64, be(8, 3)},
-		{"meta_offset", 72, be(8, 7)},
-		{"meta_size", 80, be(8, 7)},
-		{"data_offset", 88, be(8, 7)},
-		{"meta_entry_size", 96, be(4, 32)},
-		{"cert_len", 100, be(4, 5)},
-		{"reserved", 110, []byte{1}},
+		{4096, 4096, 0, 1 << 20, 6 << 20},            // one sector still takes a 1 MiB metadata region
+		{512, 512, 1 << 20, 1 << 20, 3 << 20},         // smallest journal
+		{1 << 30, 512, 0, 128 << 20, 133 << 20},       // 512-byte sectors: 8× the metadata
+		{16384 << 12, 4096, 8 << 20, 1 << 20, 10 << 20}, // exactly 1 MiB of entries
+		{16385 << 12, 4096, 8 << 20, 2 << 20, 11 << 20}, // one entry over
 	} {
-		err := corrupt(t, tc.off, tc.val)
-		var fe *FieldError
-		if !errors.As(err, &fe) || fe.Field != tc.field {
-			t.Errorf("%s: got %v", tc.field, err)
-		}
-	}
-	if err := corrupt(t, 8, be(2, 2)); !strings.Contains(err.Error(), "unsupported header version 2") {
-		t.Errorf("version message: %v", err)
-	}
-	b, _ := testHeader(t).Marshal(0)
-	b[200] ^= 1
-	if _, err := ParseHeader(b, 0); err == nil || !strings.Contains(err.Error(), "checksum") {
-		t.Errorf("checksum: %v", err)
-	}
-	if _, err := ParseHeader(b[:50], 0); err == nil {
-		t.Error("truncated header accepted")
-	}
-}
-
-func TestReadHeaderFallsBackOnEveryByte(t *testing.T) {
-	h := testHeader(t)
-	var f memFile
-	if err := WriteHeaders(&f, h); err != nil {
-		t.Fatal(err)
-	}
-	want, _ := h.Marshal(0)
-	for i := 0; i < len(want); i++ {
-		g := memFile{b: bytes.Clone(f.b)}
-		g.b[i] ^= 0x40
-		got, st, err := ReadHeader(&g)
+		h, err := NewHeader(testUUID, tc.vs, tc.ss, SuiteSM4GCM, true, tc.journal, certFor(t, testUUID, tc.vs, tc.ss, SuiteSM4GCM, true))
 		if err != nil {
-			t.Fatalf("byte %d: %v", i, err)
+			t.Fatalf("%+v: %v", tc, err)
 		}
-		gb, _ := got.Marshal(0)
-		if !bytes.Equal(gb, want) {
-			t.Fatalf("byte %d: wrong header returned", i)
+		if h.MetaSize != tc.metaSize || h.DataOffset != tc.dataOffset || h.FileSize() != tc.dataOffset+tc.vs {
+			t.Errorf("%+v: got meta %d data %d", tc, h.MetaSize, h.DataOffset)
 		}
-		if st.Copy != 1 || st.PrimaryErr == nil {
-			t.Fatalf("byte %d: did not fall back: %+v", i, st)
-		}
-	}
-}
-
-func TestReadHeaderBothBadNamesField(t *testing.T) {
-	var f memFile
-	if err := WriteHeaders(&f, testHeader(t)); err != nil {
-		t.Fatal(err)
-	}
-	f.b[0] = 'X'
-	f.b[HeaderSlotSize] = 'X'
-	_, _, err := ReadHeader(&f)
-	var fe *FieldError
-	if !errors.As(err, &fe) || fe.Field != "magic" || !strings.Contains(err.Error(), "backup") {
-		t.Fatalf("got %v", err)
-	}
-}
-
-func TestReadHeaderGenerationAndTornRewrite(t *testing.T) {
-	h := testHeader(t)
-	var f memFile
-	if err := WriteHeaders(&f, h); err != nil {
-		t.Fatal(err)
-	}
-	h2 := *h
-	h2.Generation = 2
-	// A rewrite torn after the backup: the backup (gen 2) wins over the old primary.
-	b, _ := h2.Marshal(1)
-	f.WriteAt(b, HeaderSlotSize)
-	got, st, err := ReadHeader(&f)
-	if err != nil || got.Generation != 2 || st.Copy != 1 {
-		t.Fatalf("gen %v copy %v err %v", got, st, err)
-	}
-	// Torn in the middle of the primary write: primary invalid, backup gen 2 wins.
-	p, _ := h2.Marshal(0)
-	f.WriteAt(p[:100], 0)
-	if got, _, err = ReadHeader(&f); err != nil || got.Generation != 2 {
-		t.Fatalf("torn primary: %v", err)
-	}
-	// Same generation but different contents: refused.
-	h3 := h2
-	h3.ReadOnly = true
-	p, _ = h3.Marshal(0)
-	f.WriteAt(p, 0)
-	if _, _, err = ReadHeader(&f); !errors.Is(err, ErrHeadersDisagree) {
-		t.Fatalf("disagree: %v", err)
-	}
-}
-
-func TestCertificateRoundTrip(t *testing.T) {
-	b := testCertBytes(t)
-	c, err := ParseCertificate(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(c.Bytes(), b) {
-		t.Fatal("round trip differs")
-	}
-	if err := c.CheckHeader(testHeader(t)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ParseCertificate(append(b, 0)); err == nil || !strings.Contains(err.Error(), "trailing") {
-		t.Fatalf("trailing bytes: %v", err)
-	}
-	for n := 0; n < len(b); n += 7 {
-		if _, err := ParseCertificate(b[:n]); err == nil {
-			t.Fatalf("truncated at %d accepted", n)
+		for _, off := range []uint64{h.JournalOffset, h.MetaOffset, h.DataOffset} {
+			if off%RegionAlign != 0 {
+				t.Errorf("%+v: region offset %d not 1 MiB aligned", tc, off)
+			}
 		}
 	}
 }
 
-func TestCertificateRefusals(t *testing.T) {
+func TestRoundUpVirtualSize(t *testing.T) {
 	for _, tc := range []struct {
-		field string
-		mod   func(c *Certificate)
+		n    uint64
+		ss   uint32
+		want uint64
 	}{
-		{"image_uuid", func(c *Certificate) { c.UUID = [16]byte{} }},
-		{"sector_size", func(c *Certificate) { c.SectorSize = 1000 }},
-		{"virtual_size", func(c *Certificate) { c.VirtualSize = 4097 }},
-		{"data_suite", func(c *Certificate) { c.Suite = 7 }},
-		{"measure_alg", func(c *Certificate) { c.MeasureAlg = 9 }},
-		{"not_after", func(c *Certificate) { c.NotAfter = c.NotBefore }},
-		{"hpke_kem", func(c *Certificate) { c.KEM = 0x20 }},
-		{"hpke_kdf", func(c *Certificate) { c.KDF = 1 }},
-		{"hpke_aead", func(c *Certificate) { c.AEAD = 1 }},
-		{"provider_alg", func(c *Certificate) { c.ProviderAlg = 5 }},
-		{"provider_key", func(c *Certificate) { c.ProviderKey = nil }},
-		{"measurements", func(c *Certificate) { c.Measurements = nil }},
-		{"measurements", func(c *Certificate) { c.Measurements = [][]byte{make([]byte, 32)} }},
-		{"sealed_key", func(c *Certificate) { c.SealedKey = nil }},
-		{"broker_url", func(c *Certificate) { c.BrokerURL = "https://x" }},
-		{"sealed_key", func(c *Certificate) { c.Remote = true }},
-		{"broker_url", func(c *Certificate) { c.Remote, c.SealedKey, c.BrokerURL, c.KeyID = true, nil, "http://x", "k" }},
-		{"key_id", func(c *Certificate) { c.Remote, c.SealedKey, c.BrokerURL, c.KeyID = true, nil, "https://x", "a b" }},
+		{0, 4096, 0}, {1, 4096, 4096}, {4095, 4096, 4096}, {4096, 4096, 4096}, {4097, 4096, 8192},
+		{511, 512, 512}, {512, 512, 512}, {513, 512, 1024},
 	} {
-		c := testCert()
-		tc.mod(c)
-		_, err := c.MarshalBody()
-		var fe *FieldError
-		if !errors.As(err, &fe) || fe.Field != tc.field {
-			t.Errorf("%s: got %v", tc.field, err)
+		if got := RoundUpVirtualSize(tc.n, tc.ss); got != tc.want {
+			t.Errorf("RoundUpVirtualSize(%d, %d) = %d, want %d", tc.n, tc.ss, got, tc.want)
 		}
 	}
-	// Parse-side refusals of bytes no marshaller would write.
-	b := testCertBytes(t)
+}
+
+func TestPositionBeyondDiskPanics(t *testing.T) {
+	h := testHeader(t)
+	for name, f := range map[string]func(){
+		"DataPos":  func() { h.DataPos(h.Sectors()) },
+		"EntryPos": func() { h.EntryPos(h.Sectors()) },
+	} {
+		func() {
+			defer func() {
+				if r := recover(); r == nil || !strings.HasPrefix(r.(string), "BUG: ") {
+					t.Errorf("%s: want a BUG panic, got %v", name, r)
+				}
+			}()
+			f()
+		}()
+	}
+}
+
+func TestNewHeaderRefusals(t *testing.T) {
+	v1UUID := testUUID
+	v1UUID[6] = 0x10
+	good := certBytes(t, testCert())
+	for _, tc := range []struct {
+		name    string
+		uuid    [16]byte
+		vs      uint64
+		ss      uint32
+		suite   Suite
+		ro      bool
+		journal uint64
+		cert    []byte
+		field   string
+	}{
+		{"zero uuid", [16]byte{}, 1 << 30, 4096, 1, false, 0, good, "image_uuid"},
+		{"v1 uuid", v1UUID, 1 << 30, 4096, 1, false, 0, good, "image_uuid"},
+		{"sector 1024", testUUID, 1 << 30, 1024, 1, false, 0, good, "sector_size"},
+		{"sector 0", testUUID, 1 << 30, 0, 1, false, 0, good, "sector_size"},
+		{"size 0", testUUID, 0, 4096, 1, false, 0, good, "virtual_size"},
+		{"size unaligned", testUUID, 1<<30 + 512, 4096, 1, false, 0, good, "virtual_size"},
+		{"size over 1 PiB", testUUID, 1<<50 + 4096, 4096, 1, false, 0, good, "virtual_size"},
+		{"suite 0", testUUID, 1 << 30, 4096, 0, false, 0, good, "data_suite"},
+		{"suite 4", testUUID, 1 << 30, 4096, 4, false, 0, good, "data_suite"},
+		{"journal 512 KiB", testUUID, 1 << 30, 4096, 1, false, 512 << 10, good, "journal_size"},
+		{"journal 1.5 MiB", testUUID, 1 << 30, 4096, 1, false, 3 << 19, good, "journal_size"},
+		{"journal 2 GiB", testUUID, 1 << 30, 4096, 1, false, 2 << 30, good, "journal_size"},
+		{"no cert", testUUID, 1 << 30, 4096, 1, false, 0, nil, "cert_len"},
+		{"cert too long", testUUID, 1 << 30, 4096, 1, false, 0, make([]byte, maxCertLen+1), "cert_len"},
+		{"garbage cert", testUUID, 1 << 30, 4096, 1, false, 0, []byte("SDCERT01 but not really"), "certificate"},
+		{"cert for other suite", testUUID, 1 << 30, 4096, SuiteChaCha20Poly1305, false, 0, good, "data_suite"},
+		{"cert for other size", testUUID, 2 << 30, 4096, 1, false, 0, good, "virtual_size"},
+		{"cert not read-only", testUUID, 1 << 30, 4096, 1, true, 0, good, "flags"},
+	} {
+		_, err := NewHeader(tc.uuid, tc.vs, tc.ss, tc.suite, tc.ro, tc.journal, tc.cert)
+		wantField(t, tc.name, err, "header", tc.field)
+	}
+	// Maximum size and journal are accepted.
+	if _, err := NewHeader(testUUID, 1<<50, 4096, 1, false, 1<<30, certFor(t, testUUID, 1<<50, 4096, 1, false)); err != nil {
+		t.Errorf("1 PiB with 1 GiB journal: %v", err)
+	}
+	_, err := NewHeader(testUUID, 2<<30, 4096, 1, false, 0, good)
+	if !errors.Is(err, ErrImageMismatch) {
+		t.Errorf("mismatch does not wrap ErrImageMismatch: %v", err)
+	}
+	_, err = NewHeader(testUUID, 1<<30, 4096, 1, false, 0, good[:100])
+	var inner *FieldError
+	if !errors.As(errors.Unwrap(err), &inner) || inner.Where != "certificate" {
+		t.Errorf("certificate error does not unwrap to the certificate's field: %v", err)
+	}
+}
+
+func TestHeaderValidateStruct(t *testing.T) {
 	for _, tc := range []struct {
 		field string
-		off   int
-		val   byte
-	}{{"magic", 0, 'X'}, {"version", 9, 2}, {"flags", 11, 0x80}} {
-		bb := bytes.Clone(b)
-		bb[tc.off] = tc.val
-		_, err := ParseCertificate(bb)
-		var fe *FieldError
-		if !errors.As(err, &fe) || fe.Field != tc.field {
-			t.Errorf("%s: got %v", tc.field, err)
+		mod   func(h *Header)
+	}{
+		{"generation", func(h *Header) { h.Generation = 0 }},
+		{"journal_offset", func(h *Header) { h.JournalOffset = 2 << 20 }},
+		{"meta_offset", func(h *Header) { h.MetaOffset += RegionAlign }},
+		{"meta_size", func(h *Header) { h.MetaSize += RegionAlign; h.DataOffset += RegionAlign }},
+		{"data_offset", func(h *Header) { h.DataOffset += RegionAlign }},
+		{"image_uuid", func(h *Header) { h.UUID[15]++ }},
+	} {
+		h := testHeader(t)
+		tc.mod(h)
+		wantField(t, tc.field, h.Validate(), "header", tc.field)
+		if _, err := h.Marshal(0); err == nil {
+			t.Errorf("%s: Marshal accepted an invalid header", tc.field)
 		}
 	}
 }
 
 func TestCheckHeaderNamesField(t *testing.T) {
 	c := testCert()
+	if err := c.CheckHeader(testHeader(t)); err != nil {
+		t.Fatal(err)
+	}
 	for field, mod := range map[string]func(h *Header){
-		"image_uuid":     func(h *Header) { h.UUID[15]++ },
-		"virtual_size":   func(h *Header) { h.VirtualSize *= 2 },
-		"sector_size":    func(h *Header) { h.SectorSize = 512 },
-		"data_suite":     func(h *Header) { h.Suite = SuiteSM4GCM },
-		"read-only flag": func(h *Header) { h.ReadOnly = true },
+		"image_uuid":   func(h *Header) { h.UUID[15]++ },
+		"virtual_size": func(h *Header) { h.VirtualSize *= 2 },
+		"sector_size":  func(h *Header) { h.SectorSize = 512 },
+		"data_suite":   func(h *Header) { h.Suite = SuiteSM4GCM },
+		"read-only":    func(h *Header) { h.ReadOnly = true },
 	} {
 		h := testHeader(t)
 		mod(h)
@@ -318,33 +249,97 @@ func TestCheckHeaderNamesField(t *testing.T) {
 	}
 }
 
-// TestHeaderVector pins FORMAT.md §8.1: the SHA-256 of the primary header copy built from
+// TestHeaderVector pins FORMAT.md §8.1: the certificate and primary header copy built from
 // fixed inputs. A change here is a format change.
 func TestHeaderVector(t *testing.T) {
-	b, err := testHeader(t).Marshal(0)
+	cb := certBytes(t, testCert())
+	b := mustMarshal(t, testHeader(t), 0)
+	gotCert, gotHdr := sha256.Sum256(cb), sha256.Sum256(b)
+	const (
+		wantCertLen = 1555
+		wantCert    = "16b4e61ae6f226e1d57e76d1c7525a75a895995631cf67177fbc23470310596c"
+		wantHdrLen  = 1715
+		wantHdr     = "de0246676f3f5745d04bd40709cc6d19807028c9cf1273f777ab22674a089c41"
+	)
+	if len(cb) != wantCertLen || hex.EncodeToString(gotCert[:]) != wantCert ||
+		len(b) != wantHdrLen || hex.EncodeToString(gotHdr[:]) != wantHdr {
+		t.Fatalf("vectors changed:\ncert %x (len %d)\nheader %x (len %d)", gotCert, len(cb), gotHdr, len(b))
+	}
+	// The parsed vector reads back as the inputs.
+	h, err := ParseHeader(b, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cb := testCertBytes(t)
-	gotCert := sha256.Sum256(cb)
-	gotHdr := sha256.Sum256(b)
-	const wantCert = "16b4e61ae6f226e1d57e76d1c7525a75a895995631cf67177fbc23470310596c"
-	const wantHdr = "de0246676f3f5745d04bd40709cc6d19807028c9cf1273f777ab22674a089c41"
-	if hex.EncodeToString(gotCert[:]) != wantCert || hex.EncodeToString(gotHdr[:]) != wantHdr {
-		t.Fatalf("vectors changed:\ncert %x (len %d)\nheader %x (len %d)", gotCert, len(cb), gotHdr, len(b))
+	if h.Generation != 1 || h.UUID != testUUID || h.VirtualSize != 1<<30 || h.SectorSize != 4096 ||
+		h.Suite != SuiteAES256GCM || h.ReadOnly || h.JournalSize != 4<<20 || !bytes.Equal(h.Cert, cb) {
+		t.Fatalf("parsed vector %+v", h)
 	}
 }
 
 func TestNames(t *testing.T) {
-	for s := SuiteAES256GCM; s <= SuiteSM4GCM; s++ {
-		if got, err := ParseSuite(s.String()); err != nil || got != s {
-			t.Fatal(s)
+	for _, tc := range []struct {
+		name  string
+		alias string
+		s     Suite
+	}{{"aes-256-gcm", "aes", SuiteAES256GCM}, {"chacha20-poly1305", "chacha20", SuiteChaCha20Poly1305}, {"sm4-gcm", "sm4", SuiteSM4GCM}} {
+		if tc.s.String() != tc.name {
+			t.Errorf("%d prints as %q", tc.s, tc.s.String())
+		}
+		for _, n := range []string{tc.name, tc.alias} {
+			if got, err := ParseSuite(n); err != nil || got != tc.s {
+				t.Errorf("ParseSuite(%q) = %v, %v", n, got, err)
+			}
 		}
 	}
-	if _, err := ParseSuite("rot13"); err == nil {
-		t.Fatal("unknown suite accepted")
+	for _, n := range []string{"", "rot13", "AES-256-GCM", "suite(1)"} {
+		if _, err := ParseSuite(n); err == nil {
+			t.Errorf("ParseSuite(%q) accepted", n)
+		}
 	}
-	if a, err := ParseMeasureAlg("sm3"); err != nil || a.DigestSize() != 32 {
-		t.Fatal("sm3")
+	if Suite(9).String() != "suite(9)" || Suite(0).Valid() || Suite(4).Valid() {
+		t.Error("unknown suite")
+	}
+	for _, tc := range []struct {
+		name string
+		a    MeasureAlg
+		size int
+	}{{"sha384", MeasureSHA384, 48}, {"sm3", MeasureSM3, 32}} {
+		if a, err := ParseMeasureAlg(tc.name); err != nil || a != tc.a || a.String() != tc.name || a.DigestSize() != tc.size || !a.Valid() {
+			t.Errorf("%s: %v %v", tc.name, a, err)
+		}
+	}
+	if _, err := ParseMeasureAlg("sha256"); err == nil || MeasureAlg(3).DigestSize() != 0 || MeasureAlg(3).Valid() {
+		t.Error("unknown measurement algorithm")
+	}
+	for _, tc := range []struct {
+		name string
+		a    SigAlg
+	}{{"ecdsa-p384", SigECDSAP384}, {"ed25519", SigEd25519}} {
+		if a, err := ParseSigAlg(tc.name); err != nil || a != tc.a || a.String() != tc.name || !a.Valid() {
+			t.Errorf("%s: %v %v", tc.name, a, err)
+		}
+	}
+	if _, err := ParseSigAlg("rsa"); err == nil || SigAlg(3).Valid() || SigAlg(3).String() != "sig-alg(3)" {
+		t.Error("unknown signature algorithm")
+	}
+	if KEMName(KEMMLKEM768X25519) != "mlkem768-x25519" || KEMName(KEMDHKEMP384) != "dhkem-p384" || KEMName(0x20) != "kem(0x0020)" {
+		t.Error("KEM names")
+	}
+}
+
+// TestNoFrontendImports enforces house habit 3: format imports no frontend.
+func TestNoFrontendImports(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("go tool not found: %v", err)
+	}
+	out, err := exec.Command(goBin, "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.Contains(dep, "go-fuse") || strings.Contains(dep, "go-nbd") || strings.HasPrefix(dep, "github.com/sealdisk/sealdisk/") && dep != "github.com/sealdisk/sealdisk/format" {
+			t.Errorf("format depends on %s", dep)
+		}
 	}
 }

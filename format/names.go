@@ -17,8 +17,17 @@ func (s Suite) String() string {
 // Valid reports whether s is a suite this version knows.
 func (s Suite) Valid() bool { return s >= SuiteAES256GCM && s <= SuiteSM4GCM }
 
-// ParseSuite maps a suite name (as printed by String) to its id.
+// ParseSuite maps a suite name (as printed by String) to its id. The short forms "aes",
+// "chacha20" and "sm4" are accepted too, as FORMAT.md §4.1 writes `--suite sm4`.
 func ParseSuite(name string) (Suite, error) {
+	switch name {
+	case "aes":
+		return SuiteAES256GCM, nil
+	case "chacha20":
+		return SuiteChaCha20Poly1305, nil
+	case "sm4":
+		return SuiteSM4GCM, nil
+	}
 	for s := SuiteAES256GCM; s <= SuiteSM4GCM; s++ {
 		if s.String() == name {
 			return s, nil
@@ -36,6 +45,9 @@ func (a MeasureAlg) String() string {
 	}
 	return fmt.Sprintf("measure-alg(%d)", uint16(a))
 }
+
+// Valid reports whether a is a measurement algorithm this version knows.
+func (a MeasureAlg) Valid() bool { return a.DigestSize() != 0 }
 
 // DigestSize is the measurement length in bytes, 0 for an unknown algorithm.
 func (a MeasureAlg) DigestSize() int {
@@ -68,6 +80,9 @@ func (a SigAlg) String() string {
 	}
 	return fmt.Sprintf("sig-alg(%d)", uint16(a))
 }
+
+// Valid reports whether a is a provider signature algorithm this version knows.
+func (a SigAlg) Valid() bool { return a == SigECDSAP384 || a == SigEd25519 }
 
 // ParseSigAlg maps "ecdsa-p384" or "ed25519" to its id.
 func ParseSigAlg(name string) (SigAlg, error) {
