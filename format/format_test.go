@@ -102,9 +102,9 @@ func TestLayoutSmallAnd512(t *testing.T) {
 		journal              uint64
 		metaSize, dataOffset uint64
 	}{
-		{4096, 4096, 0, 1 << 20, 6 << 20},            // one sector still takes a 1 MiB metadata region
-		{512, 512, 1 << 20, 1 << 20, 3 << 20},         // smallest journal
-		{1 << 30, 512, 0, 128 << 20, 133 << 20},       // 512-byte sectors: 8× the metadata
+		{4096, 4096, 0, 1 << 20, 6 << 20},               // one sector still takes a 1 MiB metadata region
+		{512, 512, 1 << 20, 1 << 20, 3 << 20},           // smallest journal
+		{1 << 30, 512, 0, 128 << 20, 133 << 20},         // 512-byte sectors: 8× the metadata
 		{16384 << 12, 4096, 8 << 20, 1 << 20, 10 << 20}, // exactly 1 MiB of entries
 		{16385 << 12, 4096, 8 << 20, 2 << 20, 11 << 20}, // one entry over
 	} {
