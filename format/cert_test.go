@@ -196,9 +196,9 @@ func TestCertificateRefusals(t *testing.T) {
 // byte order, both when marshalling and when parsing.
 func TestCertificateFirstBadFieldNamed(t *testing.T) {
 	c := testCert()
-	c.MeasureAlg = 9                        // measure_alg (offset 42) ...
+	c.MeasureAlg = 9                           // measure_alg (offset 42) ...
 	c.Measurements = [][]byte{make([]byte, 5)} // ... before measurements
-	c.KeyID = "k"                            // ... before key_id
+	c.KeyID = "k"                              // ... before key_id
 	_, err := c.MarshalBody()
 	wantField(t, "marshal", err, "certificate", "measure_alg")
 	c.Body = c.encodeBody()
@@ -224,8 +224,13 @@ func TestCertificateAcceptsEdges(t *testing.T) {
 
 func TestBytesPanics(t *testing.T) {
 	for name, c := range map[string]*Certificate{
-		"no body":        testCert(),
-		"long signature": func() *Certificate { c := testCert(); c.Body = []byte{1}; c.Signature = make([]byte, maxSignature+1); return c }(),
+		"no body": testCert(),
+		"long signature": func() *Certificate {
+			c := testCert()
+			c.Body = []byte{1}
+			c.Signature = make([]byte, maxSignature+1)
+			return c
+		}(),
 	} {
 		func() {
 			defer func() {

@@ -343,3 +343,12 @@ func TestNoFrontendImports(t *testing.T) {
 		}
 	}
 }
+
+func TestMarshalBadCopyPanics(t *testing.T) {
+	defer func() {
+		if r, _ := recover().(string); !strings.HasPrefix(r, "BUG: ") {
+			t.Errorf("want a BUG panic, got %q", r)
+		}
+	}()
+	testHeader(t).Marshal(2)
+}

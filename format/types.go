@@ -2,6 +2,10 @@
 // image certificate. docs/FORMAT.md is the authority; this package follows it field by field.
 //
 // It does no key handling and no sector crypto (package sector) and imports no frontend.
+//
+// Compatibility: the bytes of version 1 never change. A new layout bumps the version (which
+// this parser refuses as unsupported) or adds a flag (unknown flag bits are refused), and
+// comes with a FORMAT.md update, a test vector and a fixture image under tests/fixtures.
 package format
 
 import (
