@@ -245,9 +245,11 @@ func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst *
 		if _, err := img.Store.ReadAt(ents, h.EntryPos(uint64(j[0]))); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("failed to read metadata: %w", err)
 		}
-		for lba, e := range ov {
-			if int64(lba) >= j[0] && int64(lba) < j[1] {
-				copy(ents[(int64(lba)-j[0])*sector.EntrySize:], e[:])
+		if len(ov) > 0 {
+			for i := int64(0); i < cnt; i++ {
+				if e, ok := ov[uint64(j[0]+i)]; ok {
+					copy(ents[i*sector.EntrySize:], e[:])
+				}
 			}
 		}
 		if isZero(ents) {

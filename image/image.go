@@ -104,3 +104,37 @@ func (img *Image) Rewrite(cert []byte) error {
 	img.Header, img.Cert = &h, c
 	return nil
 }
+
+// Reseal replaces the certificate of the image at path with newCert (which must bind the
+// same image: UUID, size, sector size, suite, read-only flag), rewriting only the two header
+// copies with the next generation (FORMAT.md §2 "Rewriting"). Data, metadata and journal are
+// not touched.
+func Reseal(path string, newCert []byte) error {
+	img, err := Open(path, false)
+	if err != nil {
+		return err
+	}
+	err = img.Rewrite(newCert)
+	if cerr := img.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("failed to reseal %s: %w", path, err)
+	}
+	return nil
+}
+
+// AllocatedData returns the bytes allocated in the data region (holes excluded), found with
+// SEEK_DATA/SEEK_HOLE; on filesystems without them it is the region's size.
+func (img *Image) AllocatedData() (int64, error) {
+	h := img.Header
+	ext, err := extentsAt(int(img.Store.Fd()), int64(h.DataOffset), int64(h.FileSize()))
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, e := range ext {
+		n += e[1] - e[0]
+	}
+	return n, nil
+}

@@ -40,8 +40,8 @@ func (f *certFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.measureAlg, "measure-alg", "", "sha384 (default) or sm3 (default with --suite sm4-gcm)")
 	fl.StringVar(&f.suite, "suite", "auto", "data suite: auto, aes-256-gcm, chacha20-poly1305, sm4-gcm")
 	fl.Uint32Var(&f.sectorSize, "sector-size", 4096, "sector size: 4096 or 512")
-	fl.DurationVar(&f.validFor, "valid-for", 8760*time.Hour, "certificate lifetime from now")
-	fl.StringVar(&f.notBefore, "not-before", "", "certificate start (RFC 3339); overrides --valid-for")
+	fl.DurationVar(&f.validFor, "valid-for", 8760*time.Hour, "certificate lifetime from now (or from --not-before)")
+	fl.StringVar(&f.notBefore, "not-before", "", "certificate start (RFC 3339); default now")
 	fl.StringVar(&f.notAfter, "not-after", "", "certificate end (RFC 3339); overrides --valid-for")
 	fl.BoolVar(&f.readOnly, "read-only", false, "mark the image read-only")
 	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
@@ -99,11 +99,13 @@ func (f *certFlags) issue(uuid [16]byte, virtualSize uint64) (*format.Certificat
 	if len(ms) == 0 {
 		return nil, nil, fmt.Errorf("missing required flag: --firmware or --measurement (the firmware the image may boot under)")
 	}
+	// A minute of slack in not_before absorbs clock skew between this host and the PSP's.
 	nb, na := time.Now().Add(-time.Minute), time.Now().Add(f.validFor)
 	if f.notBefore != "" {
 		if nb, err = time.Parse(time.RFC3339, f.notBefore); err != nil {
 			return nil, nil, fmt.Errorf("--not-before: %w", err)
 		}
+		na = nb.Add(f.validFor)
 	}
 	if f.notAfter != "" {
 		if na, err = time.Parse(time.RFC3339, f.notAfter); err != nil {
@@ -154,8 +156,8 @@ func loadChip(chipPath, rootPath string) (*psp.ChipCert, error) {
 }
 
 // parseSize reads 512, 10M, 20G, 1T (powers of two).
-func parseSize(s string) (uint64, error) {
-	s = strings.TrimSpace(strings.ToUpper(s))
+func parseSize(arg string) (uint64, error) {
+	s := strings.TrimSpace(strings.ToUpper(arg))
 	mult := uint64(1)
 	for suf, m := range map[string]uint64{"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50} {
 		if strings.HasSuffix(s, suf) || strings.HasSuffix(s, suf+"IB") || strings.HasSuffix(s, suf+"B") {
@@ -166,10 +168,10 @@ func parseSize(s string) (uint64, error) {
 	}
 	n, err := strconv.ParseUint(s, 10, 64)
 	if err != nil || n == 0 {
-		return 0, fmt.Errorf("invalid size %q: want a positive number with an optional K, M, G, T suffix", s)
+		return 0, fmt.Errorf("invalid size %q: want a positive number with an optional K, M, G, T suffix", arg)
 	}
 	if n > (1<<50)/mult {
-		return 0, fmt.Errorf("size %q exceeds the 1 PiB maximum", s)
+		return 0, fmt.Errorf("size %q exceeds the 1 PiB maximum", arg)
 	}
 	return n * mult, nil
 }

@@ -9,9 +9,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -32,13 +34,22 @@ func progress(what string) (image.Progress, func()) {
 	if !term.IsTerminal(int(os.Stderr.Fd())) {
 		return nil, func() {}
 	}
+	var mu sync.Mutex // guards bar and shown: the image workers report concurrently
 	var bar *progressbar.ProgressBar
+	var shown int64
 	return func(done, total int64) {
+			mu.Lock()
+			defer mu.Unlock()
 			if bar == nil {
 				bar = progressbar.DefaultBytes(total, what)
 			}
-			_ = bar.Set64(done)
+			if done > shown { // workers finish out of order: never move backwards
+				shown = done
+				_ = bar.Set64(done)
+			}
 		}, func() {
+			mu.Lock()
+			defer mu.Unlock()
 			if bar != nil {
 				_ = bar.Finish()
 			}
@@ -237,25 +248,44 @@ removed.`,
 			if err != nil {
 				return err
 			}
-			if js.Records > 0 {
-				slog.Info("applied journal in memory", "epoch", js.Epoch, "records", js.Records)
+			if js.Ignored != nil {
+				slog.Warn("journal header invalid; journal ignored", "image", in, "error", js.Ignored)
 			}
-			dst, err := os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+			if js.Records > 0 {
+				slog.Info("replayed journal in memory", "epoch", js.Epoch, "records", js.Records,
+					"new_entries", js.UsedNew, "rolled_back", js.UsedOld, "trimmed", js.Trimmed, "unresolved", len(js.Unresolved))
+			}
+			if len(js.Unresolved) > 0 {
+				slog.Warn("journaled sectors match neither entry (they will fail authentication)", "lbas", js.Unresolved)
+			}
+			// Write OUT.tmp and rename, so a failed unseal neither leaves a partial output nor
+			// destroys an existing --out before the new one is complete.
+			tmp := out + ".tmp"
+			os.Remove(tmp)
+			dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 			if err != nil {
 				return fmt.Errorf("failed to create output: %w", err)
 			}
 			ctx, stop := signalContext()
 			defer stop()
 			prog, done := progress("unsealing")
+			start := time.Now()
 			err = image.Unseal(ctx, img, c, ov, dst, prog)
 			done()
 			if cerr := dst.Close(); err == nil {
 				err = cerr
 			}
+			if err == nil {
+				err = os.Rename(tmp, out)
+			}
 			if err != nil {
-				os.Remove(out)
+				os.Remove(tmp)
 				return fmt.Errorf("failed to unseal %s: %w", in, err)
 			}
+			if err := syncDir(filepath.Dir(out)); err != nil {
+				return err
+			}
+			slog.Info("unsealed", "in", in, "out", out, "bytes", img.Header.VirtualSize, "seconds", time.Since(start).Seconds())
 			return nil
 		},
 	}
@@ -295,41 +325,18 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 			if err := need(map[string]string{"in": in, "psp": pspDir, "to-chip": toChip, "vendor-root": root, "provider-key": providerKey}); err != nil {
 				return err
 			}
-			img, err := image.Open(in, false)
-			if err != nil {
-				return err
-			}
-			defer img.Close()
-			p, err := psp.Open(pspDir, psp.Options{})
-			if err != nil {
-				return err
-			}
-			key, err := p.UnsealImageKey(img.Cert, img.Header)
-			if err != nil {
-				return err
-			}
-			defer clear(key)
 			chip, err := loadChip(toChip, root)
 			if err != nil {
 				return err
 			}
-			signer, err := provider.LoadSigner(providerKey)
+			cert, gen, err := resealCert(in, pspDir, chip, providerKey)
 			if err != nil {
 				return err
 			}
-			old := img.Cert
-			nc, err := provider.Issue(signer, provider.IssueRequest{
-				Chip: chip, UUID: old.UUID, VirtualSize: old.VirtualSize, SectorSize: old.SectorSize,
-				Suite: old.Suite, MeasureAlg: old.MeasureAlg, Measurements: old.Measurements,
-				NotBefore: old.NotBefore, NotAfter: old.NotAfter, ReadOnly: old.ReadOnly, ImageKey: key,
-			})
-			if err != nil {
+			if err := image.Reseal(in, cert); err != nil {
 				return err
 			}
-			if err := img.Rewrite(nc.Bytes()); err != nil {
-				return fmt.Errorf("failed to rewrite headers: %w", err)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "resealed %s to chip %x (header generation %d)\n", in, chip.ID, img.Header.Generation)
+			fmt.Fprintf(cmd.OutOrStdout(), "resealed %s to chip %x (header generation %d)\n", in, chip.ID, gen)
 			return nil
 		},
 	}
@@ -339,6 +346,43 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 	cmd.Flags().StringVar(&root, "vendor-root", "", "vendor root the new chip certificate must chain to")
 	cmd.Flags().StringVar(&providerKey, "provider-key", "", "provider private key that signs the new certificate")
 	return cmd
+}
+
+// resealCert opens the image key of in with the PSP in pspDir and issues a certificate sealing
+// it to chip, every other field kept. It returns the certificate and the header generation
+// the rewrite will carry.
+func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey string) ([]byte, uint64, error) {
+	img, err := image.Open(in, true)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer img.Close()
+	if img.FellBack() {
+		slog.Warn("primary header invalid; using backup (reseal rewrites both)", "image", in, "error", img.Status.PrimaryErr)
+	}
+	p, err := psp.Open(pspDir, psp.Options{})
+	if err != nil {
+		return nil, 0, err
+	}
+	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer clear(key)
+	signer, err := provider.LoadSigner(providerKey)
+	if err != nil {
+		return nil, 0, err
+	}
+	old := img.Cert
+	nc, err := provider.Issue(signer, provider.IssueRequest{
+		Chip: chip, UUID: old.UUID, VirtualSize: old.VirtualSize, SectorSize: old.SectorSize,
+		Suite: old.Suite, MeasureAlg: old.MeasureAlg, Measurements: old.Measurements,
+		NotBefore: old.NotBefore, NotAfter: old.NotAfter, ReadOnly: old.ReadOnly, ImageKey: key,
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	return nc.Bytes(), img.Header.Generation + 1, nil
 }
 
 type inspectOut struct {
@@ -358,6 +402,10 @@ type inspectOut struct {
 	MetaSize       uint64   `json:"meta_size"`
 	DataOffset     uint64   `json:"data_offset"`
 	AllocatedBytes int64    `json:"allocated_bytes"`
+	AllocatedData  int64    `json:"allocated_data_bytes"`
+	Journal        string   `json:"journal"`
+	JournalEpoch   uint64   `json:"journal_epoch"`
+	JournalRecords int      `json:"journal_records"`
 	MeasureAlg     string   `json:"measure_alg"`
 	Measurements   []string `json:"measurements"`
 	NotBefore      string   `json:"not_before"`
@@ -376,15 +424,17 @@ type inspectOut struct {
 
 func inspectCmd() *cobra.Command {
 	var asJSON bool
-	var trust string
+	var trust, pubs []string
 	cmd := &cobra.Command{
 		Use:   "inspect IMAGE",
 		Short: "Show an image's header and certificate (no private key needed)",
 		Long: `Prints the header fields, which header copy was used (and why the other was not), the
-certificate's public fields, the bytes allocated on disk, and the provider signature verdict
-against a trust store (--trust DIR or a provider .pub file): valid, unknown provider, bad
-signature, or "not checked" without --trust.`,
-		Example: "  sealdisk inspect vm.img --trust psp/trust\n  sealdisk inspect vm.img --json | jq .signature",
+certificate's public fields, the bytes allocated on disk, the journal state, and the provider
+signature verdict against the given trust (--trust DIR and/or --provider-pub FILE, each
+repeatable): valid, unknown provider, bad signature, or "not checked" when no trust is given.
+No private key is needed, so the journal's MACs are not checked here (unseal checks them).
+With --json the output is one object with stable snake_case keys.`,
+		Example: "  sealdisk inspect vm.img --trust psp/trust\n  sealdisk inspect vm.img --provider-pub provider/provider.pub\n  sealdisk inspect vm.img --json | jq .signature",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			img, err := image.Open(args[0], true)
@@ -422,10 +472,27 @@ signature, or "not checked" without --trust.`,
 					o.AllocatedBytes = st.Blocks * 512
 				}
 			}
-			if trust != "" {
-				ts, err := psp.LoadTrustStore(trust)
-				if err != nil {
-					return err
+			if o.AllocatedData, err = img.AllocatedData(); err != nil {
+				return err
+			}
+			switch js, err := image.PeekJournal(img); {
+			case err != nil:
+				o.Journal = "invalid: " + err.Error()
+			case js.Epoch == 0:
+				o.Journal = "empty"
+			case js.Records == 0:
+				o.Journal, o.JournalEpoch = "clean", js.Epoch
+			default:
+				o.Journal, o.JournalEpoch, o.JournalRecords = "holds records (unseal replays them; MACs not checked here)", js.Epoch, js.Records
+			}
+			if len(trust)+len(pubs) > 0 {
+				ts := psp.TrustStore{}
+				for _, p := range append(append([]string{}, trust...), pubs...) {
+					t, err := psp.LoadTrustStore(p)
+					if err != nil {
+						return err
+					}
+					maps.Copy(ts, t)
 				}
 				switch err := ts.VerifySignature(c); {
 				case err == nil:
@@ -447,8 +514,8 @@ signature, or "not checked" without --trust.`,
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
-	cmd.Flags().StringVar(&trust, "trust", "", "trust store directory (PSPDIR/trust) or a provider .pub file")
-	cmd.Flags().StringVar(&trust, "provider-pub", "", "provider public key to check the signature against (same as --trust FILE)")
+	cmd.Flags().StringArrayVar(&trust, "trust", nil, "trust store directory (PSPDIR/trust) or a provider .pub file (repeatable)")
+	cmd.Flags().StringArrayVar(&pubs, "provider-pub", nil, "provider public key file to check the signature against (repeatable)")
 	return cmd
 }
 
@@ -469,7 +536,15 @@ func printInspect(w io.Writer, o *inspectOut) {
 	p("data suite", o.Suite)
 	p("read-only", o.ReadOnly)
 	p("regions", fmt.Sprintf("journal %d+%d, metadata %d+%d, data %d", o.JournalOffset, o.JournalSize, o.MetaOffset, o.MetaSize, o.DataOffset))
-	p("allocated on disk", fmt.Sprintf("%d bytes", o.AllocatedBytes))
+	p("allocated on disk", fmt.Sprintf("%d bytes (data region %d bytes)", o.AllocatedBytes, o.AllocatedData))
+	j := o.Journal
+	if o.JournalEpoch > 0 {
+		j += fmt.Sprintf(", epoch %d", o.JournalEpoch)
+	}
+	if o.JournalRecords > 0 {
+		j += fmt.Sprintf(", %d records", o.JournalRecords)
+	}
+	p("journal", j)
 	p("measure alg", o.MeasureAlg)
 	for _, m := range o.Measurements {
 		p("allowed firmware", m)

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/sealdisk/sealdisk/image"
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{
+		"4096": 4096, "1K": 1 << 10, "10M": 10 << 20, "20G": 20 << 30, "20g": 20 << 30, "2T": 2 << 40,
+		"20GiB": 20 << 30, "20GB": 20 << 30, " 3M ": 3 << 20, "1P": 1 << 50,
+	} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "-1G", "1.5G", "G", "12X", "2P", "99999999999T"} {
+		if _, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) accepted", in)
+		}
+	}
+}
+
+// sealdisk runs the command tree in process and returns its standard output.
+func sealdisk(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	root := newRoot()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs(append([]string{"--log-level", "error"}, args...))
+	err := root.Execute()
+	return out.String(), err
+}
+
+func ok(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := sealdisk(t, args...)
+	if err != nil {
+		t.Fatalf("sealdisk %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func inspect(t *testing.T, args ...string) map[string]any {
+	t.Helper()
+	var m map[string]any
+	out := ok(t, append([]string{"inspect", "--json"}, args...)...)
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("inspect --json: %v\n%s", err, out)
+	}
+	return m
+}
+
+func TestCommandsInProcess(t *testing.T) {
+	d := t.TempDir()
+	p := func(s string) string { return filepath.Join(d, s) }
+	ok(t, "vendor", "init", "--dir", p("vendor"), "--name", "test vendor")
+	ok(t, "psp", "init", "--dir", p("psp"), "--vendor", p("vendor"))
+	ok(t, "provider", "keygen", "--dir", p("prov"))
+	ok(t, "provider", "keygen", "--dir", p("prov2"), "--alg", "ed25519")
+	ok(t, "psp", "trust", "add", "--dir", p("psp"), p("prov/provider.pub"))
+	must(t, os.WriteFile(p("fw"), []byte("firmware"), 0o644))
+	digest := strings.TrimSpace(ok(t, "measure", p("fw")))
+	if len(digest) != 96 {
+		t.Fatalf("measure printed %q", digest)
+	}
+	cert := []string{"--chip", p("psp/chip.crt"), "--vendor-root", p("vendor/vendor.crt"), "--provider-key", p("prov/provider.key")}
+
+	// create: a blank image; sizes take suffixes; flags are checked before anything is written.
+	if _, err := sealdisk(t, append([]string{"create", "--size", "1M", "--out", p("x.img")}, cert...)...); err == nil || !strings.Contains(err.Error(), "--firmware or --measurement") {
+		t.Fatalf("create without measurements: %v", err)
+	}
+	if _, err := sealdisk(t, append([]string{"create", "--size", "1M", "--out", p("x.img"), "--firmware", p("fw"), "--broker-url", "https://kb.example", "--key-id", "k1"}, cert...)...); err == nil || !strings.Contains(err.Error(), "remote key brokers are not available") {
+		t.Fatalf("create with a remote key: %v", err)
+	}
+	ok(t, append([]string{"create", "--size", "2M", "--out", p("blank.img"), "--measurement", digest, "--read-only"}, cert...)...)
+	m := inspect(t, p("blank.img"), "--trust", p("psp/trust"))
+	if m["virtual_size"].(float64) != 2<<20 || m["read_only"] != true || m["signature"] != "valid" || m["journal"] != "empty" ||
+		m["allocated_data_bytes"].(float64) != 0 || m["measurements"].([]any)[0] != digest {
+		t.Fatalf("inspect blank: %v", m)
+	}
+
+	// seal → unseal round trip, through OUT.tmp files that do not stay behind.
+	raw := make([]byte, 3*4096+5)
+	rand.Read(raw)
+	must(t, os.WriteFile(p("disk.raw"), raw, 0o644))
+	ok(t, append([]string{"seal", "--in", p("disk.raw"), "--out", p("vm.img"), "--firmware", p("fw"), "--suite", "chacha20-poly1305"}, cert...)...)
+	if _, err := sealdisk(t, append([]string{"seal", "--in", p("disk.raw"), "--out", p("vm.img"), "--firmware", p("fw")}, cert...)...); err == nil {
+		t.Fatal("seal overwrote an existing image")
+	}
+	ok(t, "unseal", "--in", p("vm.img"), "--out", p("out.raw"), "--psp", p("psp"))
+	got, err := os.ReadFile(p("out.raw"))
+	must(t, err)
+	if !bytes.Equal(got[:len(raw)], raw) || len(got) != 4*4096 {
+		t.Fatal("unsealed bytes differ")
+	}
+	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("out.raw"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("unseal over an existing file: %v", err)
+	}
+	ok(t, "unseal", "--in", p("vm.img"), "--out", p("out.raw"), "--psp", p("psp"), "--force")
+	if tmps, _ := filepath.Glob(p("*.tmp")); len(tmps) > 0 {
+		t.Fatalf("temporary files left behind: %v", tmps)
+	}
+
+	// inspect: trust is repeatable; the verdict names what is wrong.
+	m = inspect(t, p("vm.img"))
+	if m["signature"] != "not checked" || m["suite"] != "chacha20-poly1305" || m["header_copy"] != "primary" {
+		t.Fatalf("inspect: %v", m)
+	}
+	if m := inspect(t, p("vm.img"), "--provider-pub", p("prov2/provider.pub")); m["signature"] != "unknown provider" {
+		t.Fatalf("other provider: %v", m["signature"])
+	}
+	if m := inspect(t, p("vm.img"), "--provider-pub", p("prov2/provider.pub"), "--trust", p("prov/provider.pub")); m["signature"] != "valid" {
+		t.Fatalf("two trust sources: %v", m["signature"])
+	}
+	text := ok(t, "inspect", p("vm.img"))
+	for _, want := range []string{"header copy:", "primary", "journal:", "empty", "signature:", "not checked"} {
+		if !strings.Contains(text, want) {
+			t.Fatalf("inspect text lacks %q:\n%s", want, text)
+		}
+	}
+
+	// A journal with records shows in inspect, and unseal replays it (the trim of sector 1).
+	img, err := image.Open(p("vm.img"), false)
+	must(t, err)
+	c, err := openCipher(img, p("psp"))
+	must(t, err)
+	writeTrimJournal(t, img, c, 1)
+	img.Close()
+	c.Destroy()
+	m = inspect(t, p("vm.img"))
+	if m["journal_epoch"].(float64) != 1 || m["journal_records"].(float64) != 1 {
+		t.Fatalf("inspect journal: %v", m)
+	}
+	ok(t, "unseal", "--in", p("vm.img"), "--out", p("replayed.raw"), "--psp", p("psp"))
+	got, err = os.ReadFile(p("replayed.raw"))
+	must(t, err)
+	if !bytes.Equal(got[4096:8192], make([]byte, 4096)) || !bytes.Equal(got[:4096], raw[:4096]) {
+		t.Fatal("unseal did not replay the journal")
+	}
+
+	// A failed unseal leaves nothing behind and names the sector.
+	must(t, flipAt(p("vm.img"), int64(img.Header.DataPos(2))+9))
+	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("bad.raw"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "sector 2 failed authentication") {
+		t.Fatalf("tampered unseal: %v", err)
+	}
+	if _, err := os.Stat(p("bad.raw")); err == nil {
+		t.Fatal("a failed unseal left its output")
+	}
+	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("out.raw"), "--psp", p("psp"), "--force"); err == nil {
+		t.Fatal("tampered unseal succeeded")
+	}
+	if got, _ := os.ReadFile(p("out.raw")); !bytes.Equal(got[:len(raw)], raw) {
+		t.Fatal("a failed unseal --force destroyed the existing output")
+	}
+
+	// Every command's help carries an example.
+	var walk func(args []string)
+	seen := 0
+	walk = func(args []string) {
+		root := newRoot()
+		cmd, _, err := root.Find(args)
+		must(t, err)
+		if cmd.Example == "" {
+			t.Errorf("sealdisk %s has no example", strings.Join(args, " "))
+		}
+		seen++
+		for _, sub := range cmd.Commands() {
+			if !slices.Contains([]string{"help", "completion"}, sub.Name()) {
+				walk(append(slices.Clone(args), sub.Name()))
+			}
+		}
+	}
+	walk(nil)
+	if seen < 15 {
+		t.Fatalf("walked %d commands", seen)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func flipAt(path string, off int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b := []byte{0}
+	if _, err := f.ReadAt(b, off); err != nil {
+		return err
+	}
+	b[0] ^= 0xff
+	_, err = f.WriteAt(b, off)
+	return err
+}
+
+// writeTrimJournal writes an epoch-1 journal holding one trim record for lba, as a crashed
+// engine would leave it.
+func writeTrimJournal(t *testing.T, img *image.Image, c *sector.Cipher, lba uint64) {
+	t.Helper()
+	hdr := make([]byte, sector.JournalHeaderSize)
+	c.MarshalJournalHeader(1, hdr)
+	rec := make([]byte, sector.JournalRecordSize)
+	c.MarshalJournalRecord(&sector.JournalRecord{Kind: sector.RecordZero, Epoch: 1, Seq: 0, LBA: lba}, rec)
+	off := int64(img.Header.JournalOffset)
+	_, err := img.Store.WriteAt(hdr, off)
+	must(t, err)
+	_, err = img.Store.WriteAt(rec, off+sector.JournalHeaderSize)
+	must(t, err)
+}

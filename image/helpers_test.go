@@ -1,0 +1,192 @@
+package image
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/provider"
+	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+// world is a vendor, two chips trusting one provider, and a firmware file: real keys.
+type world struct {
+	dir, psp, psp2, prov string
+	fwDigest             []byte
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	d := t.TempDir()
+	w := &world{dir: d, psp: filepath.Join(d, "psp"), psp2: filepath.Join(d, "psp2"), prov: filepath.Join(d, "prov")}
+	vendor := filepath.Join(d, "vendor")
+	must(t, psp.InitVendor(vendor, ""))
+	must(t, psp.InitChip(w.psp, vendor, format.KEMMLKEM768X25519))
+	must(t, psp.InitChip(w.psp2, vendor, format.KEMDHKEMP384))
+	k, err := provider.GenerateKey(format.SigECDSAP384)
+	must(t, err)
+	must(t, provider.SaveKeyPair(w.prov, "provider", k))
+	pub := filepath.Join(w.prov, "provider.pub")
+	must(t, psp.AddTrustedProvider(w.psp, pub))
+	must(t, psp.AddTrustedProvider(w.psp2, pub))
+	fw := filepath.Join(d, "OVMF.fd")
+	must(t, os.WriteFile(fw, []byte("firmware"), 0o644))
+	w.fwDigest, err = psp.Measure(fw, format.MeasureSHA384)
+	must(t, err)
+	return w
+}
+
+func must(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func chipOf(t *testing.T, dir string) *psp.ChipCert {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, psp.ChipCrtFile))
+	must(t, err)
+	c, err := psp.ParseChipCert(b)
+	must(t, err)
+	return c
+}
+
+// issue signs a certificate for chipDir with the world's provider.
+func (w *world) issue(t *testing.T, chipDir string, id [16]byte, vs uint64, ss uint32, suite format.Suite, key []byte) *format.Certificate {
+	t.Helper()
+	s, err := provider.LoadSigner(filepath.Join(w.prov, "provider.key"))
+	must(t, err)
+	c, err := provider.Issue(s, provider.IssueRequest{
+		Chip: chipOf(t, chipDir), UUID: id, VirtualSize: vs, SectorSize: ss, Suite: suite,
+		MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{w.fwDigest},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ImageKey: key,
+	})
+	must(t, err)
+	return c
+}
+
+// create makes an empty image sealed to the world's first chip and returns it open for
+// writing, with the cipher the PSP unseals from its certificate.
+func (w *world) create(t *testing.T, vs uint64, ss uint32, suite format.Suite) (*Image, *sector.Cipher, string) {
+	t.Helper()
+	id := uuid.New()
+	key := make([]byte, sector.KeySize)
+	rand.Read(key)
+	cert := w.issue(t, w.psp, id, vs, ss, suite, key)
+	h, err := format.NewHeader(id, vs, ss, suite, false, 0, cert.Bytes())
+	must(t, err)
+	path := filepath.Join(w.dir, uuid.NewString()+".img")
+	img, err := Create(path, h)
+	must(t, err)
+	t.Cleanup(func() { img.Close() })
+	return img, w.cipher(t, img, w.psp), path
+}
+
+// cipher unseals img's key with the PSP in dir, as unseal does.
+func (w *world) cipher(t *testing.T, img *Image, dir string) *sector.Cipher {
+	t.Helper()
+	p, err := psp.Open(dir, psp.Options{})
+	must(t, err)
+	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	must(t, err)
+	c, err := sector.NewCipher(img.Cert.Suite, key, img.Cert.UUID, int(img.Cert.SectorSize))
+	must(t, err)
+	t.Cleanup(c.Destroy)
+	return c
+}
+
+// writeFile writes data to a new file in dir and returns it open.
+func writeFile(t *testing.T, dir string, data []byte) *os.File {
+	t.Helper()
+	f, err := os.CreateTemp(dir, "raw")
+	must(t, err)
+	t.Cleanup(func() { f.Close() })
+	_, err = f.Write(data)
+	must(t, err)
+	return f
+}
+
+// sealBytes seals data into a fresh image and reopens it read-only.
+func (w *world) sealBytes(t *testing.T, data []byte, ss uint32, suite format.Suite) (*Image, *sector.Cipher, string) {
+	t.Helper()
+	vs := format.RoundUpVirtualSize(uint64(len(data)), ss)
+	img, c, path := w.create(t, vs, ss, suite)
+	sess, err := c.NewSession()
+	must(t, err)
+	must(t, Seal(context.Background(), writeFile(t, w.dir, data), img, sess, nil))
+	must(t, img.Close())
+	img, err = Open(path, true)
+	must(t, err)
+	t.Cleanup(func() { img.Close() })
+	return img, c, path
+}
+
+// unsealBytes unseals img (replaying its journal in memory) and returns the output.
+func unsealBytes(t *testing.T, img *Image, c *sector.Cipher) ([]byte, error) {
+	t.Helper()
+	ov, _, err := Recover(img, c)
+	must(t, err)
+	out, err := os.CreateTemp(t.TempDir(), "out")
+	must(t, err)
+	defer out.Close()
+	if err := Unseal(context.Background(), img, c, ov, out, nil); err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(out)
+	must(t, err)
+	return b, nil
+}
+
+// randomSectors returns n bytes of random data in which every third sector is zero, so
+// runs of written and skipped sectors alternate.
+func randomSectors(n, ss int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	for off := 0; off < n; off += 3 * ss {
+		clear(b[off:min(off+ss, n)])
+	}
+	return b
+}
+
+// fileHash hashes [from, to) of path.
+func fileHash(t *testing.T, path string, from, to int64) [32]byte {
+	t.Helper()
+	f, err := os.Open(path)
+	must(t, err)
+	defer f.Close()
+	h := sha256.New()
+	_, err = io.Copy(h, io.NewSectionReader(f, from, to-from))
+	must(t, err)
+	var s [32]byte
+	copy(s[:], h.Sum(nil))
+	return s
+}
+
+func flipByte(t *testing.T, path string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	must(t, err)
+	defer f.Close()
+	b := []byte{0}
+	_, err = f.ReadAt(b, off)
+	must(t, err)
+	b[0] ^= 0x5a
+	_, err = f.WriteAt(b, off)
+	must(t, err)
+}
+
+func padded(data []byte, ss int) []byte {
+	n := (len(data) + ss - 1) / ss * ss
+	return append(bytes.Clone(data), make([]byte, n-len(data))...)
+}
