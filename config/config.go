@@ -6,8 +6,11 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
@@ -16,8 +19,38 @@ import (
 
 // Config is the whole configuration.
 type Config struct {
-	Log LogConfig `mapstructure:"log"`
-	PSP PSPConfig `mapstructure:"psp"`
+	Log    LogConfig    `mapstructure:"log"`
+	PSP    PSPConfig    `mapstructure:"psp"`
+	Engine EngineConfig `mapstructure:"engine"`
+	NBD    NBDConfig    `mapstructure:"nbd"`
+	VMs    []VMConfig   `mapstructure:"vms"`
+}
+
+// EngineConfig sizes the disk-controller engine.
+type EngineConfig struct {
+	Shards    int    `mapstructure:"shards"`     // 0 = one per core
+	CacheSize string `mapstructure:"cache_size"` // plaintext write-back cache, e.g. 256M
+	IdleFlush string `mapstructure:"idle_flush"` // write back dirty sectors idle this long, e.g. 5s
+}
+
+// NBDConfig configures the NBD listeners.
+type NBDConfig struct {
+	Listen      []string `mapstructure:"listen"`        // unix:PATH or tcp:HOST:PORT
+	TLSCert     string   `mapstructure:"tls_cert"`      // server certificate (PEM)
+	TLSKey      string   `mapstructure:"tls_key"`       // server key (PEM, mode 0600)
+	TLSClientCA string   `mapstructure:"tls_client_ca"` // CA for client certificates
+	InsecureTCP bool     `mapstructure:"insecure_tcp"`  // allow TCP without TLS
+}
+
+// VMConfig is one VM whose disk is attached at start.
+type VMConfig struct {
+	Name     string `mapstructure:"name"`
+	Image    string `mapstructure:"image"`
+	Firmware string `mapstructure:"firmware"`
+	ASID     int    `mapstructure:"asid"` // 0 = allocate
+	ReadOnly bool   `mapstructure:"read_only"`
+	Export   string `mapstructure:"export"`   // NBD export name; default the VM name
+	Identity string `mapstructure:"identity"` // TLS client identity allowed to open the export
 }
 
 // LogConfig controls structured logging.
@@ -38,6 +71,14 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("log.format", "text")
 	v.SetDefault("psp.dir", "")
 	v.SetDefault("psp.asids", 509)
+	v.SetDefault("engine.shards", 0)
+	v.SetDefault("engine.cache_size", "256M")
+	v.SetDefault("engine.idle_flush", "5s")
+	v.SetDefault("nbd.listen", []string{})
+	v.SetDefault("nbd.tls_cert", "")
+	v.SetDefault("nbd.tls_key", "")
+	v.SetDefault("nbd.tls_client_ca", "")
+	v.SetDefault("nbd.insecure_tcp", false)
 }
 
 // Load reads path (optional: "" skips the file), SEALDISK_* environment variables
@@ -106,5 +147,100 @@ func (c *Config) Validate() error {
 			errs = append(errs, &KeyError{"psp.dir", fmt.Sprintf("%s is not a directory", c.PSP.Dir)})
 		}
 	}
+	if c.Engine.Shards < 0 || c.Engine.Shards > 256 {
+		errs = append(errs, &KeyError{"engine.shards", fmt.Sprintf("%d is outside 0..256", c.Engine.Shards)})
+	}
+	if n, err := ParseSize(c.Engine.CacheSize); err != nil || n < 1<<20 {
+		errs = append(errs, &KeyError{"engine.cache_size", fmt.Sprintf("%q: want a size of at least 1M, e.g. 256M", c.Engine.CacheSize)})
+	}
+	if d, err := time.ParseDuration(c.Engine.IdleFlush); err != nil || d <= 0 {
+		errs = append(errs, &KeyError{"engine.idle_flush", fmt.Sprintf("%q: want a positive duration, e.g. 5s", c.Engine.IdleFlush)})
+	}
+	tls := c.NBD.TLSCert != "" || c.NBD.TLSKey != ""
+	if tls && (c.NBD.TLSCert == "" || c.NBD.TLSKey == "") {
+		errs = append(errs, &KeyError{"nbd.tls_cert", "tls_cert and tls_key go together"})
+	}
+	for _, f := range []struct{ key, path string }{{"nbd.tls_cert", c.NBD.TLSCert}, {"nbd.tls_key", c.NBD.TLSKey}, {"nbd.tls_client_ca", c.NBD.TLSClientCA}} {
+		if f.path != "" {
+			if _, err := os.Stat(f.path); err != nil {
+				errs = append(errs, &KeyError{f.key, fmt.Sprintf("%s: %v", f.path, errors.Unwrap(err))})
+			}
+		}
+	}
+	for i, l := range c.NBD.Listen {
+		key := fmt.Sprintf("nbd.listen[%d]", i)
+		kind, addr, ok := strings.Cut(l, ":")
+		switch {
+		case !ok || addr == "":
+			errs = append(errs, &KeyError{key, fmt.Sprintf("%q: want unix:PATH or tcp:HOST:PORT", l)})
+		case kind == "unix":
+		case kind == "tcp":
+			if _, _, err := net.SplitHostPort(addr); err != nil {
+				errs = append(errs, &KeyError{key, fmt.Sprintf("%q: %v", l, err)})
+			} else if !tls && !c.NBD.InsecureTCP {
+				errs = append(errs, &KeyError{key, fmt.Sprintf("%q: TCP needs nbd.tls_cert/tls_key, or nbd.insecure_tcp: true", l)})
+			}
+		default:
+			errs = append(errs, &KeyError{key, fmt.Sprintf("%q: unknown listener kind %q (unix or tcp)", l, kind)})
+		}
+	}
+	names, exports, asids := map[string]bool{}, map[string]bool{}, map[int]bool{}
+	for i, vm := range c.VMs {
+		key := func(f string) string { return fmt.Sprintf("vms[%d].%s", i, f) }
+		switch {
+		case vm.Name == "":
+			errs = append(errs, &KeyError{key("name"), "is empty"})
+		case names[vm.Name]:
+			errs = append(errs, &KeyError{key("name"), fmt.Sprintf("duplicate VM name %q", vm.Name)})
+		}
+		names[vm.Name] = true
+		exp := vm.ExportName()
+		if exports[exp] {
+			errs = append(errs, &KeyError{key("export"), fmt.Sprintf("duplicate export name %q", exp)})
+		}
+		exports[exp] = true
+		if vm.ASID < 0 || vm.ASID > c.PSP.ASIDs {
+			errs = append(errs, &KeyError{key("asid"), fmt.Sprintf("%d is outside 0..%d (0 = allocate)", vm.ASID, c.PSP.ASIDs)})
+		} else if vm.ASID != 0 && asids[vm.ASID] {
+			errs = append(errs, &KeyError{key("asid"), fmt.Sprintf("duplicate ASID %d", vm.ASID)})
+		}
+		asids[vm.ASID] = vm.ASID != 0
+		for f, p := range map[string]string{"image": vm.Image, "firmware": vm.Firmware} {
+			if p == "" {
+				errs = append(errs, &KeyError{key(f), "is required"})
+			} else if fi, err := os.Stat(p); err != nil || fi.IsDir() {
+				errs = append(errs, &KeyError{key(f), fmt.Sprintf("%s is not a readable file", p)})
+			}
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// ExportName is the NBD export name of a VM.
+func (vm VMConfig) ExportName() string {
+	if vm.Export != "" {
+		return vm.Export
+	}
+	return vm.Name
+}
+
+// ParseSize reads 512, 10M, 20G, 1T (powers of two).
+func ParseSize(s string) (uint64, error) {
+	t := strings.TrimSpace(strings.ToUpper(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	mult := uint64(1)
+	if n := len(t); n > 0 {
+		if i := strings.IndexByte("KMGTP", t[n-1]); i >= 0 {
+			mult = 1 << (10 * (i + 1))
+			t = t[:n-1]
+		}
+	}
+	n, err := strconv.ParseUint(t, 10, 64)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("invalid size %q: want a positive number with an optional K, M, G, T, P suffix", s)
+	}
+	if n > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q is too large", s)
+	}
+	return n * mult, nil
 }

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,5 +60,53 @@ func TestRefusalsNameTheKey(t *testing.T) {
 	}
 	if _, err := Load("/nonexistent.yaml", nil); err == nil {
 		t.Error("missing file accepted")
+	}
+}
+
+func TestServeConfig(t *testing.T) {
+	dir := t.TempDir()
+	img, fw := filepath.Join(dir, "vm.img"), filepath.Join(dir, "OVMF.fd")
+	os.WriteFile(img, []byte("x"), 0o600)
+	os.WriteFile(fw, []byte("x"), 0o600)
+	good := "nbd:\n  listen: [\"unix:" + dir + "/nbd.sock\"]\nvms:\n  - name: vm1\n    image: " + img + "\n    firmware: " + fw + "\n"
+	c, err := Load(write(t, good), nil)
+	if err != nil || len(c.VMs) != 1 || c.VMs[0].ExportName() != "vm1" || c.Engine.CacheSize != "256M" {
+		t.Fatalf("%+v %v", c, err)
+	}
+	vm := "  - name: %s\n    image: " + img + "\n    firmware: " + fw + "\n    asid: %d\n"
+	for yaml, key := range map[string]string{
+		"vms:\n" + fmt.Sprintf(vm, "a", 1) + fmt.Sprintf(vm, "a", 2):                             "vms[1].name",
+		"vms:\n" + fmt.Sprintf(vm, "a", 3) + fmt.Sprintf(vm, "b", 3):                             "vms[1].asid",
+		"vms:\n  - name: x\n    image: /nonexistent\n    firmware: " + fw + "\n":                 "vms[0].image",
+		"vms:\n  - name: x\n    image: " + img + "\n":                                            "vms[0].firmware",
+		"vms:\n  - name: x\n    image: " + img + "\n    firmware: " + fw + "\n    colour: red\n": "colour",
+		"nbd:\n  listen: [\"tcp:0.0.0.0:10809\"]\n":                                              "nbd.listen[0]",
+		"nbd:\n  listen: [\"tcp:nohost\"]\n  insecure_tcp: true\n":                               "nbd.listen[0]",
+		"nbd:\n  listen: [\"udp:x\"]\n":                                                          "nbd.listen[0]",
+		"engine:\n  cache_size: lots\n":                                                          "engine.cache_size",
+		"engine:\n  idle_flush: -1s\n":                                                           "engine.idle_flush",
+		"engine:\n  shards: -1\n":                                                                "engine.shards",
+		"nbd:\n  tls_cert: /nonexistent\n  tls_key: /nonexistent\n":                              "nbd.tls_cert",
+	} {
+		_, err := Load(write(t, yaml), nil)
+		if err == nil || !strings.Contains(err.Error(), key) {
+			t.Errorf("%q: want an error naming %s, got %v", yaml, key, err)
+		}
+	}
+	if _, err := Load(write(t, "nbd:\n  listen: [\"tcp:127.0.0.1:0\"]\n  insecure_tcp: true\n"), nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{"512": 512, "4K": 4096, "256M": 256 << 20, "20G": 20 << 30, "1TiB": 1 << 40, "2GB": 2 << 30} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("%s: %d %v", in, got, err)
+		}
+	}
+	for _, in := range []string{"", "0", "x", "-1G", "1Q"} {
+		if _, err := ParseSize(in); err == nil {
+			t.Errorf("%q accepted", in)
+		}
 	}
 }
