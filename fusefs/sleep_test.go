@@ -1,0 +1,5 @@
+package fusefs
+
+import "time"
+
+func sleep() { time.Sleep(50 * time.Millisecond) }
