@@ -1,0 +1,362 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sealdisk/sealdisk/dma"
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
+)
+
+// MaxRequest is the largest single request (bytes).
+const MaxRequest = 32 << 20
+
+// maxStatusSectors bounds one BlockStatus answer (the caller asks again for the rest).
+const maxStatusSectors = 1 << 16
+
+// Disk is one attached VM disk: the BlockDevice the frontends use.
+type Disk struct {
+	e        *Engine
+	asid     psp.ASID
+	st       store.Store
+	h        *format.Header
+	c        *sector.Cipher
+	sess     *sector.Session
+	ss       int64
+	sectors  uint64
+	readOnly bool
+	parts    []*part // parts[i] is touched only by shard i's worker
+	jr       *journal
+
+	// ckpt orders in-place updates against checkpoints: a writeback (journal append, sync,
+	// in-place writes) holds it shared; a checkpoint (sync, new journal epoch) exclusively.
+	ckpt sync.RWMutex
+
+	// inflight counts requests between admission and completion, so Close can drain.
+	inflight sync.WaitGroup
+	mu       sync.Mutex // guards closed transitions with inflight.Add
+	closed   atomic.Bool
+}
+
+var _ BlockDevice = (*Disk)(nil)
+
+func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, ro bool) (*Disk, error) {
+	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro}
+	d.jr = &journal{d: d, capacity: (h.JournalSize - sector.JournalHeaderSize) / sector.JournalRecordSize}
+	if !ro {
+		if err := d.jr.recover(); err != nil {
+			return nil, err
+		}
+		s, err := c.NewSession()
+		if err != nil {
+			return nil, err
+		}
+		d.sess = s
+	}
+	lines := max(int(e.opts.CacheBytes/d.ss/int64(len(e.shards))), 16)
+	for i := range e.shards {
+		d.parts = append(d.parts, newPart(d, i, lines, e.opts.MetaPages))
+	}
+	return d, nil
+}
+
+// Size is the virtual disk size.
+func (d *Disk) Size() int64 { return int64(d.h.VirtualSize) }
+
+// SectorSize is the image's sector size.
+func (d *Disk) SectorSize() int { return int(d.ss) }
+
+// Caps describes the disk.
+func (d *Disk) Caps() Caps {
+	return Caps{
+		ReadOnly: d.readOnly, FUA: true, Trim: true, WriteZeroes: true, FastZero: true,
+		BlockStatus: true, MultiConn: true,
+		MinBlock: 1, PreferredBlock: uint32(d.ss), MaxBlock: MaxRequest,
+	}
+}
+
+// Header is the image header in use.
+func (d *Disk) Header() *format.Header { return d.h }
+
+func (d *Disk) check(off, n int64, write bool) error {
+	if off < 0 || n < 0 || off > d.Size() || n > d.Size()-off {
+		return fmt.Errorf("offset %d length %d on a %d-byte disk: %w", off, n, d.Size(), ErrOutOfRange)
+	}
+	if write && d.readOnly {
+		return ErrReadOnly
+	}
+	return nil
+}
+
+func (d *Disk) admit() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed.Load() {
+		return ErrDetached
+	}
+	d.inflight.Add(1)
+	return nil
+}
+
+// request gathers the descriptors of one frontend call.
+type request struct {
+	wg  sync.WaitGroup
+	mu  sync.Mutex // guards err
+	err error
+}
+
+func (r *request) complete(desc *dma.Descriptor) {
+	if desc.Status != nil {
+		r.mu.Lock()
+		if r.err == nil {
+			r.err = desc.Status
+		}
+		r.mu.Unlock()
+	}
+	r.wg.Done()
+}
+
+// submit splits [off, off+len) — or the sector range of a buffer-less op — into one
+// descriptor per stripe, pushes them to their shards and waits for all completions.
+func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, flags dma.Flags) error {
+	if err := d.admit(); err != nil {
+		return err
+	}
+	defer d.inflight.Done()
+	req := &request{}
+	stripe := int64(d.e.opts.StripeSectors) * d.ss
+	var descs []*dma.Descriptor
+	for pos := off; pos < off+n; {
+		end := min((pos/stripe+1)*stripe, off+n)
+		lba := uint64(pos / d.ss)
+		head := pos - int64(lba)*d.ss
+		desc := &dma.Descriptor{
+			Op: op, ASID: uint32(d.asid), LBA: lba, Count: uint32((head + end - pos + d.ss - 1) / d.ss),
+			Head: uint32(head), Len: uint32(end - pos), Flags: flags, Target: d, Complete: req.complete,
+		}
+		switch {
+		case op == dma.OpStatus:
+			desc.Buf = buf[(pos-off)/d.ss : (end-off)/d.ss]
+		case buf != nil:
+			desc.Buf = buf[pos-off : end-off]
+		}
+		descs = append(descs, desc)
+		pos = end
+	}
+	req.wg.Add(len(descs))
+	for i, desc := range descs {
+		if err := ctx.Err(); err != nil {
+			req.wg.Add(-(len(descs) - i))
+			req.wg.Wait()
+			return err
+		}
+		if err := d.e.shards[d.shardOf(desc.LBA)].sq.Push(desc); err != nil {
+			req.wg.Add(-(len(descs) - i))
+			req.wg.Wait()
+			return ErrDetached
+		}
+	}
+	req.wg.Wait()
+	return req.err
+}
+
+func (d *Disk) shardOf(lba uint64) int {
+	return int(lba / d.e.opts.StripeSectors % uint64(len(d.e.shards)))
+}
+
+// ReadAt reads len(p) bytes at off. A sector that fails authentication fails the read with
+// ErrIntegrity; p then holds no data from it.
+func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := d.check(off, int64(len(p)), false); err != nil {
+		return err
+	}
+	if len(p) > MaxRequest {
+		return ErrTooLarge
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	d.e.Stats.Reads.Add(1)
+	d.e.Stats.BytesRead.Add(uint64(len(p)))
+	return d.submit(ctx, dma.OpRead, p, off, int64(len(p)), 0)
+}
+
+// WriteAt writes p at off; with fua it is durable on return.
+func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := d.check(off, int64(len(p)), true); err != nil {
+		return err
+	}
+	if len(p) > MaxRequest {
+		return ErrTooLarge
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	d.e.Stats.Writes.Add(1)
+	d.e.Stats.BytesWritten.Add(uint64(len(p)))
+	var f dma.Flags
+	if fua {
+		f = dma.FUA
+	}
+	return d.submit(ctx, dma.OpWrite, p, off, int64(len(p)), f)
+}
+
+// Flush writes back every dirty sector of every shard, then checkpoints: all writes
+// acknowledged before the call, through any connection, are durable on return.
+func (d *Disk) Flush(ctx context.Context) error {
+	if d.readOnly {
+		return nil
+	}
+	if err := d.admit(); err != nil {
+		return err
+	}
+	defer d.inflight.Done()
+	d.e.Stats.Flushes.Add(1)
+	if err := d.flushShards(ctx); err != nil {
+		return err
+	}
+	return d.checkpoint()
+}
+
+func (d *Disk) flushShards(ctx context.Context) error {
+	req := &request{}
+	req.wg.Add(len(d.e.shards))
+	for i, s := range d.e.shards {
+		desc := &dma.Descriptor{Op: dma.OpFlush, ASID: uint32(d.asid), Target: d, Complete: req.complete}
+		if err := s.sq.Push(desc); err != nil {
+			req.wg.Add(-(len(d.e.shards) - i))
+			req.wg.Wait()
+			return ErrDetached
+		}
+	}
+	req.wg.Wait()
+	_ = ctx
+	return req.err
+}
+
+// checkpoint makes every in-place update durable and starts a new journal epoch.
+func (d *Disk) checkpoint() error {
+	d.ckpt.Lock()
+	defer d.ckpt.Unlock()
+	return d.jr.checkpointLocked()
+}
+
+// Trim discards [off, off+n).
+func (d *Disk) Trim(ctx context.Context, off, n int64) error {
+	if err := d.check(off, n, true); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	d.e.Stats.Trims.Add(1)
+	return d.submitLarge(ctx, dma.OpTrim, off, n, 0)
+}
+
+// WriteZeroes makes [off, off+n) read as zeros: holes, or with NoHole, written zeros.
+func (d *Disk) WriteZeroes(ctx context.Context, off, n int64, f ZeroFlags) error {
+	if err := d.check(off, n, true); err != nil {
+		return err
+	}
+	if f.NoHole && f.FastZero {
+		return ErrNotFast
+	}
+	if n == 0 {
+		return nil
+	}
+	var fl dma.Flags
+	if f.NoHole {
+		fl = dma.NoHole
+	}
+	return d.submitLarge(ctx, dma.OpZero, off, n, fl)
+}
+
+// submitLarge splits buffer-less ranges into MaxRequest pieces so one call never builds an
+// unbounded descriptor list.
+func (d *Disk) submitLarge(ctx context.Context, op dma.Op, off, n int64, f dma.Flags) error {
+	for n > 0 {
+		k := min(n, MaxRequest)
+		if err := d.submit(ctx, op, nil, off, k, f); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// BlockStatus reports allocation for [off, off+n), at sector granularity, possibly for less
+// than n bytes.
+func (d *Disk) BlockStatus(ctx context.Context, off, n int64) ([]Extent, error) {
+	if off < 0 || n <= 0 || off >= d.Size() || n > d.Size()-off {
+		return nil, fmt.Errorf("block status offset %d length %d on a %d-byte disk: %w", off, n, d.Size(), ErrOutOfRange)
+	}
+	first := off / d.ss
+	last := min((off+n+d.ss-1)/d.ss, first+maxStatusSectors)
+	bits := make([]byte, last-first)
+	if err := d.submit(ctx, dma.OpStatus, bits, first*d.ss, int64(len(bits))*d.ss, 0); err != nil {
+		return nil, err
+	}
+	var out []Extent
+	end := min(off+n, last*d.ss)
+	for i, pos := int64(0), off; pos < end; i++ {
+		k := min((first+i+1)*d.ss, end) - pos
+		hole := bits[i] == 0
+		if len(out) > 0 && out[len(out)-1].Hole == hole {
+			out[len(out)-1].Length += k
+		} else {
+			out = append(out, Extent{Length: k, Hole: hole, Zero: hole})
+		}
+		pos += k
+	}
+	return out, nil
+}
+
+// Close writes back and checkpoints (unless read-only), then zeroises the cache and detaches.
+// Requests admitted before Close finish first; later ones fail with ErrDetached.
+func (d *Disk) Close() error {
+	d.mu.Lock()
+	if d.closed.Swap(true) {
+		d.mu.Unlock()
+		return nil
+	}
+	d.mu.Unlock()
+	d.inflight.Wait()
+	var err error
+	if !d.readOnly {
+		if err = d.flushShards(context.Background()); err == nil {
+			err = d.checkpoint()
+		}
+	}
+	// Zeroise each part on its own shard, so no worker touches it concurrently.
+	req := &request{}
+	req.wg.Add(len(d.e.shards))
+	for _, s := range d.e.shards {
+		desc := &dma.Descriptor{Op: opDetach, ASID: uint32(d.asid), Target: d, Complete: req.complete}
+		if perr := s.sq.Push(desc); perr != nil {
+			req.wg.Done()
+		}
+	}
+	req.wg.Wait()
+	if d.sess != nil {
+		d.sess.Close()
+	}
+	d.e.forget(d)
+	if cerr := d.st.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("failed to detach disk at ASID %d: %w", d.asid, err)
+	}
+	return nil
+}
+
+// opDetach is an engine-internal descriptor op: zeroise this disk's part on the shard.
+const opDetach dma.Op = 100
+
+var errBug = errors.New("BUG")

@@ -1,0 +1,248 @@
+// Package engine is the disk controller: N shards, each owning a stripe of every attached
+// disk's LBA space, with a bounded submission ring, a coprocessor worker that decrypts and
+// encrypts through package sector, and a completion ring whose handler wakes the submitter
+// (the "interrupt"). Key slots are indexed by ASID and loaded only through psp.KeyBinder.
+// A bounded plaintext write-back cache keeps hot sectors; a metadata journal (FORMAT.md §6)
+// makes every in-place update crash-consistent. docs/ENGINE.md describes the design.
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sealdisk/sealdisk/dma"
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
+)
+
+// Options configure an Engine.
+type Options struct {
+	Shards        int           // 0 = one per core
+	CacheBytes    int64         // plaintext write-back cache per attached disk; 0 = 64 MiB
+	IdleFlush     time.Duration // write back dirty sectors idle this long; 0 = 5 s
+	RingSize      int           // descriptors per submission ring; 0 = 256
+	StripeSectors uint64        // sectors per stripe (multiple of 64); 0 = 256
+	MetaPages     int           // cached metadata pages per disk and shard; 0 = 256
+	Logger        *slog.Logger
+}
+
+func (o *Options) fill() {
+	if o.Shards <= 0 {
+		o.Shards = runtime.GOMAXPROCS(0)
+	}
+	if o.CacheBytes <= 0 {
+		o.CacheBytes = 64 << 20
+	}
+	if o.IdleFlush <= 0 {
+		o.IdleFlush = 5 * time.Second
+	}
+	if o.RingSize <= 0 {
+		o.RingSize = 256
+	}
+	if o.StripeSectors == 0 {
+		o.StripeSectors = 256
+	}
+	if o.StripeSectors%64 != 0 {
+		panic("BUG: engine: stripe must be a multiple of 64 sectors (one metadata page)")
+	}
+	if o.MetaPages <= 0 {
+		o.MetaPages = 256
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+}
+
+// Stats are the engine's counters (for metrics).
+type Stats struct {
+	Reads, Writes, Flushes, Trims   atomic.Uint64
+	BytesRead, BytesWritten         atomic.Uint64
+	CacheHits, CacheMisses          atomic.Uint64
+	Writebacks, JournalSyncs        atomic.Uint64
+	AuthFailures, PermissionDenials atomic.Uint64
+}
+
+// keySlot is one ASID's loaded key.
+type keySlot struct {
+	b      psp.Binding // Key cleared after the cipher is made
+	cipher *sector.Cipher
+}
+
+// Engine is the disk controller. It is safe for concurrent use.
+type Engine struct {
+	opts   Options
+	shards []*shard
+	Stats  Stats
+
+	slotsMu sync.RWMutex // guards slots
+	slots   map[psp.ASID]*keySlot
+
+	disksMu sync.Mutex // guards disks, and serialises attach/detach
+	disks   map[psp.ASID]*Disk
+	// live is the attached disks, read lock-free by idle shard workers.
+	live atomic.Pointer[[]*Disk]
+
+	closed atomic.Bool
+}
+
+var _ psp.KeyBinder = (*Engine)(nil)
+
+// New starts an engine's shard workers and completion handlers.
+func New(opts Options) *Engine {
+	opts.fill()
+	e := &Engine{opts: opts, slots: map[psp.ASID]*keySlot{}, disks: map[psp.ASID]*Disk{}}
+	e.live.Store(&[]*Disk{})
+	for i := 0; i < opts.Shards; i++ {
+		s := &shard{e: e, id: i, sq: dma.NewRing(opts.RingSize), cq: dma.NewRing(opts.RingSize)}
+		e.shards = append(e.shards, s)
+		go s.run()
+		go dma.Interrupt(s.cq, 64)
+	}
+	return e
+}
+
+// Shards is the number of shards.
+func (e *Engine) Shards() int { return len(e.shards) }
+
+// RingOccupancy is the number of queued descriptors per shard.
+func (e *Engine) RingOccupancy() []int {
+	out := make([]int, len(e.shards))
+	for i, s := range e.shards {
+		out[i] = s.sq.Len()
+	}
+	return out
+}
+
+// ErrSlotBusy: a key is already loaded for the ASID.
+var ErrSlotBusy = errors.New("key slot already loaded")
+
+// LoadKey loads a key slot (psp.KeyBinder). The key is copied into the sector cipher.
+func (e *Engine) LoadKey(asid psp.ASID, b psp.Binding) error {
+	c, err := sector.NewCipher(b.Suite, b.Key, b.UUID, b.SectorSize)
+	if err != nil {
+		return fmt.Errorf("failed to load key slot %d: %w", asid, err)
+	}
+	b.Key = nil
+	e.slotsMu.Lock()
+	defer e.slotsMu.Unlock()
+	if e.slots[asid] != nil {
+		c.Destroy()
+		return fmt.Errorf("%w: ASID %d", ErrSlotBusy, asid)
+	}
+	e.slots[asid] = &keySlot{b: b, cipher: c}
+	return nil
+}
+
+// ClearKey detaches the ASID's disk (writing back and zeroising its cache) and zeroises the
+// key slot (psp.KeyBinder).
+func (e *Engine) ClearKey(asid psp.ASID) error {
+	var derr error
+	e.disksMu.Lock()
+	d := e.disks[asid]
+	e.disksMu.Unlock()
+	if d != nil {
+		derr = d.Close()
+	}
+	e.slotsMu.Lock()
+	s := e.slots[asid]
+	delete(e.slots, asid)
+	e.slotsMu.Unlock()
+	if s == nil {
+		return fmt.Errorf("failed to clear key slot: %w: ASID %d", ErrPermission, asid)
+	}
+	s.cipher.Destroy()
+	return derr
+}
+
+func (e *Engine) slot(asid uint32) *keySlot {
+	e.slotsMu.RLock()
+	defer e.slotsMu.RUnlock()
+	return e.slots[psp.ASID(asid)]
+}
+
+// Attach opens the image in st for the VM whose key is loaded at asid: it reads the header,
+// checks that the key slot is for this image, recovers the journal, and returns the disk.
+func (e *Engine) Attach(asid psp.ASID, st store.Store) (*Disk, error) {
+	if e.closed.Load() {
+		return nil, ErrDetached
+	}
+	h, hs, err := format.ReadHeader(st)
+	if err != nil {
+		return nil, fmt.Errorf("failed to attach: %w", err)
+	}
+	if hs.Copy != 0 {
+		e.opts.Logger.Warn("primary header invalid; using backup", "error", hs.PrimaryErr)
+	}
+	ks := e.slot(uint32(asid))
+	if ks == nil {
+		return nil, fmt.Errorf("failed to attach: %w (ASID %d)", ErrPermission, asid)
+	}
+	if ks.b.UUID != h.UUID || ks.b.Suite != h.Suite || ks.b.SectorSize != int(h.SectorSize) {
+		return nil, fmt.Errorf("failed to attach: %w: the key loaded at ASID %d is for another image", ErrPermission, asid)
+	}
+	e.disksMu.Lock()
+	defer e.disksMu.Unlock()
+	if e.disks[asid] != nil {
+		return nil, fmt.Errorf("failed to attach: ASID %d already has a disk", asid)
+	}
+	d, err := newDisk(e, asid, st, h, ks.cipher, ks.b.ReadOnly || h.ReadOnly)
+	if err != nil {
+		return nil, fmt.Errorf("failed to attach: %w", err)
+	}
+	e.disks[asid] = d
+	e.publish()
+	return d, nil
+}
+
+// publish refreshes the lock-free list of attached disks. Caller holds disksMu.
+func (e *Engine) publish() {
+	l := make([]*Disk, 0, len(e.disks))
+	for _, d := range e.disks {
+		l = append(l, d)
+	}
+	e.live.Store(&l)
+}
+
+func (e *Engine) forget(d *Disk) {
+	e.disksMu.Lock()
+	if e.disks[d.asid] == d {
+		delete(e.disks, d.asid)
+		e.publish()
+	}
+	e.disksMu.Unlock()
+}
+
+// Close detaches every disk (writing back dirty data), zeroises every key slot and stops the
+// workers.
+func (e *Engine) Close() error {
+	if e.closed.Swap(true) {
+		return nil
+	}
+	e.disksMu.Lock()
+	var ds []*Disk
+	for _, d := range e.disks {
+		ds = append(ds, d)
+	}
+	e.disksMu.Unlock()
+	var errs []error
+	for _, d := range ds {
+		errs = append(errs, d.Close())
+	}
+	e.slotsMu.Lock()
+	for a, s := range e.slots {
+		s.cipher.Destroy()
+		delete(e.slots, a)
+	}
+	e.slotsMu.Unlock()
+	for _, s := range e.shards {
+		s.sq.Close()
+	}
+	return errors.Join(errs...)
+}

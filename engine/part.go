@@ -1,0 +1,490 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"time"
+
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
+)
+
+// entriesPerPage is the number of 64-byte entries in one 4 KiB metadata page.
+const entriesPerPage = 4096 / format.MetaEntrySize
+
+// maxWriteback bounds one writeback batch (journal records appended and synced at once).
+const maxWriteback = 1024
+
+// line is one cached plaintext sector.
+type line struct {
+	lba        uint64
+	data       []byte // sector bytes; cap sector+TagSize
+	dirty      bool
+	dirtyAt    time.Time
+	prev, next *line // LRU list, most recent at head
+}
+
+// metaPage is one cached metadata page.
+type metaPage struct {
+	idx        uint64
+	e          [entriesPerPage]sector.Entry
+	prev, next *metaPage
+}
+
+// part is one disk's state on one shard. Only that shard's worker touches it, so it has no
+// lock: this is what makes read-modify-write race-free.
+type part struct {
+	d     *Disk
+	shard int
+
+	lines      map[uint64]*line
+	head, tail *line
+	maxLines   int
+	dirty      int
+
+	pages             map[uint64]*metaPage
+	phead, ptail      *metaPage
+	maxPages          int
+	free              [][]byte // recycled sector buffers
+	ct, recs, pagebuf []byte   // scratch
+	wb                []*line
+}
+
+func newPart(d *Disk, shard, maxLines, maxPages int) *part {
+	return &part{
+		d: d, shard: shard, lines: map[uint64]*line{}, maxLines: maxLines,
+		pages: map[uint64]*metaPage{}, maxPages: maxPages,
+		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
+		recs:    make([]byte, maxWriteback*sector.JournalRecordSize),
+		pagebuf: make([]byte, 4096),
+	}
+}
+
+// --- LRU lists ---
+
+func (p *part) touch(l *line) {
+	if p.head == l {
+		return
+	}
+	p.unlink(l)
+	l.next = p.head
+	if p.head != nil {
+		p.head.prev = l
+	}
+	p.head = l
+	if p.tail == nil {
+		p.tail = l
+	}
+}
+
+func (p *part) unlink(l *line) {
+	if l.prev != nil {
+		l.prev.next = l.next
+	} else if p.head == l {
+		p.head = l.next
+	}
+	if l.next != nil {
+		l.next.prev = l.prev
+	} else if p.tail == l {
+		p.tail = l.prev
+	}
+	l.prev, l.next = nil, nil
+}
+
+func (p *part) buffer() []byte {
+	if n := len(p.free); n > 0 {
+		b := p.free[n-1]
+		p.free = p.free[:n-1]
+		return b
+	}
+	return make([]byte, p.d.ss, p.d.ss+sector.TagSize)
+}
+
+// drop removes a line from the cache, zeroising its plaintext.
+func (p *part) drop(l *line) {
+	p.unlink(l)
+	delete(p.lines, l.lba)
+	if l.dirty {
+		p.dirty--
+	}
+	clear(l.data)
+	p.free = append(p.free, l.data)
+	l.data = nil
+}
+
+func (p *part) insert(lba uint64, data []byte) *line {
+	l := &line{lba: lba, data: data}
+	p.lines[lba] = l
+	p.touch(l)
+	return l
+}
+
+func (p *part) markDirty(l *line) {
+	if !l.dirty {
+		l.dirty = true
+		p.dirty++
+	}
+	l.dirtyAt = time.Now()
+}
+
+// --- metadata pages ---
+
+func (p *part) page(idx uint64) (*metaPage, error) {
+	if pg := p.pages[idx]; pg != nil {
+		p.touchPage(pg)
+		return pg, nil
+	}
+	for len(p.pages) >= p.maxPages && p.ptail != nil {
+		old := p.ptail
+		p.unlinkPage(old)
+		delete(p.pages, old.idx)
+	}
+	pg := &metaPage{idx: idx}
+	n := min(entriesPerPage, p.d.sectors-idx*entriesPerPage)
+	buf := p.pagebuf[:n*format.MetaEntrySize]
+	if _, err := p.d.st.ReadAt(buf, p.d.h.EntryPos(idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("failed to read metadata: %w", err)
+	}
+	for i := range n {
+		copy(pg.e[i][:], buf[i*format.MetaEntrySize:])
+	}
+	p.pages[idx] = pg
+	p.touchPage(pg)
+	return pg, nil
+}
+
+func (p *part) touchPage(pg *metaPage) {
+	if p.phead == pg {
+		return
+	}
+	p.unlinkPage(pg)
+	pg.next = p.phead
+	if p.phead != nil {
+		p.phead.prev = pg
+	}
+	p.phead = pg
+	if p.ptail == nil {
+		p.ptail = pg
+	}
+}
+
+func (p *part) unlinkPage(pg *metaPage) {
+	if pg.prev != nil {
+		pg.prev.next = pg.next
+	} else if p.phead == pg {
+		p.phead = pg.next
+	}
+	if pg.next != nil {
+		pg.next.prev = pg.prev
+	} else if p.ptail == pg {
+		p.ptail = pg.prev
+	}
+	pg.prev, pg.next = nil, nil
+}
+
+func (p *part) entry(lba uint64) (*sector.Entry, error) {
+	pg, err := p.page(lba / entriesPerPage)
+	if err != nil {
+		return nil, err
+	}
+	return &pg.e[lba%entriesPerPage], nil
+}
+
+// writePage writes a cached page back (or punches it when every entry is zero).
+func (p *part) writePage(pg *metaPage) error {
+	n := min(entriesPerPage, p.d.sectors-pg.idx*entriesPerPage)
+	pos := p.d.h.EntryPos(pg.idx * entriesPerPage)
+	buf := p.pagebuf[:n*format.MetaEntrySize]
+	for i := range n {
+		copy(buf[i*format.MetaEntrySize:], pg.e[i][:])
+	}
+	if allZero(buf) && n == entriesPerPage {
+		return punch(p.d.st, pos, 4096)
+	}
+	if _, err := p.d.st.WriteAt(buf, pos); err != nil {
+		return fmt.Errorf("failed to write metadata: %w", err)
+	}
+	return nil
+}
+
+// --- sectors ---
+
+// load returns the cached line for lba, reading and authenticating it on a miss.
+func (p *part) load(lba uint64) (*line, error) {
+	if l := p.lines[lba]; l != nil {
+		p.d.e.Stats.CacheHits.Add(1)
+		p.touch(l)
+		return l, nil
+	}
+	if err := p.loadRun(lba, lba+1); err != nil {
+		return nil, err
+	}
+	return p.lines[lba], nil
+}
+
+// loadRun reads the uncached sectors [a, b) with one pread and caches them.
+func (p *part) loadRun(a, b uint64) error {
+	d := p.d
+	p.d.e.Stats.CacheMisses.Add(b - a)
+	ss := d.ss
+	ct := p.ct[:int64(b-a)*ss]
+	// Skip the pread entirely when every entry in the run is zero (never written).
+	any := false
+	for lba := a; lba < b; lba++ {
+		e, err := p.entry(lba)
+		if err != nil {
+			return err
+		}
+		any = any || !e.IsZero()
+	}
+	if any {
+		if _, err := d.st.ReadAt(ct, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read sectors %d-%d: %w", a, b-1, err)
+		}
+	}
+	for lba := a; lba < b; lba++ {
+		e, _ := p.entry(lba)
+		buf := p.buffer()
+		if err := d.c.Open(lba, buf, ct[int64(lba-a)*ss:int64(lba-a+1)*ss], e); err != nil {
+			p.free = append(p.free, buf)
+			if errors.Is(err, sector.ErrAuth) {
+				d.e.Stats.AuthFailures.Add(1)
+				d.e.opts.Logger.Error("sector failed authentication", "asid", d.asid, "lba", lba, "error", err)
+				return fmt.Errorf("%w: %v", ErrIntegrity, err)
+			}
+			return err
+		}
+		p.insert(lba, buf)
+	}
+	return nil
+}
+
+// writeback encrypts and writes the given dirty lines: journal first (durable), then data and
+// metadata in place (FORMAT.md §6).
+func (p *part) writeback(ls []*line) error {
+	for len(ls) > 0 {
+		n := min(len(ls), maxWriteback)
+		if err := p.writebackBatch(ls[:n]); err != nil {
+			return err
+		}
+		ls = ls[n:]
+	}
+	return nil
+}
+
+func (p *part) writebackBatch(ls []*line) error {
+	d := p.d
+	if d.sess == nil {
+		panic("BUG: engine: writeback on a read-only disk")
+	}
+	slices.SortFunc(ls, func(a, b *line) int { return cmpU64(a.lba, b.lba) })
+	d.ckpt.RLock()
+	defer d.ckpt.RUnlock()
+	start, ok := d.jr.reserve(len(ls))
+	for !ok {
+		d.ckpt.RUnlock()
+		err := d.checkpoint()
+		d.ckpt.RLock()
+		if err != nil {
+			return err
+		}
+		start, ok = d.jr.reserve(len(ls))
+	}
+	epoch := d.jr.epochNow()
+	ss := d.ss
+	news := make([]sector.Entry, len(ls))
+	for i, l := range ls {
+		old, err := p.entry(l.lba)
+		if err != nil {
+			return err
+		}
+		dst := p.ct[int64(i)*ss : int64(i+1)*ss]
+		d.sess.Seal(l.lba, dst, l.data, &news[i])
+		r := sector.JournalRecord{Kind: sector.RecordWrite, Epoch: epoch, Seq: start + uint64(i), LBA: l.lba, New: news[i], Old: *old}
+		d.c.MarshalJournalRecord(&r, p.recs[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
+	}
+	if err := d.jr.append(start, p.recs[:len(ls)*sector.JournalRecordSize]); err != nil {
+		return err
+	}
+	// data: contiguous runs in one pwrite each
+	for i := 0; i < len(ls); {
+		j := i + 1
+		for j < len(ls) && ls[j].lba == ls[j-1].lba+1 {
+			j++
+		}
+		if _, err := d.st.WriteAt(p.ct[int64(i)*ss:int64(j)*ss], d.h.DataPos(ls[i].lba)); err != nil {
+			return fmt.Errorf("failed to write data: %w", err)
+		}
+		i = j
+	}
+	// metadata: update cached pages, write each touched page once
+	var last *metaPage
+	for i, l := range ls {
+		pg, err := p.page(l.lba / entriesPerPage)
+		if err != nil {
+			return err
+		}
+		pg.e[l.lba%entriesPerPage] = news[i]
+		if last != nil && last != pg {
+			if err := p.writePage(last); err != nil {
+				return err
+			}
+		}
+		last = pg
+	}
+	if last != nil {
+		if err := p.writePage(last); err != nil {
+			return err
+		}
+	}
+	for _, l := range ls {
+		if l.dirty {
+			l.dirty = false
+			p.dirty--
+		}
+	}
+	d.e.Stats.Writebacks.Add(uint64(len(ls)))
+	return nil
+}
+
+// zeroSectors turns whole sectors into holes: journal zero records, then zero entries and
+// punched data.
+func (p *part) zeroSectors(lbas []uint64) error {
+	d := p.d
+	for len(lbas) > 0 {
+		n := min(len(lbas), maxWriteback)
+		batch := lbas[:n]
+		lbas = lbas[n:]
+		d.ckpt.RLock()
+		err := func() error {
+			start, ok := d.jr.reserve(n)
+			for !ok {
+				d.ckpt.RUnlock()
+				err := d.checkpoint()
+				d.ckpt.RLock()
+				if err != nil {
+					return err
+				}
+				start, ok = d.jr.reserve(n)
+			}
+			epoch := d.jr.epochNow()
+			for i, lba := range batch {
+				old, err := p.entry(lba)
+				if err != nil {
+					return err
+				}
+				r := sector.JournalRecord{Kind: sector.RecordZero, Epoch: epoch, Seq: start + uint64(i), LBA: lba, Old: *old}
+				d.c.MarshalJournalRecord(&r, p.recs[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
+			}
+			if err := d.jr.append(start, p.recs[:n*sector.JournalRecordSize]); err != nil {
+				return err
+			}
+			var last *metaPage
+			for _, lba := range batch {
+				pg, _ := p.page(lba / entriesPerPage)
+				pg.e[lba%entriesPerPage] = sector.Entry{}
+				if last != nil && last != pg {
+					if err := p.writePage(last); err != nil {
+						return err
+					}
+				}
+				last = pg
+			}
+			if err := p.writePage(last); err != nil {
+				return err
+			}
+			for i := 0; i < len(batch); {
+				j := i + 1
+				for j < len(batch) && batch[j] == batch[j-1]+1 {
+					j++
+				}
+				if err := punch(d.st, d.h.DataPos(batch[i]), int64(j-i)*d.ss); err != nil {
+					return err
+				}
+				i = j
+			}
+			return nil
+		}()
+		d.ckpt.RUnlock()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
+func (p *part) shrink() error {
+	for len(p.lines) > p.maxLines {
+		p.wb = p.wb[:0]
+		var victims []*line
+		for l := p.tail; l != nil && len(victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
+			victims = append(victims, l)
+			if l.dirty {
+				p.wb = append(p.wb, l)
+			}
+		}
+		if err := p.writeback(p.wb); err != nil {
+			return err
+		}
+		for _, l := range victims {
+			p.drop(l)
+		}
+	}
+	return nil
+}
+
+// flushDirty writes back every dirty line (older than cutoff, when cutoff is set).
+func (p *part) flushDirty(cutoff time.Time) error {
+	if p.dirty == 0 {
+		return nil
+	}
+	p.wb = p.wb[:0]
+	for l := p.head; l != nil; l = l.next {
+		if l.dirty && (cutoff.IsZero() || l.dirtyAt.Before(cutoff)) {
+			p.wb = append(p.wb, l)
+		}
+	}
+	return p.writeback(p.wb)
+}
+
+// zeroise drops every line and page (detach).
+func (p *part) zeroise() {
+	for l := p.head; l != nil; {
+		n := l.next
+		p.drop(l)
+		l = n
+	}
+	for _, b := range p.free {
+		clear(b[:cap(b)])
+	}
+	p.free = nil
+	clear(p.ct)
+	p.pages = map[uint64]*metaPage{}
+	p.phead, p.ptail = nil, nil
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// punch deallocates a range; filesystems without hole punching get zeros written instead.
+func punch(st store.Store, off, n int64) error {
+	err := st.Punch(off, n)
+	if errors.Is(err, store.ErrPunchUnsupported) {
+		_, err = st.WriteAt(make([]byte, n), off)
+	}
+	if err != nil {
+		return fmt.Errorf("failed to punch: %w", err)
+	}
+	return nil
+}

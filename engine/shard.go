@@ -1,0 +1,239 @@
+package engine
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/sealdisk/sealdisk/dma"
+)
+
+// shard is one coprocessor: a submission ring, a worker that performs descriptors in
+// batches, and a completion ring drained by the interrupt handler.
+type shard struct {
+	e  *Engine
+	id int
+	sq *dma.Ring // submission
+	cq *dma.Ring // completion
+}
+
+const batchSize = 32
+
+func (s *shard) run() {
+	buf := make([]*dma.Descriptor, batchSize)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	tick := max(s.e.opts.IdleFlush/2, 10*time.Millisecond)
+	for {
+		ds, closed := s.sq.PopBatch(buf, tick, timer)
+		if closed {
+			s.cq.Close()
+			return
+		}
+		if len(ds) == 0 {
+			s.idle()
+			continue
+		}
+		for i, d := range ds {
+			d.Status = s.do(d)
+			if err := s.cq.Push(d); err != nil {
+				panic("BUG: engine: completion ring closed under a running shard")
+			}
+			ds[i] = nil
+		}
+	}
+}
+
+// idle writes back sectors dirty for longer than the idle time.
+func (s *shard) idle() {
+	cutoff := time.Now().Add(-s.e.opts.IdleFlush)
+	for _, d := range *s.e.live.Load() {
+		if d.closed.Load() {
+			continue
+		}
+		p := d.parts[s.id]
+		if err := p.flushDirty(cutoff); err != nil {
+			d.e.opts.Logger.Error("idle write-back failed", "asid", d.asid, "error", err)
+		}
+	}
+}
+
+// do performs one descriptor. The operation runs only when the descriptor's ASID has a key
+// loaded, the key is this disk's, and the operation is valid for the disk.
+func (s *shard) do(desc *dma.Descriptor) error {
+	d, ok := desc.Target.(*Disk)
+	if !ok {
+		panic("BUG: engine: descriptor without a disk")
+	}
+	p := d.parts[s.id]
+	if desc.Op == opDetach {
+		p.zeroise()
+		return nil
+	}
+	ks := s.e.slot(desc.ASID)
+	if ks == nil || ks.cipher != d.c {
+		s.e.Stats.PermissionDenials.Add(1)
+		return fmt.Errorf("%w (ASID %d)", ErrPermission, desc.ASID)
+	}
+	end := desc.LBA + uint64(desc.Count)
+	if end > d.sectors || end < desc.LBA {
+		return fmt.Errorf("sectors %d+%d on a %d-sector disk: %w", desc.LBA, desc.Count, d.sectors, ErrOutOfRange)
+	}
+	write := desc.Op == dma.OpWrite || desc.Op == dma.OpTrim || desc.Op == dma.OpZero
+	if write && d.readOnly {
+		return ErrReadOnly
+	}
+	var err error
+	switch desc.Op {
+	case dma.OpRead:
+		err = s.read(p, desc)
+	case dma.OpWrite:
+		err = s.write(p, desc, desc.Buf)
+	case dma.OpFlush:
+		err = p.flushDirty(time.Time{})
+	case dma.OpTrim, dma.OpZero:
+		err = s.zero(p, desc)
+	case dma.OpStatus:
+		err = s.status(p, desc)
+	default:
+		panic(fmt.Sprintf("BUG: engine: unknown op %d", desc.Op))
+	}
+	if err == nil && write {
+		err = p.shrink()
+	}
+	return err
+}
+
+// span is the part of sector i (0-based in the descriptor) covered by the guest buffer:
+// buf[bLo:bHi] maps to sector bytes [sLo, sLo+bHi-bLo).
+func span(desc *dma.Descriptor, i int64, ss int64) (bLo, bHi, sLo int64) {
+	start := i*ss - int64(desc.Head) // sector i's first byte, relative to the buffer
+	bLo = max(0, start)
+	bHi = min(int64(desc.Len), start+ss)
+	return bLo, bHi, bLo - start
+}
+
+func (s *shard) read(p *part, desc *dma.Descriptor) error {
+	ss := p.d.ss
+	for i := int64(0); i < int64(desc.Count); {
+		lba := desc.LBA + uint64(i)
+		if p.lines[lba] == nil {
+			// load the run of consecutive misses with one pread
+			j := i + 1
+			for j < int64(desc.Count) && p.lines[desc.LBA+uint64(j)] == nil {
+				j++
+			}
+			if err := p.loadRun(lba, desc.LBA+uint64(j)); err != nil {
+				return err
+			}
+		}
+		for ; i < int64(desc.Count); i++ {
+			l := p.lines[desc.LBA+uint64(i)]
+			if l == nil {
+				break
+			}
+			p.touch(l)
+			bLo, bHi, sLo := span(desc, i, ss)
+			copy(desc.Buf[bLo:bHi], l.data[sLo:])
+		}
+	}
+	return p.shrink()
+}
+
+// write copies buf (nil: zeros) into cached sectors: whole sectors without reading,
+// partial ones read-modify-write. With FUA the touched sectors are written back and synced.
+func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
+	ss := p.d.ss
+	var touched []*line
+	for i := int64(0); i < int64(desc.Count); i++ {
+		lba := desc.LBA + uint64(i)
+		bLo, bHi, sLo := span(desc, i, ss)
+		var l *line
+		if bHi-bLo == ss {
+			if l = p.lines[lba]; l == nil {
+				l = p.insert(lba, p.buffer())
+			} else {
+				p.touch(l)
+			}
+		} else {
+			var err error
+			if l, err = p.load(lba); err != nil {
+				return err
+			}
+		}
+		if buf != nil {
+			copy(l.data[sLo:], buf[bLo:bHi])
+		} else {
+			clear(l.data[sLo : sLo+bHi-bLo])
+		}
+		p.markDirty(l)
+		if desc.Flags&dma.FUA != 0 {
+			touched = append(touched, l)
+		}
+	}
+	if len(touched) > 0 {
+		if err := p.writeback(touched); err != nil {
+			return err
+		}
+		if err := p.d.st.Sync(); err != nil {
+			return fmt.Errorf("failed to sync FUA write: %w", err)
+		}
+	}
+	return nil
+}
+
+// zero handles trim and write-zeroes: whole sectors become holes (or, with NoHole, written
+// zeros); partial sectors are zeroed by read-modify-write.
+func (s *shard) zero(p *part, desc *dma.Descriptor) error {
+	ss := p.d.ss
+	if desc.Flags&dma.NoHole != 0 {
+		return s.write(p, desc, nil) // Buf is nil: zeros
+
+	}
+	var holes []uint64
+	for i := int64(0); i < int64(desc.Count); i++ {
+		lba := desc.LBA + uint64(i)
+		bLo, bHi, sLo := span(desc, i, ss)
+		if bHi-bLo < ss {
+			l, err := p.load(lba)
+			if err != nil {
+				return err
+			}
+			clear(l.data[sLo : sLo+bHi-bLo])
+			p.markDirty(l)
+			continue
+		}
+		if l := p.lines[lba]; l != nil {
+			p.drop(l)
+		}
+		e, err := p.entry(lba)
+		if err != nil {
+			return err
+		}
+		if !e.IsZero() {
+			holes = append(holes, lba)
+		}
+	}
+	return p.zeroSectors(holes)
+}
+
+func (s *shard) status(p *part, desc *dma.Descriptor) error {
+	for i := int64(0); i < int64(desc.Count); i++ {
+		lba := desc.LBA + uint64(i)
+		allocated := false
+		if l := p.lines[lba]; l != nil && l.dirty {
+			allocated = true
+		} else {
+			e, err := p.entry(lba)
+			if err != nil {
+				return err
+			}
+			allocated = !e.IsZero()
+		}
+		if allocated {
+			desc.Buf[i] = 1
+		} else {
+			desc.Buf[i] = 0
+		}
+	}
+	return nil
+}
