@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -149,7 +150,7 @@ func NewServer(opts Options) *Server {
 
 type nopMetrics struct{}
 
-func (nopMetrics) Connections(string, int)                                {}
+func (nopMetrics) Connections(string, int)                             {}
 func (nopMetrics) Request(string, string, int64, time.Duration, Errno) {}
 
 func validString(what, s string) error {
@@ -283,16 +284,18 @@ func (s *Server) lookupLocked(name string) *export {
 // A TCP listener is refused unless RequireTLS is set or it came from ListenTCP marked
 // insecure.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	if s.opts.RequireTLS && s.opts.TLS == nil {
-		return errors.New("nbd: RequireTLS set without a TLS config")
-	}
-	if _, insecure := ln.(insecureListener); !insecure && !s.opts.RequireTLS && isTCP(ln.Addr()) {
-		return ErrInsecureTCP
-	}
 	s.mu.Lock()
 	if s.shuttingDown {
 		s.mu.Unlock()
 		return ErrServerClosed
+	}
+	if s.opts.RequireTLS && s.opts.TLS == nil {
+		s.mu.Unlock()
+		return errors.New("nbd: RequireTLS set without a TLS config")
+	}
+	if _, insecure := ln.(insecureListener); !insecure && !s.opts.RequireTLS && isTCP(ln.Addr()) {
+		s.mu.Unlock()
+		return ErrInsecureTCP
 	}
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
@@ -302,8 +305,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	connCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 
@@ -320,17 +321,17 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			case ctx.Err() != nil:
 				return ctx.Err()
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Transient (e.g. EMFILE surfaces as a temporary error): back off, keep serving.
+			if transientAcceptError(err) {
+				// Out of descriptors or an aborted handshake: back off and keep serving.
 				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				s.log.Warn("nbd accept failed; retrying", "err", err, "delay", tempDelay)
 				time.Sleep(tempDelay)
 				continue
 			}
 			return fmt.Errorf("failed to accept NBD connection: %w", err)
 		}
 		tempDelay = 0
-		s.startConn(connCtx, nc)
+		s.startConn(ctx, nc)
 	}
 }
 
@@ -389,6 +390,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func transientAcceptError(err error) bool {
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 func isTCP(a net.Addr) bool {

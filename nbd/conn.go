@@ -1,0 +1,281 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// conn is one client connection: option haggling, then transmission.
+//
+// Transmission runs on three kinds of goroutine: the reader (serve's goroutine) parses and
+// validates requests and reads write payloads; one handler goroutine per admitted request,
+// at most MaxInFlight of them holding at most the byte budget, calls the device; replies
+// are written whole under wmu, in completion order. When the budget is spent the reader
+// stops reading, so a client that floods requests is slowed by TCP, not by memory.
+type conn struct {
+	s    *Server
+	raw  net.Conn
+	log  *slog.Logger
+	done chan struct{} // closed when serve has returned
+
+	// ctx is the context of device calls: cancelled only by kill (Shutdown or RemoveExport
+	// deadline, or the Serve context), never by an ordinary disconnect.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu           sync.Mutex // guards nc, exp, transmitting, stopping and the closing of stop
+	nc           net.Conn   // raw, or the TLS connection after STARTTLS
+	exp          *export    // set when the client enters transmission
+	transmitting bool
+	stopping     bool
+	stop         chan struct{} // closed by drain/kill: start no further request
+
+	// Handshake state and the reader's buffer: owned by the serve goroutine.
+	br         *bufio.Reader
+	fixed      bool // client set NBD_FLAG_C_FIXED_NEWSTYLE
+	noZeroes   bool
+	tlsUp      bool
+	identity   string // from the verified client certificate; "" without one
+	structured bool
+	metaExport string // export the last SET_META_CONTEXT selected base:allocation for
+	metaOK     bool
+	size       uint64 // export size, fixed at transmission start
+	tflags     uint16 // transmission flags sent to the client
+	meta       bool   // base:allocation usable in transmission
+
+	wmu      sync.Mutex // guards bw and werr: each reply is written whole
+	bw       *bufio.Writer
+	werr     error
+	queued   atomic.Int32 // replies waiting for wmu; the last one out flushes bw
+	budget   budget
+	inflight sync.WaitGroup
+}
+
+// connIDs numbers connections for logs (Unix-socket peers have no address to show).
+var connIDs atomic.Uint64
+
+func newConn(s *Server, nc net.Conn) *conn {
+	remote := ""
+	if a := nc.RemoteAddr(); a != nil {
+		remote = a.String()
+	}
+	c := &conn{
+		s:    s,
+		raw:  nc,
+		nc:   nc,
+		log:  s.log.With("conn", connIDs.Add(1), "remote", remote),
+		done: make(chan struct{}),
+		stop: make(chan struct{}),
+		br:   bufio.NewReaderSize(nc, 64<<10),
+		bw:   bufio.NewWriterSize(nc, 64<<10),
+	}
+	c.ctx, c.cancel = context.WithCancel(s.forceCtx)
+	return c
+}
+
+func (c *conn) export() *export {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.exp
+}
+
+// drain asks the connection to end gracefully: in handshake it is closed at once; in
+// transmission the reader is woken (read deadline) and stops, in-flight requests finish
+// and get their replies, then the connection closes.
+func (c *conn) drain() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.stopping {
+		c.stopping = true
+		close(c.stop)
+	}
+	if c.transmitting {
+		c.nc.SetReadDeadline(time.Now())
+	} else {
+		c.raw.Close()
+	}
+}
+
+// kill ends the connection hard and cancels its device calls.
+func (c *conn) kill() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.stopping {
+		c.stopping = true
+		close(c.stop)
+	}
+	c.cancel()
+	c.raw.Close()
+}
+
+func (c *conn) isStopping() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopping
+}
+
+// closeNC closes the connection gracefully (TLS: close_notify first). It may block on a
+// peer that does not read (crypto/tls bounds that), so it runs outside c.mu.
+func (c *conn) closeNC() {
+	c.mu.Lock()
+	nc := c.nc
+	c.mu.Unlock()
+	nc.Close()
+}
+
+// serve runs the connection to its end. serveCtx is Serve's context: its end kills the
+// connection.
+func (c *conn) serve(serveCtx context.Context) {
+	defer close(c.done)
+	defer c.cancel()
+	unhook := context.AfterFunc(serveCtx, c.kill)
+	defer unhook()
+
+	x, err := c.handshake()
+	if err != nil {
+		if !errors.Is(err, errAbort) && !c.isStopping() {
+			c.log.Debug("nbd handshake ended", "err", err)
+		}
+		c.closeNC()
+		return
+	}
+	c.log = c.log.With("export", x.Name)
+	c.s.metrics.Connections(x.Name, 1)
+	defer c.s.metrics.Connections(x.Name, -1)
+	c.transmit(x)
+}
+
+// send writes one reply (bufs in order) atomically with respect to other replies. Errors
+// end the connection: the reader fails on the closed socket.
+func (c *conn) send(bufs ...[]byte) {
+	c.queued.Add(1)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	last := c.queued.Add(-1) == 0
+	if c.werr != nil {
+		return
+	}
+	for _, b := range bufs {
+		if _, err := c.bw.Write(b); err != nil {
+			c.werr = err
+			break
+		}
+	}
+	// Replies queued behind this one will flush; batching them saves a syscall each.
+	if c.werr == nil && last {
+		c.werr = c.bw.Flush()
+	}
+	if c.werr != nil {
+		c.raw.Close() // the reader fails on the closed socket
+	}
+}
+
+// flushReplies pushes out anything buffered before the connection closes.
+func (c *conn) flushReplies() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr == nil {
+		c.werr = c.bw.Flush()
+	}
+}
+
+// budget bounds what one connection has in flight: a request count and buffer bytes.
+// Only the reader acquires, so there is no fairness to manage; handlers release.
+type budget struct {
+	mu       sync.Mutex // guards n, bytes, wake
+	n, maxN  int
+	bytes    int64
+	maxBytes int64
+	wake     chan struct{} // closed and replaced on every release
+}
+
+func (b *budget) init(maxN int, maxBytes int64) {
+	b.maxN, b.maxBytes = maxN, maxBytes
+	b.wake = make(chan struct{})
+}
+
+// acquire takes one request slot and cost bytes, waiting for releases; false when stop
+// closes first. A cost above the whole budget is admitted alone.
+func (b *budget) acquire(stop <-chan struct{}, cost int64) bool {
+	for {
+		b.mu.Lock()
+		if b.n < b.maxN && (b.bytes+cost <= b.maxBytes || b.bytes == 0) {
+			b.n++
+			b.bytes += cost
+			b.mu.Unlock()
+			return true
+		}
+		wake := b.wake
+		b.mu.Unlock()
+		select {
+		case <-wake:
+		case <-stop:
+			return false
+		}
+	}
+}
+
+func (b *budget) release(cost int64) {
+	b.mu.Lock()
+	b.n--
+	b.bytes -= cost
+	if b.n < 0 || b.bytes < 0 {
+		panic("BUG: nbd: budget released more than acquired")
+	}
+	close(b.wake)
+	b.wake = make(chan struct{})
+	b.mu.Unlock()
+}
+
+// Buffer pool: power-of-two classes from 4 KiB to maxAdvertisedBlock, so a stream of
+// requests reuses buffers instead of allocating each payload.
+const (
+	minBufShift = 12
+	maxBufShift = 26
+)
+
+var bufPools [maxBufShift - minBufShift + 1]sync.Pool
+
+func bufClass(n int) int {
+	c := 0
+	for (1 << (minBufShift + c)) < n {
+		c++
+	}
+	return c
+}
+
+func getBuf(n int) []byte {
+	if n > 1<<maxBufShift {
+		panic("BUG: nbd: buffer above the advertised maximum block")
+	}
+	c := bufClass(n)
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 1<<(minBufShift+c))
+}
+
+func putBuf(b []byte) {
+	if cap(b) < 1<<minBufShift {
+		return
+	}
+	c := bufClass(cap(b))
+	if cap(b) != 1<<(minBufShift+c) {
+		return
+	}
+	b = b[:cap(b)]
+	bufPools[c].Put(&b)
+}
+
+// discard reads and drops n bytes of payload without buffering them.
+func discard(r io.Reader, n int64) error {
+	_, err := io.CopyN(io.Discard, r, n)
+	return err
+}

@@ -1,0 +1,394 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/sealdisk/sealdisk/engine"
+)
+
+const (
+	// maxWriteDiscard: a WRITE refused before its payload is read (too large, out of range,
+	// bad flags...) has its payload skipped up to this size, keeping the connection; a
+	// larger one is a denial of service and ends the connection. The spec says payloads
+	// under 32 MiB must never be treated so.
+	maxWriteDiscard = 2 * maxAdvertisedBlock
+	// maxDescriptors caps one block-status reply (the spec allows returning fewer).
+	maxDescriptors = 1 << 14
+)
+
+// transmit runs the transmission phase until the client disconnects, breaks the protocol,
+// or the connection is drained.
+func (c *conn) transmit(x *export) {
+	c.budget.init(c.s.opts.MaxInFlight, max(c.s.opts.MaxInFlightBytes, int64(x.maxBlock)))
+	hard := c.readRequests(x)
+	if hard {
+		// Protocol violation: hard disconnect, then let handlers run out (their replies fail).
+		c.raw.Close()
+		c.inflight.Wait()
+		return
+	}
+	c.inflight.Wait()
+	c.flushReplies()
+	c.closeNC() // tls.Conn.Close sends close_notify first
+}
+
+// readRequests is the reader loop. It returns true when the connection must end hard.
+func (c *conn) readRequests(x *export) (hard bool) {
+	var hdr [requestHeaderSize]byte
+	for {
+		select {
+		case <-c.stop:
+			return false
+		default:
+		}
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if !c.isStopping() && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				c.log.Debug("nbd connection read failed", "err", err)
+			}
+			return false
+		}
+		magic, r := parseRequest(&hdr)
+		if magic != magicRequest {
+			c.log.Warn("nbd protocol violation: bad request magic; closing connection", "magic", fmt.Sprintf("%#x", magic))
+			return true
+		}
+		if r.cmd == cmdDisc {
+			return false
+		}
+		if errno, msg := c.validate(x, &r); errno != 0 {
+			if r.cmd == cmdWrite {
+				if r.length > maxWriteDiscard {
+					c.log.Warn("nbd write payload too large to skip; closing connection", "length", r.length)
+					return true
+				}
+				if err := discard(c.br, int64(r.length)); err != nil {
+					return false
+				}
+			}
+			c.log.Debug("nbd request refused", "cmd", cmdName(r.cmd), "offset", r.offset, "length", r.length, "flags", r.flags, "errno", errno, "reason", msg)
+			c.s.metrics.Request(x.Name, cmdName(r.cmd), int64(r.length), 0, errno)
+			c.replyError(&r, errno, msg)
+			continue
+		}
+
+		var cost int64
+		switch r.cmd {
+		case cmdRead, cmdWrite:
+			cost = int64(r.length)
+		case cmdCache:
+			cost = int64(min(r.length, x.maxBlock))
+		}
+		if !c.budget.acquire(c.stop, cost) {
+			return false // draining: nothing more is read, so an unread payload does not matter
+		}
+		var payload []byte
+		if r.cmd == cmdWrite {
+			payload = getBuf(int(r.length))
+			if _, err := io.ReadFull(c.br, payload); err != nil {
+				putBuf(payload)
+				c.budget.release(cost)
+				c.log.Debug("nbd connection lost in a write payload", "err", err)
+				return false
+			}
+		}
+		c.inflight.Add(1)
+		go c.handle(x, r, payload, cost)
+	}
+}
+
+// validate checks a request once, at the protocol edge, in the spec's terms; handlers
+// below trust its result. It returns the errno to reply with and the reason.
+func (c *conn) validate(x *export, r *request) (Errno, string) {
+	ro := x.caps.ReadOnly
+	switch r.cmd {
+	case cmdRead, cmdCache, cmdFlush:
+	case cmdWrite:
+		if ro {
+			return EPERM, "export is read-only"
+		}
+	case cmdTrim:
+		if ro {
+			return EPERM, "export is read-only"
+		}
+		if c.tflags&tflagSendTrim == 0 {
+			return EINVAL, "trim not supported by this export"
+		}
+	case cmdWriteZeroes:
+		if ro {
+			return EPERM, "export is read-only"
+		}
+		if c.tflags&tflagSendWriteZeroes == 0 {
+			return EINVAL, "write zeroes not supported by this export"
+		}
+	case cmdBlockStatus:
+		if !c.meta {
+			return EINVAL, "block status needs the base:allocation meta context"
+		}
+	default:
+		return EINVAL, "unknown command"
+	}
+
+	f := r.flags
+	switch {
+	case f&^cflagsKnown != 0:
+		return EINVAL, "unknown command flag"
+	case f&cflagFUA != 0 && c.tflags&tflagSendFUA == 0:
+		return EINVAL, "FUA not supported by this export"
+	case f&cflagNoHole != 0 && r.cmd != cmdWriteZeroes:
+		return EINVAL, "NO_HOLE is only valid on write zeroes"
+	case f&cflagFastZero != 0 && (r.cmd != cmdWriteZeroes || c.tflags&tflagSendFastZero == 0):
+		return EINVAL, "FAST_ZERO not valid here"
+	case f&cflagDF != 0 && (r.cmd != cmdRead || c.tflags&tflagSendDF == 0):
+		return EINVAL, "DF not valid here"
+	case f&cflagReqOne != 0 && r.cmd != cmdBlockStatus:
+		return EINVAL, "REQ_ONE is only valid on block status"
+	}
+
+	if r.cmd == cmdFlush {
+		if r.offset != 0 || r.length != 0 {
+			return EINVAL, "flush offset and length must be zero"
+		}
+		return 0, ""
+	}
+	if r.offset > c.size || uint64(r.length) > c.size-r.offset {
+		if r.cmd == cmdWrite || r.cmd == cmdWriteZeroes {
+			return ENOSPC, "request reaches past the end of the export"
+		}
+		return EINVAL, "request reaches past the end of the export"
+	}
+	if mb := uint64(x.minBlock); mb > 1 && (r.offset%mb != 0 || uint64(r.length)%mb != 0) {
+		return EINVAL, "request not aligned to the minimum block size"
+	}
+	// READ and WRITE carry the length as payload; TRIM, WRITE_ZEROES and CACHE are split
+	// below, and the block status length is only a hint, so those accept any length.
+	if (r.cmd == cmdRead || r.cmd == cmdWrite) && r.length > x.maxBlock {
+		return EINVAL, "request above the maximum block size"
+	}
+	if r.cmd == cmdBlockStatus && r.length == 0 {
+		return EINVAL, "zero-length block status"
+	}
+	return 0, ""
+}
+
+// handle runs one admitted request on the device and replies.
+func (c *conn) handle(x *export, r request, payload []byte, cost int64) {
+	defer c.inflight.Done()
+	defer c.budget.release(cost)
+	start := time.Now()
+	errno := c.execute(x, &r, payload)
+	c.s.metrics.Request(x.Name, cmdName(r.cmd), int64(r.length), time.Since(start), errno)
+}
+
+// execute performs r and sends its reply; it returns the errno sent.
+func (c *conn) execute(x *export, r *request, payload []byte) Errno {
+	dev, ctx := x.Device, c.ctx
+	off, n := int64(r.offset), int64(r.length)
+	fua := r.flags&cflagFUA != 0
+	var err error
+	switch r.cmd {
+	case cmdRead:
+		buf := getBuf(int(n))
+		defer putBuf(buf)
+		if n > 0 {
+			err = dev.ReadAt(ctx, buf, off)
+		}
+		if err == nil {
+			// Only now, with every byte read and authenticated, does a reply header go out.
+			c.replyData(r, buf)
+			return 0
+		}
+
+	case cmdWrite:
+		defer putBuf(payload)
+		if n > 0 {
+			err = dev.WriteAt(ctx, payload, off, fua)
+		}
+
+	case cmdFlush:
+		err = dev.Flush(ctx)
+
+	case cmdTrim:
+		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.Trim(ctx, o, k) })
+		if err == nil && fua && n > 0 {
+			err = dev.Flush(ctx) // Trim has no FUA of its own
+		}
+
+	case cmdWriteZeroes:
+		zf := engine.ZeroFlags{NoHole: r.flags&cflagNoHole != 0, FastZero: r.flags&cflagFastZero != 0}
+		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.WriteZeroes(ctx, o, k, zf) })
+		if err == nil && fua && n > 0 {
+			err = dev.Flush(ctx)
+		}
+
+	case cmdCache:
+		// There is no cache API: reading pulls the range through the engine (and verifies
+		// it), which is what a client asking for CACHE wants before it reads.
+		buf := getBuf(int(min(n, int64(x.maxBlock))))
+		defer putBuf(buf)
+		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.ReadAt(ctx, buf[:k], o) })
+
+	case cmdBlockStatus:
+		var descs []desc
+		q := min(n, int64(x.maxBlock)) // the length is a hint; keep each device call bounded
+		exts, err2 := dev.BlockStatus(ctx, off, q)
+		if err = err2; err == nil {
+			if descs, err = descriptors(exts, q, int64(x.minBlock), r.flags&cflagReqOne != 0); err != nil {
+				c.log.Error("nbd device returned invalid block status", "offset", off, "length", q, "err", err)
+				return c.replyError(r, EIO, "invalid block status from device")
+			}
+			c.replyBlockStatus(r, descs)
+			return 0
+		}
+
+	default:
+		panic(fmt.Sprintf("BUG: nbd: unvalidated command %d reached a handler", r.cmd))
+	}
+
+	errno := errnoFor(r.cmd, r.flags, err)
+	if errno != 0 {
+		lvl := slog.LevelWarn
+		if errno == ENOTSUP || errno == ESHUTDOWN {
+			lvl = slog.LevelDebug
+		}
+		c.log.Log(ctx, lvl, "nbd request failed", "cmd", cmdName(r.cmd), "offset", off, "length", n, "errno", errno, "err", err)
+		return c.replyError(r, errno, errnoMessage(errno))
+	}
+	c.replyOK(r)
+	return 0
+}
+
+// split calls fn over [off, off+n) in pieces of at most step (the maximum block size), so
+// device calls stay within Caps.MaxBlock whatever the client's length.
+func split(off, n, step int64, fn func(off, n int64) error) error {
+	for n > 0 {
+		k := min(n, step)
+		if err := fn(off, k); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+func (c *conn) replyOK(r *request) {
+	var b [16]byte
+	c.send(appendSimpleReply(b[:0], 0, r.handle))
+}
+
+// replyError sends an error reply: a structured error chunk when negotiated (it carries a
+// message, and a READ must not get a simple reply then), a simple reply otherwise.
+func (c *conn) replyError(r *request, errno Errno, msg string) Errno {
+	if c.structured {
+		c.send(appendErrorChunk(make([]byte, 0, 32+len(msg)), r.handle, errno, msg))
+	} else {
+		var b [16]byte
+		c.send(appendSimpleReply(b[:0], errno, r.handle))
+	}
+	return errno
+}
+
+// replyData sends a successful read: one data chunk (structured) or header plus data.
+func (c *conn) replyData(r *request, data []byte) {
+	if !c.structured {
+		var b [16]byte
+		c.send(appendSimpleReply(b[:0], 0, r.handle), data)
+		return
+	}
+	if len(data) == 0 {
+		var b [20]byte
+		c.send(appendChunkHeader(b[:0], replyFlagDone, replyTypeNone, r.handle, 0))
+		return
+	}
+	var b [28]byte
+	h := appendChunkHeader(b[:0], replyFlagDone, replyTypeOffsetData, r.handle, 8+len(data))
+	h = binary.BigEndian.AppendUint64(h, r.offset)
+	c.send(h, data)
+}
+
+func (c *conn) replyBlockStatus(r *request, descs []desc) {
+	b := appendChunkHeader(make([]byte, 0, 24+8*len(descs)), replyFlagDone, replyTypeBlockStatus, r.handle, 4+8*len(descs))
+	b = binary.BigEndian.AppendUint32(b, metaContextID)
+	for _, d := range descs {
+		b = binary.BigEndian.AppendUint32(b, d.length)
+		b = binary.BigEndian.AppendUint32(b, d.flags)
+	}
+	c.send(b)
+}
+
+// desc is one base:allocation block descriptor.
+type desc struct{ length, flags uint32 }
+
+func extentFlags(e engine.Extent) uint32 {
+	var f uint32
+	if e.Hole {
+		f |= stateHole
+	}
+	if e.Zero {
+		f |= stateZero
+	}
+	return f
+}
+
+// descriptors turns the device's extents for a query of n bytes (n and the offset aligned
+// to mb) into base:allocation descriptors: lengths are multiples of mb (a block split
+// between extents gets only the flags all its pieces share, and a block the device did not
+// describe gets none), equal neighbours merge, REQ_ONE keeps the first. A device breaking
+// its contract (no extents, empty ones, more than n bytes) is an error.
+func descriptors(exts []engine.Extent, n, mb int64, reqOne bool) ([]desc, error) {
+	var total int64
+	for _, e := range exts {
+		if e.Length <= 0 {
+			return nil, fmt.Errorf("extent of length %d", e.Length)
+		}
+		total += e.Length
+		if total > n {
+			return nil, fmt.Errorf("extents cover more than the %d bytes asked", n)
+		}
+	}
+	if total == 0 {
+		return nil, errors.New("no extents")
+	}
+	var out []desc
+	add := func(l int64, f uint32) {
+		if k := len(out); k > 0 && out[k-1].flags == f {
+			out[k-1].length += uint32(l)
+			return
+		}
+		out = append(out, desc{uint32(l), f})
+	}
+	i, pos := 0, int64(0) // exts[i] starts at pos
+	for p := int64(0); p < total && len(out) < maxDescriptors; {
+		for pos+exts[i].Length <= p {
+			pos += exts[i].Length
+			i++
+		}
+		end := pos + exts[i].Length
+		if e := end - end%mb; e > p {
+			add(e-p, extentFlags(exts[i]))
+			p = e
+			continue
+		}
+		// The block [p, p+mb) ends past this extent.
+		f := stateHole | stateZero
+		for j, q := i, pos; q < p+mb; j++ {
+			if j == len(exts) {
+				f = 0
+				break
+			}
+			f &= extentFlags(exts[j])
+			q += exts[j].Length
+		}
+		add(mb, f)
+		p += mb
+	}
+	if reqOne {
+		out = out[:1]
+	}
+	return out, nil
+}
