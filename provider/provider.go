@@ -3,6 +3,7 @@
 package provider
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -53,22 +54,24 @@ func SaveKeyPair(dir, name string, s crypto.Signer) error {
 	return nil
 }
 
-// LoadSigner reads a provider private key (mode 0600).
-func LoadSigner(path string) (crypto.Signer, error) { return psp.LoadSigner(path) }
+// LoadSigner reads a provider private key (PKCS#8 PEM, mode 0600) that can sign
+// certificates (ECDSA P-384 or Ed25519).
+func LoadSigner(path string) (crypto.Signer, error) {
+	s, err := psp.LoadSigner(path)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := SigAlgOf(s); err != nil {
+		return nil, fmt.Errorf("failed to load %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// LoadPublicKey reads a provider public key (PKIX PEM), as a PSP's trust store does.
+func LoadPublicKey(path string) (crypto.PublicKey, error) { return psp.ReadProviderKey(path) }
 
 // SigAlgOf says which certificate signature algorithm a key uses.
-func SigAlgOf(s crypto.Signer) (format.SigAlg, error) {
-	switch k := s.Public().(type) {
-	case *ecdsa.PublicKey:
-		if k.Curve != elliptic.P384() {
-			return 0, errors.New("provider ECDSA key must be on P-384")
-		}
-		return format.SigECDSAP384, nil
-	case ed25519.PublicKey:
-		return format.SigEd25519, nil
-	}
-	return 0, fmt.Errorf("unsupported provider key type %T", s.Public())
-}
+func SigAlgOf(s crypto.Signer) (format.SigAlg, error) { return psp.ProviderAlgOf(s.Public()) }
 
 // IssueRequest describes a certificate to issue.
 type IssueRequest struct {
@@ -82,16 +85,22 @@ type IssueRequest struct {
 	NotBefore    time.Time
 	NotAfter     time.Time
 	ReadOnly     bool
-	ImageKey     []byte // sealed to the chip unless BrokerURL is set
+	ImageKey     []byte // 32 bytes, sealed to the chip; must be empty when BrokerURL is set
 	BrokerURL    string // remote key reference: the broker releases the key to the chip
 	KeyID        string
 }
 
-// Issue seals the image key to the chip (FORMAT.md §3.3) and signs the certificate.
+// Issue seals the image key to the chip (FORMAT.md §3.3) and signs the certificate's body
+// (§3.2). The caller has checked req.Chip's chain to its vendor root (ChipCert.VerifyChain);
+// Issue checks that the chip certificate's parts agree, so a key is never sealed to a public
+// key other than the one the chip id names.
 func Issue(signer crypto.Signer, req IssueRequest) (*format.Certificate, error) {
 	alg, err := SigAlgOf(signer)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("failed to issue certificate: %w", err)
+	}
+	if err := checkChip(req.Chip); err != nil {
+		return nil, fmt.Errorf("failed to issue certificate: %w", err)
 	}
 	pkix, err := x509.MarshalPKIXPublicKey(signer.Public())
 	if err != nil {
@@ -102,9 +111,13 @@ func Issue(signer crypto.Signer, req IssueRequest) (*format.Certificate, error) 
 		SectorSize: req.SectorSize, Suite: req.Suite, MeasureAlg: req.MeasureAlg,
 		NotBefore: req.NotBefore.UTC().Truncate(time.Second), NotAfter: req.NotAfter.UTC().Truncate(time.Second),
 		ChipID: req.Chip.ID, KEM: req.Chip.KEMID, KDF: format.KDFHKDFSHA384, AEAD: format.AEADAES256GCM,
-		ProviderAlg: alg, ProviderKey: pkix, Measurements: req.Measurements,
+		ProviderAlg: alg, ProviderKey: pkix, Measurements: cloneAll(req.Measurements),
 	}
 	if req.BrokerURL != "" {
+		// A caller passing both might believe the key travels in the certificate.
+		if len(req.ImageKey) != 0 {
+			return nil, errors.New("failed to issue certificate: an image key and a broker URL are exclusive (the broker holds a remote key)")
+		}
 		c.Remote, c.BrokerURL, c.KeyID = true, req.BrokerURL, req.KeyID
 	} else {
 		if len(req.ImageKey) != 32 {
@@ -126,15 +139,48 @@ func Issue(signer crypto.Signer, req IssueRequest) (*format.Certificate, error) 
 	return c, nil
 }
 
-// Resign signs c's current fields again (after MarshalBody), e.g. after editing a field.
+func checkChip(c *psp.ChipCert) error {
+	if c == nil || c.PublicKey == nil {
+		return errors.New("no chip certificate")
+	}
+	if c.PublicKey.KEM().ID() != c.KEMID {
+		return fmt.Errorf("chip KEM id 0x%04x does not match its public key's 0x%04x", c.KEMID, c.PublicKey.KEM().ID())
+	}
+	if psp.ChipIDOf(c.PublicKey) != c.ID {
+		return fmt.Errorf("chip id %x… is not the SHA-256 of the chip's HPKE public key", c.ID[:8])
+	}
+	return nil
+}
+
+func cloneAll(bs [][]byte) [][]byte {
+	out := make([][]byte, len(bs))
+	for i, b := range bs {
+		out[i] = bytes.Clone(b)
+	}
+	return out
+}
+
+// Resign re-encodes c's current fields, names signer's key in provider_alg/provider_key and
+// signs again, e.g. after editing a field or to move a certificate to another provider key.
+// c is updated in place; the result is c's bytes parsed back.
 func Resign(signer crypto.Signer, c *format.Certificate) (*format.Certificate, error) {
+	alg, err := SigAlgOf(signer)
+	if err != nil {
+		return nil, fmt.Errorf("failed to re-sign certificate: %w", err)
+	}
+	pkix, err := x509.MarshalPKIXPublicKey(signer.Public())
+	if err != nil {
+		return nil, fmt.Errorf("failed to encode provider key: %w", err)
+	}
+	c.ProviderAlg, c.ProviderKey = alg, pkix
 	body, err := c.MarshalBody()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("failed to re-sign certificate: %w", err)
 	}
 	if err := sign(signer, c, body); err != nil {
 		return nil, err
 	}
+	// Re-parse so the caller holds exactly what a reader of the stored bytes will see.
 	return format.ParseCertificate(c.Bytes())
 }
 

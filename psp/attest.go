@@ -65,22 +65,48 @@ func verdict(ok bool) string {
 	return "mismatch"
 }
 
-// Attest signs a report for the VM bound to asid.
+// ErrNonceLength: a nonce outside MinNonce..MaxNonce bytes.
+var ErrNonceLength = fmt.Errorf("nonce must be %d..%d bytes", MinNonce, MaxNonce)
+
+// Attest signs a report for the VM bound to asid; it returns the envelope JSON.
 func (p *PSP) Attest(asid ASID, nonce []byte) ([]byte, error) {
-	p.mu.Lock()
-	l := p.launches[asid]
-	p.mu.Unlock()
+	if err := checkNonce(nonce); err != nil {
+		return nil, fmt.Errorf("failed to attest: %w", err)
+	}
+	l := p.bound(asid)
 	if l == nil {
 		return nil, fmt.Errorf("failed to attest: %w: ASID %d", ErrNoKeyBound, asid)
 	}
-	return p.AttestLaunch(l, nonce)
+	return p.sign(l, nonce)
 }
 
-// AttestLaunch signs a report describing l for a caller's nonce; it returns the envelope JSON.
+// AttestLaunch signs a report for l, a launch this PSP returned, for a caller's nonce. The
+// report is made from the PSP's own record, never from l's fields: the chip signs only what
+// it checked. l must still be bound (the same launch, not a later one on its ASID).
 func (p *PSP) AttestLaunch(l *Launch, nonce []byte) ([]byte, error) {
-	if len(nonce) < MinNonce || len(nonce) > MaxNonce {
-		return nil, fmt.Errorf("failed to attest: nonce is %d bytes, want %d..%d", len(nonce), MinNonce, MaxNonce)
+	if err := checkNonce(nonce); err != nil {
+		return nil, fmt.Errorf("failed to attest: %w", err)
 	}
+	if l == nil {
+		return nil, errors.New("failed to attest: no launch")
+	}
+	rec := p.bound(l.ASID)
+	if rec == nil || rec.CertDigest != l.CertDigest || rec.VM != l.VM || !rec.Time.Equal(l.Time) {
+		return nil, fmt.Errorf("failed to attest VM %q: %w: its launch on ASID %d is no longer bound", l.VM, ErrNoKeyBound, l.ASID)
+	}
+	return p.sign(rec, nonce)
+}
+
+func checkNonce(nonce []byte) error {
+	if len(nonce) < MinNonce || len(nonce) > MaxNonce {
+		return fmt.Errorf("%w, got %d", ErrNonceLength, len(nonce))
+	}
+	return nil
+}
+
+// sign serialises the body once and signs those bytes; the envelope carries them verbatim so
+// a verifier never re-encodes JSON before checking the signature.
+func (p *PSP) sign(l *Launch, nonce []byte) ([]byte, error) {
 	sig := "invalid"
 	if l.SignatureOK {
 		sig = "valid"
@@ -107,9 +133,14 @@ func formatUUID(u [16]byte) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
 }
 
-// VerifyReport checks an envelope: the chip certificate chains to roots, the signature
-// verifies with the chip's attestation key, and the nonce is the caller's.
+// VerifyReport checks an envelope: the chip certificate (chain[0]; any further entries are
+// intermediates) chains to roots, the signature verifies with the chip's attestation key, the
+// body is for that chip, and the nonce is the caller's. Each failure has its own sentinel:
+// ErrReportFormat, ErrReportChain, ErrReportSignature, ErrReportNonce.
 func VerifyReport(envelope []byte, roots *x509.CertPool, nonce []byte) (*ReportBody, error) {
+	if err := checkNonce(nonce); err != nil {
+		return nil, fmt.Errorf("failed to verify report: %w", err)
+	}
 	var env Envelope
 	if err := json.Unmarshal(envelope, &env); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrReportFormat, err)
@@ -129,8 +160,20 @@ func VerifyReport(envelope []byte, roots *x509.CertPool, nonce []byte) (*ReportB
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrReportFormat, err)
 	}
-	if err := cc.VerifyChain(roots); err != nil {
-		return nil, err
+	inter := x509.NewCertPool()
+	for i, s := range env.Chain[1:] {
+		blk, _ := pem.Decode([]byte(s))
+		if blk == nil {
+			return nil, fmt.Errorf("%w: chain entry %d is not PEM", ErrReportFormat, i+1)
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%w: chain entry %d: %v", ErrReportFormat, i+1, err)
+		}
+		inter.AddCert(c)
+	}
+	if err := cc.verifyChain(roots, inter); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrReportChain, err)
 	}
 	pub, ok := chip.PublicKey.(*ecdsa.PublicKey)
 	if !ok {
@@ -138,7 +181,7 @@ func VerifyReport(envelope []byte, roots *x509.CertPool, nonce []byte) (*ReportB
 	}
 	h := sha512.Sum384(env.Body)
 	if !ecdsa.VerifyASN1(pub, h[:], env.Signature) {
-		return nil, ErrReportSignature
+		return nil, fmt.Errorf("%w: not signed by chip %x…'s attestation key", ErrReportSignature, cc.ID[:8])
 	}
 	var body ReportBody
 	if err := json.Unmarshal(env.Body, &body); err != nil {
@@ -152,7 +195,7 @@ func VerifyReport(envelope []byte, roots *x509.CertPool, nonce []byte) (*ReportB
 	}
 	got, err := hex.DecodeString(body.Nonce)
 	if err != nil || subtle.ConstantTimeCompare(got, nonce) != 1 {
-		return nil, ErrReportNonce
+		return nil, fmt.Errorf("%w: the report answers another challenge (a replay?)", ErrReportNonce)
 	}
 	return &body, nil
 }

@@ -37,9 +37,11 @@ const (
 	pemHPKEPrivate = "SEALDISK HPKE PRIVATE KEY"
 )
 
-// OIDChipKEM is the X.509 extension in a chip certificate that carries the chip's HPKE KEM
-// public key: u16 KEM id || the KEM's serialized public key. It is how a provider learns,
-// from a vendor-endorsed certificate, which key to seal image keys to.
+// OIDChipKEM (1.3.6.1.4.1.59999.1.1, a private arc) is the non-critical X.509 extension in a
+// chip certificate that carries the chip's HPKE KEM public key: an OCTET STRING holding
+// u16 KEM id (big-endian) || the KEM's serialized public key. It is how a provider learns,
+// from a vendor-endorsed certificate, which key to seal image keys to. Non-critical so that
+// generic X.509 tooling can still parse and chain the certificate.
 var OIDChipKEM = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 59999, 1, 1}
 
 // KEMByID returns the HPKE KEM for a certificate KEM id.
@@ -66,6 +68,10 @@ func ParseKEM(name string) (uint16, error) {
 
 // ChipIDOf is FORMAT.md §3.3's chip id: SHA-256 of the KEM public key bytes.
 func ChipIDOf(pub hpke.PublicKey) [32]byte { return sha256.Sum256(pub.Bytes()) }
+
+// zero overwrites a copy of key material we hold. Every secret this package reads or unwraps
+// goes through it once the secret has been used.
+func zero(b []byte) { clear(b) }
 
 func writeFile(path string, data []byte, mode os.FileMode) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
@@ -117,11 +123,13 @@ func LoadSigner(path string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer zero(b)
 	blk, _ := pem.Decode(b)
 	if blk == nil || blk.Type != "PRIVATE KEY" {
 		return nil, fmt.Errorf("failed to load %s: not a PKCS#8 PEM private key", path)
 	}
 	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	zero(blk.Bytes)
 	if err != nil {
 		return nil, fmt.Errorf("failed to load %s: %w", path, err)
 	}
@@ -157,6 +165,47 @@ func serial() (*big.Int, error) {
 	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 }
 
+// Vendor is a vendor root CA: it endorses chips (InitChip).
+type Vendor struct {
+	Cert *x509.Certificate
+	Key  crypto.Signer
+}
+
+// LoadVendor reads dir/vendor.crt and dir/vendor.key (mode 0600) and checks that they are a
+// pair, so a chip is never endorsed by a key the root does not name.
+func LoadVendor(dir string) (*Vendor, error) {
+	cert, err := ReadCertificate(filepath.Join(dir, VendorCrtFile))
+	if err != nil {
+		return nil, err
+	}
+	if !cert.IsCA {
+		return nil, fmt.Errorf("failed to load vendor %s: %s is not a CA certificate", dir, VendorCrtFile)
+	}
+	key, err := LoadSigner(filepath.Join(dir, VendorKeyFile))
+	if err != nil {
+		return nil, err
+	}
+	pub, ok := key.Public().(*ecdsa.PublicKey)
+	if !ok || pub.Curve != elliptic.P384() {
+		return nil, fmt.Errorf("failed to load vendor %s: %s is %T, want ECDSA P-384", dir, VendorKeyFile, key.Public())
+	}
+	if !pub.Equal(cert.PublicKey) {
+		return nil, fmt.Errorf("failed to load vendor %s: %s does not match %s", dir, VendorKeyFile, VendorCrtFile)
+	}
+	return &Vendor{Cert: cert, Key: key}, nil
+}
+
+// refuseExisting keeps an init from leaving a half-overwritten identity behind: either all
+// of its files are new, or it writes nothing.
+func refuseExisting(dir string, names ...string) error {
+	for _, n := range names {
+		if _, err := os.Lstat(filepath.Join(dir, n)); err == nil {
+			return fmt.Errorf("refusing to overwrite %s", filepath.Join(dir, n))
+		}
+	}
+	return nil
+}
+
 // InitVendor creates a development vendor root CA in dir: vendor.key (0600), vendor.crt.
 // A real deployment points sealdisk at its vendor's root instead.
 func InitVendor(dir, name string) error {
@@ -165,6 +214,9 @@ func InitVendor(dir, name string) error {
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("failed to create vendor directory: %w", err)
+	}
+	if err := refuseExisting(dir, VendorKeyFile, VendorCrtFile); err != nil {
+		return err
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	if err != nil {
@@ -204,12 +256,12 @@ func InitChip(dir, vendorDir string, kemID uint16) error {
 	if err != nil {
 		return err
 	}
-	vcert, err := ReadCertificate(filepath.Join(vendorDir, VendorCrtFile))
+	v, err := LoadVendor(vendorDir)
 	if err != nil {
 		return err
 	}
-	vkey, err := LoadSigner(filepath.Join(vendorDir, VendorKeyFile))
-	if err != nil {
+	vcert, vkey := v.Cert, v.Key
+	if err := refuseExisting(dir, KEMKeyFile, AttestKeyFile, ChipCrtFile, VendorCrtFile); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Join(dir, TrustDir), 0o700); err != nil {
@@ -223,7 +275,7 @@ func InitChip(dir, vendorDir string, kemID uint16) error {
 	if err != nil {
 		return fmt.Errorf("failed to encode HPKE key: %w", err)
 	}
-	defer clear(kbytes)
+	defer zero(kbytes)
 	akey, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	if err != nil {
 		return fmt.Errorf("failed to generate attestation key: %w", err)
@@ -254,7 +306,9 @@ func InitChip(dir, vendorDir string, kemID uint16) error {
 		return fmt.Errorf("failed to create chip certificate: %w", err)
 	}
 	kpem := pem.EncodeToMemory(&pem.Block{Type: pemHPKEPrivate, Headers: map[string]string{"KEM": strconv.Itoa(int(kemID))}, Bytes: kbytes})
-	if err := writeFile(filepath.Join(dir, KEMKeyFile), kpem, 0o600); err != nil {
+	err = writeFile(filepath.Join(dir, KEMKeyFile), kpem, 0o600)
+	zero(kpem)
+	if err != nil {
 		return err
 	}
 	if err := WritePrivatePEM(filepath.Join(dir, AttestKeyFile), akey); err != nil {
@@ -271,12 +325,13 @@ func loadKEMKey(path string) (hpke.PrivateKey, uint16, error) {
 	if err != nil {
 		return nil, 0, err
 	}
+	defer zero(b)
 	blk, _ := pem.Decode(b)
 	if blk == nil || blk.Type != pemHPKEPrivate {
 		return nil, 0, fmt.Errorf("failed to load %s: not a %s", path, pemHPKEPrivate)
 	}
-	defer clear(blk.Bytes)
-	id, err := strconv.Atoi(blk.Headers["KEM"])
+	defer zero(blk.Bytes)
+	id, err := strconv.ParseUint(blk.Headers["KEM"], 10, 16)
 	if err != nil {
 		return nil, 0, fmt.Errorf("failed to load %s: bad KEM header: %w", path, err)
 	}
@@ -292,13 +347,19 @@ func loadKEMKey(path string) (hpke.PrivateKey, uint16, error) {
 }
 
 // ChipCert is a parsed chip certificate: the attestation key's X.509 certificate and the
-// HPKE public key it endorses.
+// HPKE public key it endorses. ParseChipCert checks that the pieces agree (KEM matches
+// KEMID, ID is the public key's chip id and the subject CN); it does not check the chain,
+// which needs the verifier's choice of vendor root (VerifyChain).
 type ChipCert struct {
 	Cert      *x509.Certificate
-	KEMID     uint16
+	KEM       hpke.KEM
+	KEMID     uint16 // == KEM.ID(), the certificate's hpke_kem
 	PublicKey hpke.PublicKey
 	ID        [32]byte
 }
+
+// ErrChipChain: a chip certificate is not endorsed by the given vendor root(s).
+var ErrChipChain = errors.New("chip certificate does not chain to the vendor root")
 
 // ParseChipCert parses a PEM chip certificate and its KEM extension.
 func ParseChipCert(pemBytes []byte) (*ChipCert, error) {
@@ -331,16 +392,37 @@ func chipCertFrom(c *x509.Certificate) (*ChipCert, error) {
 		if err != nil {
 			return nil, fmt.Errorf("failed to parse chip certificate KEM key: %w", err)
 		}
-		return &ChipCert{Cert: c, KEMID: id, PublicKey: pub, ID: ChipIDOf(pub)}, nil
+		cc := &ChipCert{Cert: c, KEM: kem, KEMID: id, PublicKey: pub, ID: ChipIDOf(pub)}
+		// The attestation key signs reports (ECDSA P-384, attest.go); the CN names the chip
+		// so that a human reading the certificate sees the id certificates are sealed to.
+		if ak, ok := c.PublicKey.(*ecdsa.PublicKey); !ok || ak.Curve != elliptic.P384() {
+			return nil, fmt.Errorf("failed to parse chip certificate: attestation key is %T, want ECDSA P-384", c.PublicKey)
+		}
+		if want := hex.EncodeToString(cc.ID[:]); c.Subject.CommonName != want {
+			return nil, fmt.Errorf("failed to parse chip certificate: subject CN %q is not the chip id %s", c.Subject.CommonName, want)
+		}
+		return cc, nil
 	}
 	return nil, errors.New("failed to parse chip certificate: no sealdisk KEM extension (not a chip certificate)")
 }
 
-// VerifyChain checks that the chip certificate was issued by one of roots.
+// VerifyChain checks that the chip certificate was issued by one of roots and is within its
+// validity period now. A provider calls it before sealing a key to the chip.
 func (c *ChipCert) VerifyChain(roots *x509.CertPool) error {
-	_, err := c.Cert.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return c.verifyChain(roots, nil)
+}
+
+func (c *ChipCert) verifyChain(roots, intermediates *x509.CertPool) error {
+	if roots == nil {
+		// A nil Roots would mean "the system roots": never what a sealdisk verifier wants.
+		return fmt.Errorf("%w: no vendor root given", ErrChipChain)
+	}
+	_, err := c.Cert.Verify(x509.VerifyOptions{
+		Roots: roots, Intermediates: intermediates,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
+	})
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrReportChain, err)
+		return fmt.Errorf("%w: chip %x…: %v", ErrChipChain, c.ID[:8], err)
 	}
 	return nil
 }

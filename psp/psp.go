@@ -1,14 +1,3 @@
-// Package psp is the platform secure processor: the chip identity (an HPKE key for sealing,
-// an ECDSA P-384 attestation key endorsed by a vendor root), the trust store of provider keys,
-// firmware measurement, certificate verification and opening, the ASID pool, key binding into
-// the engine, and signed attestation reports.
-//
-// The PSP never sees guest data; the engine never sees a certificate. Keys cross from here to
-// the engine only through KeyBinder.
-//
-// Files of a PSP directory: kem.key, attest.key (0600), chip.crt, vendor.crt, trust/*.pub.
-// The chip certificate carries the HPKE public key in extension OIDChipKEM
-// (1.3.6.1.4.1.59999.1.1): an OCTET STRING of u16 KEM id || serialized public key.
 package psp
 
 import (
@@ -16,6 +5,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/hpke"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -47,6 +37,7 @@ var (
 	ErrFirmwareMismatch = errors.New("firmware measurement not allowed by the certificate")
 	ErrASIDExhausted    = errors.New("ASID pool exhausted")
 	ErrASIDInUse        = errors.New("ASID already in use")
+	ErrASIDRange        = errors.New("ASID outside the pool")
 	ErrKeyUnseal        = errors.New("failed to unseal image key")
 	ErrRemoteKey        = errors.New("certificate references a remote key broker, which this build cannot reach yet")
 	ErrNoKeyBound       = errors.New("no key bound to this ASID")
@@ -65,7 +56,9 @@ type Binding struct {
 }
 
 // KeyBinder is the engine side of key binding: only the PSP calls it. LoadKey must copy
-// b.Key (the PSP zeroises its copy when LoadKey returns); ClearKey zeroises the slot.
+// b.Key (the PSP zeroises its copy when LoadKey returns, so a binder that keeps the slice
+// keeps zeros); ClearKey zeroises the slot. The PSP never calls LoadKey for an ASID that is
+// bound, nor ClearKey for one that is not, and never both at once for the same ASID.
 type KeyBinder interface {
 	LoadKey(asid ASID, b Binding) error
 	ClearKey(asid ASID) error
@@ -95,9 +88,25 @@ type PSP struct {
 	binder   KeyBinder
 	maxASIDs int
 
-	mu       sync.Mutex                  // guards trust, launches
-	trust    map[string]crypto.PublicKey // PKIX DER → key
-	launches map[ASID]*Launch
+	mu    sync.Mutex                  // guards trust, slots
+	trust map[string]crypto.PublicKey // PKIX DER → key
+	slots map[ASID]*slot              // an ASID is allocated iff it has a slot
+}
+
+// slotState is where an allocated ASID is in its life. Binder calls happen outside p.mu, so
+// the states in between keep a concurrent Detach, Attest or Launch off a slot that is being
+// loaded or cleared.
+type slotState int
+
+const (
+	slotBinding  slotState = iota // reserved; LoadKey not yet returned
+	slotBound                     // key loaded: attestable, detachable
+	slotClearing                  // Detach is in ClearKey
+)
+
+type slot struct {
+	state  slotState
+	launch Launch // the PSP's own record; callers get copies
 }
 
 // Open loads the chip identity and trust store from dir.
@@ -125,11 +134,19 @@ func Open(dir string, opts Options) (*PSP, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A chip whose reports no verifier could accept is a broken installation: say so now
+	// rather than at the first attestation.
+	if ak, ok := attest.Public().(*ecdsa.PublicKey); !ok || !ak.Equal(cc.Cert.PublicKey) {
+		return nil, fmt.Errorf("failed to open PSP %s: %s does not match %s", dir, AttestKeyFile, ChipCrtFile)
+	}
+	if err := cc.Cert.CheckSignatureFrom(vendor); err != nil {
+		return nil, fmt.Errorf("failed to open PSP %s: %s is not signed by %s: %w", dir, ChipCrtFile, VendorCrtFile, err)
+	}
 	p := &PSP{
 		dir: dir, kem: kem, kemID: kemID, id: cc.ID, attest: attest,
 		chip: cc.Cert, chipPEM: chipPEM, vendor: vendor,
 		now: opts.Now, binder: opts.Binder, maxASIDs: opts.ASIDs,
-		launches: make(map[ASID]*Launch),
+		slots: make(map[ASID]*slot),
 	}
 	if p.now == nil {
 		p.now = time.Now
@@ -145,6 +162,15 @@ func Open(dir string, opts Options) (*PSP, error) {
 
 // ID is the chip id (FORMAT.md §3.3).
 func (p *PSP) ID() [32]byte { return p.id }
+
+// KEMID is the chip's HPKE KEM id.
+func (p *PSP) KEMID() uint16 { return p.kemID }
+
+// Vendor is the vendor root this chip's certificate chains to.
+func (p *PSP) Vendor() *x509.Certificate { return p.vendor }
+
+// MaxASIDs is the size of the ASID pool (ASIDs 1..MaxASIDs).
+func (p *PSP) MaxASIDs() int { return p.maxASIDs }
 
 // ChipPEM is the chip certificate.
 func (p *PSP) ChipPEM() []byte { return p.chipPEM }
@@ -169,6 +195,27 @@ func (p *PSP) ReloadTrust() error {
 	return nil
 }
 
+// ProviderAlgOf says which certificate signature algorithm a provider public key signs with
+// (FORMAT.md §3.2); other key types and curves cannot sign certificates.
+func ProviderAlgOf(pub crypto.PublicKey) (format.SigAlg, error) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve != elliptic.P384() {
+			return 0, fmt.Errorf("provider ECDSA key is on %s, want P-384", k.Curve.Params().Name)
+		}
+		return format.SigECDSAP384, nil
+	case ed25519.PublicKey:
+		return format.SigEd25519, nil
+	}
+	return 0, fmt.Errorf("unsupported provider key type %T (want ECDSA P-384 or Ed25519)", pub)
+}
+
+// ReadProviderKey reads a provider public key (PKIX PEM, "PUBLIC KEY").
+func ReadProviderKey(path string) (crypto.PublicKey, error) {
+	_, pub, err := readPublicKey(path)
+	return pub, err
+}
+
 func readPublicKey(path string) ([]byte, crypto.PublicKey, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -182,10 +229,15 @@ func readPublicKey(path string) ([]byte, crypto.PublicKey, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("failed to parse %s: %w", path, err)
 	}
+	if _, err := ProviderAlgOf(pub); err != nil {
+		return nil, nil, fmt.Errorf("failed to read %s: %w", path, err)
+	}
 	return blk.Bytes, pub, nil
 }
 
-// AddTrustedProvider copies a provider's PEM public key into dir/trust.
+// AddTrustedProvider copies a provider's PEM public key into dir/trust (for `sealdisk psp
+// trust add`). The file is named after the key's digest, so adding a key twice is a no-op.
+// A running PSP sees it after ReloadTrust.
 func AddTrustedProvider(dir, pubPath string) error {
 	der, _, err := readPublicKey(pubPath)
 	if err != nil {
@@ -213,7 +265,9 @@ func LoadTrustStore(path string) (TrustStore, error) {
 	}
 	files := []string{path}
 	if fi.IsDir() {
-		files, _ = filepath.Glob(filepath.Join(path, "*.pub"))
+		if files, err = filepath.Glob(filepath.Join(path, "*.pub")); err != nil {
+			return nil, fmt.Errorf("failed to list trust store: %w", err)
+		}
 	}
 	ts := TrustStore{}
 	for _, f := range files {
@@ -229,6 +283,9 @@ func LoadTrustStore(path string) (TrustStore, error) {
 // VerifySignature checks a certificate's provider signature against the trust store
 // (FORMAT.md §3.4 steps 2–3).
 func (ts TrustStore) VerifySignature(c *format.Certificate) error {
+	if c.Body == nil {
+		panic("BUG: psp: VerifySignature on a certificate without Body (neither parsed nor marshalled)")
+	}
 	pub, ok := ts[string(c.ProviderKey)]
 	if !ok {
 		sum := sha256.Sum256(c.ProviderKey)
@@ -262,8 +319,13 @@ type Verdict struct {
 	CertDigest [48]byte
 }
 
-// VerifyCertificate runs FORMAT.md §3.4 steps 2–6 against this chip.
+// VerifyCertificate runs FORMAT.md §3.4 steps 2–6 against this chip, in that order, and
+// returns the first refusal. A nil h skips step 6 (inspecting a certificate without its
+// image); UnsealImageKey and Launch always pass the image's header.
 func (p *PSP) VerifyCertificate(c *format.Certificate, h *format.Header) (*Verdict, error) {
+	if c == nil {
+		return nil, errors.New("failed to verify certificate: no certificate")
+	}
 	p.mu.Lock()
 	ts := TrustStore(p.trust)
 	p.mu.Unlock()
@@ -312,10 +374,10 @@ func (p *PSP) unseal(c *format.Certificate) ([]byte, error) {
 	}
 	key, err := hpke.Open(p.kem, kdf, aead, KeyInfo(c.UUID, c.ChipID), c.SealedKey)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrKeyUnseal, err)
+		return nil, fmt.Errorf("%w: HPKE open with this chip's key and image %s: %v", ErrKeyUnseal, formatUUID(c.UUID), err)
 	}
 	if len(key) != 32 {
-		clear(key)
+		zero(key)
 		return nil, fmt.Errorf("%w: unsealed key is %d bytes, want 32", ErrKeyUnseal, len(key))
 	}
 	return key, nil
@@ -324,13 +386,17 @@ func (p *PSP) unseal(c *format.Certificate) ([]byte, error) {
 // UnsealImageKey verifies the certificate (steps 2–6) and unwraps the image key (step 8), for
 // offline tools. The caller zeroises the key.
 func (p *PSP) UnsealImageKey(c *format.Certificate, h *format.Header) ([]byte, error) {
+	if h == nil {
+		return nil, errors.New("failed to unseal image key: no image header to bind the certificate to")
+	}
 	if _, err := p.VerifyCertificate(c, h); err != nil {
 		return nil, err
 	}
 	return p.unseal(c)
 }
 
-// Measure hashes a firmware file (FORMAT.md §7).
+// Measure hashes a firmware file (FORMAT.md §7), streaming it: OVMF images are a few MiB
+// but nothing stops a larger one.
 func Measure(path string, alg format.MeasureAlg) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -364,7 +430,7 @@ type LaunchRequest struct {
 	ASID         ASID // 0 = allocate
 }
 
-// Launch is an admitted VM disk.
+// Launch is an admitted VM disk: what the PSP checked, for attestation.
 type Launch struct {
 	VM          string
 	ASID        ASID
@@ -372,17 +438,26 @@ type Launch struct {
 	MeasureAlg  format.MeasureAlg
 	FirmwareOK  bool
 	SignatureOK bool
-	CertDigest  [48]byte
+	CertDigest  [48]byte // SHA-384 of the certificate bytes
 	Suite       format.Suite
 	UUID        [16]byte
 	Time        time.Time
 }
 
-// Launch runs FORMAT.md §3.4 in order: verify, measure firmware (no key is unwrapped on a
-// mismatch), allocate an ASID, unseal, bind the key into the engine, zeroise.
+func (l Launch) clone() *Launch {
+	l.Measurement = bytes.Clone(l.Measurement)
+	return &l
+}
+
+// Launch runs FORMAT.md §3.4 in order: verify (2–6), measure firmware (7; on a mismatch no
+// key is unwrapped and the engine is not touched), allocate an ASID, unseal (8), bind the key
+// into the engine, zeroise the PSP's copy. Every refusal leaves no ASID allocated.
 func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	if p.binder == nil {
 		return nil, errors.New("failed to launch: this PSP has no engine to bind keys into")
+	}
+	if req.Cert == nil || req.Header == nil {
+		return nil, errors.New("failed to launch: a certificate and the image header are required")
 	}
 	v, err := p.VerifyCertificate(req.Cert, req.Header)
 	if err != nil {
@@ -400,7 +475,7 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 		return nil, fmt.Errorf("%w: %s %s of %s is not among the certificate's %d allowed measurements",
 			ErrFirmwareMismatch, req.Cert.MeasureAlg, hex.EncodeToString(m), req.FirmwarePath, len(req.Cert.Measurements))
 	}
-	l := &Launch{
+	l := Launch{
 		VM: req.VM, Measurement: m, MeasureAlg: req.Cert.MeasureAlg, FirmwareOK: true,
 		SignatureOK: v.Signature == "valid", CertDigest: v.CertDigest, Suite: req.Cert.Suite,
 		UUID: req.Cert.UUID, Time: p.now().UTC(),
@@ -418,67 +493,98 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 		Suite: req.Cert.Suite, Key: key, UUID: req.Cert.UUID,
 		SectorSize: int(req.Cert.SectorSize), ReadOnly: req.Cert.ReadOnly,
 	})
-	clear(key)
+	zero(key)
 	if err != nil {
 		p.release(asid)
 		return nil, fmt.Errorf("failed to bind key to ASID %d: %w", asid, err)
 	}
-	return l, nil
+	p.mu.Lock()
+	s := p.slots[asid]
+	if s == nil || s.state != slotBinding {
+		panic(fmt.Sprintf("BUG: psp: ASID %d changed state while its key was being loaded", asid))
+	}
+	s.state = slotBound
+	out := s.launch.clone()
+	p.mu.Unlock()
+	return out, nil
 }
 
-func (p *PSP) reserve(want ASID, l *Launch) (ASID, error) {
+// reserve allocates want (0: the lowest free ASID) in state slotBinding.
+func (p *PSP) reserve(want ASID, l Launch) (ASID, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if want != 0 {
-		if int(want) > p.maxASIDs {
-			return 0, fmt.Errorf("ASID %d is outside the pool 1..%d", want, p.maxASIDs)
+	if want == 0 {
+		for a := ASID(1); int(a) <= p.maxASIDs; a++ {
+			if _, busy := p.slots[a]; !busy {
+				want = a
+				break
+			}
 		}
-		if _, busy := p.launches[want]; busy {
-			return 0, fmt.Errorf("%w: ASID %d", ErrASIDInUse, want)
+		if want == 0 {
+			return 0, fmt.Errorf("%w: all %d ASIDs are bound", ErrASIDExhausted, p.maxASIDs)
 		}
-		l.ASID = want
-		p.launches[want] = l
-		return want, nil
+	} else {
+		if int64(want) > int64(p.maxASIDs) {
+			return 0, fmt.Errorf("%w: ASID %d is not in 1..%d", ErrASIDRange, want, p.maxASIDs)
+		}
+		if s, busy := p.slots[want]; busy {
+			return 0, fmt.Errorf("%w: ASID %d is held by VM %q", ErrASIDInUse, want, s.launch.VM)
+		}
 	}
-	for a := ASID(1); int(a) <= p.maxASIDs; a++ {
-		if _, busy := p.launches[a]; !busy {
-			l.ASID = a
-			p.launches[a] = l
-			return a, nil
-		}
-	}
-	return 0, fmt.Errorf("%w: all %d ASIDs are bound", ErrASIDExhausted, p.maxASIDs)
+	l.ASID = want
+	p.slots[want] = &slot{state: slotBinding, launch: l}
+	return want, nil
 }
 
 func (p *PSP) release(a ASID) {
 	p.mu.Lock()
-	delete(p.launches, a)
+	delete(p.slots, a)
 	p.mu.Unlock()
 }
 
-// Detach clears the engine key slot and frees the ASID.
+// Detach clears the engine key slot and frees the ASID. An ASID whose launch has not finished
+// binding, or which another Detach is clearing, is not bound yet/any more: ErrNoKeyBound.
 func (p *PSP) Detach(a ASID) error {
 	p.mu.Lock()
-	_, ok := p.launches[a]
-	p.mu.Unlock()
-	if !ok {
+	s, ok := p.slots[a]
+	if !ok || s.state != slotBound {
+		p.mu.Unlock()
 		return fmt.Errorf("failed to detach: %w: ASID %d", ErrNoKeyBound, a)
 	}
+	s.state = slotClearing
+	p.mu.Unlock()
 	if err := p.binder.ClearKey(a); err != nil {
+		// The engine may still hold the key: keep the ASID bound so the caller can retry
+		// and so no other VM is given a slot that is not clean.
+		p.mu.Lock()
+		s.state = slotBound
+		p.mu.Unlock()
 		return fmt.Errorf("failed to clear key slot %d: %w", a, err)
 	}
 	p.release(a)
 	return nil
 }
 
-// Launches lists the current launches by ASID.
+// Launches lists the bound launches by ASID (copies).
 func (p *PSP) Launches() []*Launch {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make([]*Launch, 0, len(p.launches))
-	for _, l := range p.launches {
-		out = append(out, l)
+	out := make([]*Launch, 0, len(p.slots))
+	for _, s := range p.slots {
+		if s.state == slotBound {
+			out = append(out, s.launch.clone())
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ASID < out[j].ASID })
 	return out
+}
+
+// bound returns a copy of the launch bound to a, or nil.
+func (p *PSP) bound(a ASID) *Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if s, ok := p.slots[a]; ok && s.state == slotBound {
+		return s.launch.clone()
+	}
+	return nil
 }
