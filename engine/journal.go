@@ -87,7 +87,11 @@ func (j *journal) recover() error {
 		d.e.opts.Logger.Warn("journal header invalid; starting a new journal", "error", err)
 		epoch = 0
 	}
-	applied := 0
+	// Decide every journaled sector's entry in memory first, in record order, and only then
+	// write: applying a zero record (punching data) before a later write record of the same
+	// sector is checked would destroy the data that record made durable.
+	final := map[uint64]sector.Entry{}
+	var order []uint64
 	if epoch > 0 {
 		buf := make([]byte, sector.JournalRecordSize)
 		ct := make([]byte, d.ss, d.ss+sector.TagSize)
@@ -100,36 +104,49 @@ func (j *journal) recover() error {
 			if err != nil || r.Epoch != epoch || r.Seq != i || r.LBA >= d.sectors {
 				break
 			}
-			var e sector.Entry
+			if _, seen := final[r.LBA]; !seen {
+				order = append(order, r.LBA)
+			}
+			if r.Kind == sector.RecordZero {
+				final[r.LBA] = sector.Entry{}
+				continue
+			}
+			if _, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("failed to read sector %d for recovery: %w", r.LBA, err)
+			}
 			switch {
-			case r.Kind == sector.RecordZero:
-				// e stays zero
+			case d.c.Open(r.LBA, pt, ct, &r.New) == nil:
+				final[r.LBA] = r.New
+			case r.Old.IsZero() && allZero(ct):
+				final[r.LBA] = sector.Entry{}
+			case !r.Old.IsZero() && d.c.Open(r.LBA, pt, ct, &r.Old) == nil:
+				final[r.LBA] = r.Old
 			default:
-				if _, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
-					return fmt.Errorf("failed to read sector %d for recovery: %w", r.LBA, err)
-				}
-				switch {
-				case d.c.Open(r.LBA, pt, ct, &r.New) == nil:
-					e = r.New
-				case r.Old.IsZero() && allZero(ct):
-				case !r.Old.IsZero() && d.c.Open(r.LBA, pt, ct, &r.Old) == nil:
-					e = r.Old
-				default:
-					continue // damaged by something other than a crash: leave it to fail reads
+				// Neither authenticates: keep an earlier record's decision; with none, the
+				// sector was damaged by something other than a crash and fails its reads.
+				if _, decided := final[r.LBA]; !decided {
+					order = order[:len(order)-1]
+					delete(final, r.LBA)
 				}
 			}
-			if _, err := d.st.WriteAt(e[:], d.h.EntryPos(r.LBA)); err != nil {
-				return fmt.Errorf("failed to write recovered entry: %w", err)
-			}
-			if e.IsZero() {
-				if err := punch(d.st, d.h.DataPos(r.LBA), d.ss); err != nil {
-					return err
-				}
-			}
-			applied++
 		}
 		clear(pt)
 	}
+	for _, lba := range order {
+		e, ok := final[lba]
+		if !ok {
+			continue
+		}
+		if _, err := d.st.WriteAt(e[:], d.h.EntryPos(lba)); err != nil {
+			return fmt.Errorf("failed to write recovered entry: %w", err)
+		}
+		if e.IsZero() {
+			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
+				return err
+			}
+		}
+	}
+	applied := len(order)
 	if err := d.st.Sync(); err != nil {
 		return fmt.Errorf("failed to sync recovery: %w", err)
 	}
