@@ -23,7 +23,14 @@ type Config struct {
 	PSP    PSPConfig    `mapstructure:"psp"`
 	Engine EngineConfig `mapstructure:"engine"`
 	NBD    NBDConfig    `mapstructure:"nbd"`
+	FUSE   FUSEConfig   `mapstructure:"fuse"`
 	VMs    []VMConfig   `mapstructure:"vms"`
+}
+
+// FUSEConfig configures the FUSE frontend (off when mountpoint is empty).
+type FUSEConfig struct {
+	Mountpoint string `mapstructure:"mountpoint"`
+	AllowOther bool   `mapstructure:"allow_other"` // needs user_allow_other in /etc/fuse.conf unless root
 }
 
 // EngineConfig sizes the disk-controller engine.
@@ -79,6 +86,8 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("nbd.tls_key", "")
 	v.SetDefault("nbd.tls_client_ca", "")
 	v.SetDefault("nbd.insecure_tcp", false)
+	v.SetDefault("fuse.mountpoint", "")
+	v.SetDefault("fuse.allow_other", false)
 }
 
 // Load reads path (optional: "" skips the file), SEALDISK_* environment variables

@@ -169,7 +169,8 @@ func (e *Engine) slot(asid uint32) *keySlot {
 
 // Attach opens the image in st for the VM whose key is loaded at asid: it reads the header,
 // checks that the key slot is for this image, recovers the journal, and returns the disk.
-func (e *Engine) Attach(asid psp.ASID, st store.Store) (*Disk, error) {
+// readOnly attaches a writable image read-only (a read-only image is always read-only).
+func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, error) {
 	if e.closed.Load() {
 		return nil, ErrDetached
 	}
@@ -192,7 +193,7 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store) (*Disk, error) {
 	if e.disks[asid] != nil {
 		return nil, fmt.Errorf("failed to attach: ASID %d already has a disk", asid)
 	}
-	d, err := newDisk(e, asid, st, h, ks.cipher, ks.b.ReadOnly || h.ReadOnly)
+	d, err := newDisk(e, asid, st, h, ks.cipher, readOnly || ks.b.ReadOnly || h.ReadOnly)
 	if err != nil {
 		return nil, fmt.Errorf("failed to attach: %w", err)
 	}

@@ -112,14 +112,14 @@ func TestPermissionAndDetach(t *testing.T) {
 	st, _ := fileStore(t, im)
 	e := New(Options{Shards: 2})
 	defer e.Close()
-	if _, err := e.Attach(3, st); !errors.Is(err, ErrPermission) {
+	if _, err := e.Attach(3, st, false); !errors.Is(err, ErrPermission) {
 		t.Fatalf("attach without key: %v", err)
 	}
 	other := newTestImage(t, 1<<20, 4096, 0)
 	b := other.b
 	b.Key = append([]byte(nil), other.key...)
 	must(t, e.LoadKey(4, b))
-	if _, err := e.Attach(4, st); !errors.Is(err, ErrPermission) {
+	if _, err := e.Attach(4, st, false); !errors.Is(err, ErrPermission) {
 		t.Fatalf("attach with another image's key: %v", err)
 	}
 	d := im.attach(t, e, 5, st)

@@ -91,7 +91,7 @@ func (im *testImage) attach(t testing.TB, e *Engine, asid psp.ASID, st store.Sto
 	if err := e.LoadKey(asid, b); err != nil {
 		t.Fatal(err)
 	}
-	d, err := e.Attach(asid, st)
+	d, err := e.Attach(asid, st, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -102,7 +102,7 @@ func (im *Image) Attach(t testing.TB, e *engine.Engine, asid psp.ASID, st store.
 	if err := e.LoadKey(asid, b); err != nil {
 		t.Fatal(err)
 	}
-	d, err := e.Attach(asid, st)
+	d, err := e.Attach(asid, st, false)
 	if err != nil {
 		t.Fatal(err)
 	}
