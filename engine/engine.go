@@ -29,7 +29,7 @@ type Options struct {
 	IdleFlush     time.Duration // write back dirty sectors idle this long; 0 = 5 s
 	RingSize      int           // descriptors per submission ring; 0 = 256
 	StripeSectors uint64        // sectors per stripe (multiple of 64); 0 = 256
-	MetaPages     int           // cached metadata pages per disk and shard; 0 = 256
+	MetaPages     int           // cached 4 KiB metadata pages per disk and shard; 0 = 2048 (8 MiB)
 	Logger        *slog.Logger
 }
 
@@ -53,7 +53,7 @@ func (o *Options) fill() {
 		panic("BUG: engine: stripe must be a multiple of 64 sectors (one metadata page)")
 	}
 	if o.MetaPages <= 0 {
-		o.MetaPages = 256
+		o.MetaPages = 2048
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

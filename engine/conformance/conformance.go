@@ -169,4 +169,5 @@ func Run(t *testing.T, bs int64, newDev New) {
 		}
 	})
 	_ = fmt.Sprint
+	runMore(t, bs, newDev)
 }
