@@ -34,21 +34,25 @@ ls -ls vm1.img
 
 step "inspect (no private key needed)"
 $S inspect vm1.img --trust psp/trust
-$S inspect vm1.img --json > vm1.json && echo "(JSON written to demo/vm1.json)"
+step "inspect --json (for scripts; also written to demo/vm1.json)"
+$S inspect vm1.img --json --trust psp/trust | tee vm1.json
 
 step "unseal with the PSP and compare"
 $S unseal --in vm1.img --out roundtrip.raw --psp psp
 cmp disk.raw roundtrip.raw && echo "unsealed image is byte-identical to disk.raw"
+echo "/hello.txt inside the unsealed file system: $(debugfs -R 'cat /hello.txt' roundtrip.raw 2>/dev/null)"
 
 step "tamper: flip one byte of the first data sector"
 cp --sparse=always vm1.img tampered.img
 off=$(python3 -c "import json;print(json.load(open('vm1.json'))['data_offset']+1024)")
 printf '\xff' | dd of=tampered.img bs=1 seek="$off" conv=notrunc status=none
 if $S unseal --in tampered.img --out bad.raw --psp psp; then echo "BUG: tampering not detected"; exit 1; fi
+echo "tampering detected: unseal refused, naming the sector"
 
-cat <<MSG
+cat <<'MSG'
 
 Done. The sealed sample image is demo/vm1.img (PSP demo/psp, provider demo/provider).
-Serving it to a VM over NBD and FUSE arrives with 'sealdisk serve' (a later issue); this demo
-stops after sealing, inspecting and verifying, and does not serve anything.
+This demo seals, inspects, unseals and verifies; it does NOT serve anything. Serving a sealed
+image to a VM over NBD and FUSE is `sealdisk serve` (the serve issue), for example:
+  bin/sealdisk serve --psp demo/psp --image demo/vm1.img --firmware demo/OVMF.fd --nbd unix:/tmp/vm1.sock
 MSG

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Installs the Debian packages and Go tools sealdisk's tests drive, only when missing.
 set -euo pipefail
-export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
+export PATH=/usr/local/go/bin:${HOME:-/root}/go/bin:$PATH
+# go install puts tools in $(go env GOPATH)/bin, which may not be ~/go/bin
+export PATH=$PATH:$(go env GOPATH)/bin
 pkgs=(qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio fuse3 gocryptfs
       busybox-static e2fsprogs bc linux-image-amd64 cryptsetup-bin)
 missing=()

@@ -32,17 +32,25 @@ func dataExtents(t testing.TB, f *os.File, size int64) [][2]int64 {
 }
 
 // cmpSparse compares two files byte for byte over n bytes like cmp, but reads only the
-// union of their data extents: everything else is a hole in both and reads as zeros.
+// union of their data extents: everything else is a hole in both and reads as zeros. `cmp` of
+// two 20 GiB sparse files takes about 50 s here (it reads every zero page), this well under 1 s.
 func cmpSparse(t testing.TB, a, b string, n int64) {
 	t.Helper()
 	fa, fb := mustOpen(t, a), mustOpen(t, b)
 	ranges := append(dataExtents(t, fa, n), dataExtents(t, fb, n)...)
+	if len(ranges) == 0 && n > 0 {
+		t.Fatalf("neither %s nor %s has a data extent: nothing would be compared", a, b)
+	}
 	ba, bb := make([]byte, 1<<20), make([]byte, 1<<20)
 	for _, r := range ranges {
 		for off := r[0]; off < min(r[1], n); {
 			k := min(int64(len(ba)), min(r[1], n)-off)
-			fa.ReadAt(ba[:k], off)
-			fb.ReadAt(bb[:k], off)
+			if _, err := fa.ReadAt(ba[:k], off); err != nil {
+				t.Fatalf("read %s at %d: %v", a, off, err)
+			}
+			if _, err := fb.ReadAt(bb[:k], off); err != nil {
+				t.Fatalf("read %s at %d: %v", b, off, err)
+			}
 			if !bytes.Equal(ba[:k], bb[:k]) {
 				t.Fatalf("%s and %s differ in [%d, %d)", a, b, off, off+k)
 			}
