@@ -7,6 +7,7 @@ export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
 need=()
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static file)
+command -v fusermount3 >/dev/null || need+=(fuse3)
 if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -49,10 +50,25 @@ printf '\xff' | dd of=tampered.img bs=1 seek="$off" conv=notrunc status=none
 if $S unseal --in tampered.img --out bad.raw --psp psp; then echo "BUG: tampering not detected"; exit 1; fi
 echo "tampering detected: unseal refused, naming the sector"
 
-cat <<'MSG'
+K=$(ls /boot/vmlinuz-* 2>/dev/null | tail -1); I=$(ls /boot/initrd.img-* 2>/dev/null | tail -1)
+SOCK=$D/nbd.sock; MNT=$D/mnt
+cat <<MSG
 
-Done. The sealed sample image is demo/vm1.img (PSP demo/psp, provider demo/provider).
-This demo seals, inspects, unseals and verifies; it does NOT serve anything. Serving a sealed
-image to a VM over NBD and FUSE is `sealdisk serve` (the serve issue), for example:
-  bin/sealdisk serve --psp demo/psp --image demo/vm1.img --firmware demo/OVMF.fd --nbd unix:/tmp/vm1.sock
+Done sealing. Now serving demo/vm1.img over NBD ($SOCK) and FUSE ($MNT/vm1.raw).
+In another terminal:
+
+  qemu-img info 'nbd+unix:///vm1?socket=$SOCK'
+  nbdinfo --map 'nbd+unix:///vm1?socket=$SOCK'
+  qemu-img compare demo/disk.raw $MNT/vm1.raw
+
+Boot it (Debian kernel and initrd; the guest prints GUEST: lines and powers off):
+
+  qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -kernel ${K:-/boot/vmlinuz} -initrd ${I:-/boot/initrd.img} \
+    -append 'console=ttyS0 root=/dev/vda rw panic=-1 quiet' -drive 'file=nbd+unix:///vm1?socket=$SOCK,format=raw,if=virtio'
+  # or through the FUSE file, as libvirt would open it:
+  qemu-system-x86_64 … -drive file=$MNT/vm1.raw,format=raw,if=virtio,cache=none
+
+Ctrl-C stops serving: in-flight requests finish, data is flushed, $MNT is unmounted, keys are
+zeroised.
 MSG
+exec $S serve --psp psp --image vm1.img --firmware OVMF.fd --nbd "unix:$SOCK" --fuse-mountpoint "$MNT"
