@@ -1,6 +1,6 @@
 #!/bin/bash
 # make demo: build, create a development vendor, PSP (chip) and provider, seal a small bootable
-# sample image, inspect and verify it, and round-trip it. Everything lands in ./demo.
+# sample image, inspect, verify and round-trip it, then serve it over NBD and FUSE until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
