@@ -65,6 +65,9 @@ type Descriptor struct {
 	Buf   []byte // guest buffer (bytes, not necessarily whole sectors); OpStatus: one byte per sector
 	Flags Flags
 	Tag   uint64 // the submitter's cookie
+	// MemIV is Buf's memory-encryption IV when the MemCrypt stage is on; whoever sealed the
+	// payload sets it (the submitter for writes, the coprocessor for reads).
+	MemIV [16]byte
 
 	// Target is the device the descriptor addresses (set by the submitter, read by the
 	// coprocessor).

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -49,6 +48,9 @@ var _ BlockDevice = (*Disk)(nil)
 func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, ro bool) (*Disk, error) {
 	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro}
 	d.jr = &journal{d: d, capacity: (h.JournalSize - sector.JournalHeaderSize) / sector.JournalRecordSize}
+	if l := e.opts.journalRecords; l > 0 && l < d.jr.capacity {
+		d.jr.capacity = l
+	}
 	if !ro {
 		if err := d.jr.recover(); err != nil {
 			return nil, err
@@ -131,6 +133,16 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 	defer d.inflight.Done()
 	req := &request{}
 	stripe := int64(d.e.opts.StripeSectors) * d.ss
+	// With the memory-encryption stage the payload lives in (simulated) guest memory: buf
+	// becomes a buffer encrypted under the VM's VEK, and caller keeps the caller's buffer.
+	var caller []byte
+	if d.e.mem != nil && (op == dma.OpRead || op == dma.OpWrite) {
+		caller, buf = buf, make([]byte, n)
+		if op == dma.OpWrite {
+			copy(buf, caller)
+		}
+		defer clear(buf)
+	}
 	var descs []*dma.Descriptor
 	for pos := off; pos < off+n; {
 		end := min((pos/stripe+1)*stripe, off+n)
@@ -145,6 +157,11 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 			desc.Buf = buf[(pos-off)/d.ss : (end-off)/d.ss]
 		case buf != nil:
 			desc.Buf = buf[pos-off : end-off]
+		}
+		if caller != nil && op == dma.OpWrite {
+			if err := d.e.mem.Seal(desc); err != nil {
+				return fmt.Errorf("%w: %v", ErrPermission, err)
+			}
 		}
 		descs = append(descs, desc)
 		pos = end
@@ -163,6 +180,14 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 		}
 	}
 	req.wg.Wait()
+	if req.err == nil && caller != nil && op == dma.OpRead {
+		for _, desc := range descs {
+			if err := d.e.mem.Open(desc); err != nil {
+				return fmt.Errorf("%w: %v", ErrPermission, err)
+			}
+		}
+		copy(caller, buf)
+	}
 	return req.err
 }
 
@@ -358,5 +383,3 @@ func (d *Disk) Close() error {
 
 // opDetach is an engine-internal descriptor op: zeroise this disk's part on the shard.
 const opDetach dma.Op = 100
-
-var errBug = errors.New("BUG")

@@ -19,7 +19,6 @@ import (
 var (
 	chipOnce sync.Once
 	chip     *psp.ChipCert
-	signer   interface{}
 )
 
 // testChip makes one vendor/chip/provider for the package's tests.

@@ -14,37 +14,59 @@ type journal struct {
 	d        *Disk
 	capacity uint64
 
-	mu    sync.Mutex // guards epoch, next
+	mu    sync.Mutex // guards epoch, next, fresh
 	epoch uint64
 	next  uint64 // next free record slot in this epoch
+	// fresh: the header of this epoch is written but maybe not durable. The first append of
+	// the epoch syncs it before its records overwrite the old epoch's first slots: were the
+	// header lost after that, recovery would replay a truncated old epoch, and its zero
+	// records (applied unconditionally) would punch sectors that later records rewrote.
+	// (Found by TestCrashInsideOperations.)
+	fresh bool
 }
 
 func (j *journal) recordPos(i uint64) int64 {
 	return int64(j.d.h.JournalOffset) + sector.JournalHeaderSize + int64(i)*sector.JournalRecordSize
 }
 
-// reserve claims n consecutive record slots, or reports that a checkpoint is needed.
-func (j *journal) reserve(n int) (uint64, bool) {
+// append claims the next len(recs)/JournalRecordSize record slots, has fill marshal the
+// records into recs for them (it gets the first slot, its seq, and the epoch), writes them and
+// makes them durable. ok is false, with nothing written, when the journal is full: the caller
+// checkpoints and tries again.
+//
+// Slots are claimed and written under mu, so no slot is claimed before every earlier slot
+// holds its records: any later sync — whichever shard issues it — covers every earlier record.
+// Recovery scans records in slot order and stops at the first invalid one (FORMAT.md §6), so
+// a hole before a record whose in-place writes landed would lose that record. (Found by
+// TestCrashInsideOperations: two shards claimed slots, the later one synced and wrote in place
+// first, the crash lost the earlier one's unsynced records.) A failed write claims nothing.
+func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, err error) {
+	n := uint64(len(recs) / sector.JournalRecordSize)
 	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.next+uint64(n) > j.capacity {
-		return 0, false
+	if j.next+n > j.capacity {
+		j.mu.Unlock()
+		return false, nil
 	}
-	s := j.next
-	j.next += uint64(n)
-	return s, true
-}
-
-// append writes records at slot start and makes them durable.
-func (j *journal) append(start uint64, recs []byte) error {
+	if j.fresh {
+		if err := j.d.st.Sync(); err != nil {
+			j.mu.Unlock()
+			return false, fmt.Errorf("failed to sync journal header: %w", err)
+		}
+		j.fresh = false
+	}
+	start := j.next
+	fill(start, j.epoch)
 	if _, err := j.d.st.WriteAt(recs, j.recordPos(start)); err != nil {
-		return fmt.Errorf("failed to write journal: %w", err)
+		j.mu.Unlock()
+		return false, fmt.Errorf("failed to write journal: %w", err)
 	}
+	j.next += n
+	j.mu.Unlock()
 	if err := j.d.st.Sync(); err != nil {
-		return fmt.Errorf("failed to sync journal: %w", err)
+		return false, fmt.Errorf("failed to sync journal: %w", err)
 	}
 	j.d.e.Stats.JournalSyncs.Add(1)
-	return nil
+	return true, nil
 }
 
 // checkpointLocked syncs every in-place update and starts a new epoch. The caller holds
@@ -61,15 +83,15 @@ func (j *journal) checkpointLocked() error {
 	return j.newEpochLocked(j.epoch + 1)
 }
 
-// newEpochLocked writes the journal header for epoch. It needs no sync of its own: the next
-// append's sync makes it durable before any in-place write of the new epoch (FORMAT.md §6).
+// newEpochLocked writes the journal header for epoch. It needs no sync of its own: the first
+// append of the epoch syncs it before writing any record (see fresh).
 func (j *journal) newEpochLocked(epoch uint64) error {
 	hdr := make([]byte, sector.JournalHeaderSize)
 	j.d.c.MarshalJournalHeader(epoch, hdr)
 	if _, err := j.d.st.WriteAt(hdr, int64(j.d.h.JournalOffset)); err != nil {
 		return fmt.Errorf("failed to write journal header: %w", err)
 	}
-	j.epoch, j.next = epoch, 0
+	j.epoch, j.next, j.fresh = epoch, 0, true
 	return nil
 }
 
@@ -158,7 +180,11 @@ func (j *journal) recover() error {
 	if err := j.newEpochLocked(epoch + 1); err != nil {
 		return err
 	}
-	return d.st.Sync()
+	if err := d.st.Sync(); err != nil {
+		return fmt.Errorf("failed to sync journal header: %w", err)
+	}
+	j.fresh = false
+	return nil
 }
 
 func allZero(b []byte) bool {
@@ -168,10 +194,4 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
-}
-
-func (j *journal) epochNow() uint64 {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.epoch
 }

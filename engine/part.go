@@ -52,6 +52,7 @@ type part struct {
 	free              [][]byte // recycled sector buffers
 	ct, recs, pagebuf []byte   // scratch
 	scratch           []byte   // one sector, cap sector+TagSize
+	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
 	wb                []*line
 }
@@ -317,11 +318,17 @@ func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	return nil
 }
 
+// batchMax is the most records one batch may reserve: a batch larger than the whole journal
+// would wait for room forever.
+func (p *part) batchMax() int {
+	return int(min(maxWriteback, p.d.jr.capacity))
+}
+
 // writeback encrypts and writes the given dirty lines: journal first (durable), then data and
 // metadata in place (FORMAT.md §6).
 func (p *part) writeback(ls []*line) error {
 	for len(ls) > 0 {
-		n := min(len(ls), maxWriteback)
+		n := min(len(ls), p.batchMax())
 		if err := p.writebackBatch(ls[:n]); err != nil {
 			return err
 		}
@@ -336,32 +343,22 @@ func (p *part) writebackBatch(ls []*line) error {
 		panic("BUG: engine: writeback on a read-only disk")
 	}
 	slices.SortFunc(ls, func(a, b *line) int { return cmpU64(a.lba, b.lba) })
-	d.ckpt.RLock()
-	defer d.ckpt.RUnlock()
-	start, ok := d.jr.reserve(len(ls))
-	for !ok {
-		d.ckpt.RUnlock()
-		err := d.checkpoint()
-		d.ckpt.RLock()
-		if err != nil {
-			return err
-		}
-		start, ok = d.jr.reserve(len(ls))
-	}
-	epoch := d.jr.epochNow()
 	ss := d.ss
-	news := make([]sector.Entry, len(ls))
+	// Seal first: the records need the new entries, not their journal slots.
+	recs := p.jrecs[:0]
 	for i, l := range ls {
 		old, err := p.entry(l.lba)
 		if err != nil {
 			return err
 		}
-		dst := p.ct[int64(i)*ss : int64(i+1)*ss]
-		d.sess.Seal(l.lba, dst, l.data, &news[i])
-		r := sector.JournalRecord{Kind: sector.RecordWrite, Epoch: epoch, Seq: start + uint64(i), LBA: l.lba, New: news[i], Old: *old}
-		d.c.MarshalJournalRecord(&r, p.recs[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
+		r := sector.JournalRecord{Kind: sector.RecordWrite, LBA: l.lba, Old: *old}
+		d.sess.Seal(l.lba, p.ct[int64(i)*ss:int64(i+1)*ss], l.data, &r.New)
+		recs = append(recs, r)
 	}
-	if err := d.jr.append(start, p.recs[:len(ls)*sector.JournalRecordSize]); err != nil {
+	p.jrecs = recs
+	d.ckpt.RLock()
+	defer d.ckpt.RUnlock()
+	if err := p.journal(recs); err != nil {
 		return err
 	}
 	// data: contiguous runs in one pwrite each
@@ -382,7 +379,7 @@ func (p *part) writebackBatch(ls []*line) error {
 		if err != nil {
 			return err
 		}
-		pg.e[l.lba%entriesPerPage] = news[i]
+		pg.e[l.lba%entriesPerPage] = recs[i].New
 		if last != nil && last != pg {
 			if err := p.writePage(last); err != nil {
 				return err
@@ -405,41 +402,60 @@ func (p *part) writebackBatch(ls []*line) error {
 	return nil
 }
 
+// journal appends recs (epoch and seq are filled in) and makes them durable, checkpointing
+// first when the journal is full. The caller holds d.ckpt shared; it is released while a
+// checkpoint runs.
+func (p *part) journal(recs []sector.JournalRecord) error {
+	d := p.d
+	buf := p.recs[:len(recs)*sector.JournalRecordSize]
+	fill := func(start, epoch uint64) {
+		for i := range recs {
+			recs[i].Epoch, recs[i].Seq = epoch, start+uint64(i)
+			d.c.MarshalJournalRecord(&recs[i], buf[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
+		}
+	}
+	for {
+		ok, err := d.jr.append(buf, fill)
+		if err != nil || ok {
+			return err
+		}
+		d.ckpt.RUnlock()
+		err = d.checkpoint()
+		d.ckpt.RLock()
+		if err != nil {
+			return err
+		}
+	}
+}
+
 // zeroSectors turns whole sectors into holes: journal zero records, then zero entries and
 // punched data.
 func (p *part) zeroSectors(lbas []uint64) error {
 	d := p.d
 	for len(lbas) > 0 {
-		n := min(len(lbas), maxWriteback)
+		n := min(len(lbas), p.batchMax())
 		batch := lbas[:n]
 		lbas = lbas[n:]
+		recs := p.jrecs[:0]
+		for _, lba := range batch {
+			old, err := p.entry(lba)
+			if err != nil {
+				return err
+			}
+			recs = append(recs, sector.JournalRecord{Kind: sector.RecordZero, LBA: lba, Old: *old})
+		}
+		p.jrecs = recs
 		d.ckpt.RLock()
 		err := func() error {
-			start, ok := d.jr.reserve(n)
-			for !ok {
-				d.ckpt.RUnlock()
-				err := d.checkpoint()
-				d.ckpt.RLock()
-				if err != nil {
-					return err
-				}
-				start, ok = d.jr.reserve(n)
-			}
-			epoch := d.jr.epochNow()
-			for i, lba := range batch {
-				old, err := p.entry(lba)
-				if err != nil {
-					return err
-				}
-				r := sector.JournalRecord{Kind: sector.RecordZero, Epoch: epoch, Seq: start + uint64(i), LBA: lba, Old: *old}
-				d.c.MarshalJournalRecord(&r, p.recs[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
-			}
-			if err := d.jr.append(start, p.recs[:n*sector.JournalRecordSize]); err != nil {
+			if err := p.journal(recs); err != nil {
 				return err
 			}
 			var last *metaPage
 			for _, lba := range batch {
-				pg, _ := p.page(lba / entriesPerPage)
+				pg, err := p.page(lba / entriesPerPage)
+				if err != nil {
+					return err
+				}
 				pg.e[lba%entriesPerPage] = sector.Entry{}
 				if last != nil && last != pg {
 					if err := p.writePage(last); err != nil {

@@ -69,6 +69,9 @@ func (s *shard) do(desc *dma.Descriptor) error {
 		p.zeroise()
 		return nil
 	}
+	if s.e.observe != nil {
+		s.e.observe(desc)
+	}
 	ks := s.e.slot(desc.ASID)
 	if ks == nil || ks.cipher != d.c {
 		s.e.Stats.PermissionDenials.Add(1)
@@ -81,6 +84,14 @@ func (s *shard) do(desc *dma.Descriptor) error {
 	write := desc.Op == dma.OpWrite || desc.Op == dma.OpTrim || desc.Op == dma.OpZero
 	if write && d.readOnly {
 		return ErrReadOnly
+	}
+	mem := s.e.mem != nil && (desc.Op == dma.OpRead || desc.Op == dma.OpWrite)
+	if mem && desc.Op == dma.OpWrite {
+		// the memory controller decrypts the payload as the coprocessor reads guest memory
+		if err := s.e.mem.Open(desc); err != nil {
+			s.e.Stats.PermissionDenials.Add(1)
+			return fmt.Errorf("%w: %v", ErrPermission, err)
+		}
 	}
 	var err error
 	switch desc.Op {
@@ -99,6 +110,13 @@ func (s *shard) do(desc *dma.Descriptor) error {
 	}
 	if err == nil && write {
 		err = p.shrink()
+	}
+	if err == nil && mem && desc.Op == dma.OpRead {
+		// ... and encrypts what the coprocessor writes into guest memory
+		if err = s.e.mem.Seal(desc); err != nil {
+			s.e.Stats.PermissionDenials.Add(1)
+			err = fmt.Errorf("%w: %v", ErrPermission, err)
+		}
 	}
 	return err
 }
