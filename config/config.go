@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -24,7 +25,18 @@ type Config struct {
 	Engine EngineConfig `mapstructure:"engine"`
 	NBD    NBDConfig    `mapstructure:"nbd"`
 	FUSE   FUSEConfig   `mapstructure:"fuse"`
+	Admin  AdminConfig  `mapstructure:"admin"`
 	VMs    []VMConfig   `mapstructure:"vms"`
+}
+
+// AdminConfig configures the admin API and the metrics endpoint (both off when empty).
+type AdminConfig struct {
+	// Socket is the admin API's Unix socket (mode 0600: whoever can open it can attach any
+	// image the service can read, so only the service's own user).
+	Socket string `mapstructure:"socket"`
+	// MetricsListen serves Prometheus metrics only (no admin calls): tcp:HOST:PORT or
+	// unix:PATH.
+	MetricsListen string `mapstructure:"metrics_listen"`
 }
 
 // FUSEConfig configures the FUSE frontend (off when mountpoint is empty).
@@ -88,6 +100,8 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("nbd.insecure_tcp", false)
 	v.SetDefault("fuse.mountpoint", "")
 	v.SetDefault("fuse.allow_other", false)
+	v.SetDefault("admin.socket", "")
+	v.SetDefault("admin.metrics_listen", "")
 }
 
 // Load reads path (optional: "" skips the file), SEALDISK_* environment variables
@@ -193,13 +207,26 @@ func (c *Config) Validate() error {
 			errs = append(errs, &KeyError{key, fmt.Sprintf("%q: unknown listener kind %q (unix or tcp)", l, kind)})
 		}
 	}
+	if c.Admin.Socket != "" {
+		if fi, err := os.Stat(filepath.Dir(c.Admin.Socket)); err != nil || !fi.IsDir() {
+			errs = append(errs, &KeyError{"admin.socket", fmt.Sprintf("%s: its directory does not exist", c.Admin.Socket)})
+		}
+	}
+	if m := c.Admin.MetricsListen; m != "" {
+		kind, addr, ok := strings.Cut(m, ":")
+		switch {
+		case !ok || addr == "" || (kind != "unix" && kind != "tcp"):
+			errs = append(errs, &KeyError{"admin.metrics_listen", fmt.Sprintf("%q: want tcp:HOST:PORT or unix:PATH", m)})
+		case kind == "tcp":
+			if _, _, err := net.SplitHostPort(addr); err != nil {
+				errs = append(errs, &KeyError{"admin.metrics_listen", fmt.Sprintf("%q: %v", m, err)})
+			}
+		}
+	}
 	names, exports, asids := map[string]bool{}, map[string]bool{}, map[int]bool{}
 	for i, vm := range c.VMs {
 		key := func(f string) string { return fmt.Sprintf("vms[%d].%s", i, f) }
-		switch {
-		case vm.Name == "":
-			errs = append(errs, &KeyError{key("name"), "is empty"})
-		case names[vm.Name]:
+		if names[vm.Name] {
 			errs = append(errs, &KeyError{key("name"), fmt.Sprintf("duplicate VM name %q", vm.Name)})
 		}
 		names[vm.Name] = true
@@ -208,21 +235,37 @@ func (c *Config) Validate() error {
 			errs = append(errs, &KeyError{key("export"), fmt.Sprintf("duplicate export name %q", exp)})
 		}
 		exports[exp] = true
-		if vm.ASID < 0 || vm.ASID > c.PSP.ASIDs {
-			errs = append(errs, &KeyError{key("asid"), fmt.Sprintf("%d is outside 0..%d (0 = allocate)", vm.ASID, c.PSP.ASIDs)})
-		} else if vm.ASID != 0 && asids[vm.ASID] {
+		if vm.ASID != 0 && asids[vm.ASID] {
 			errs = append(errs, &KeyError{key("asid"), fmt.Sprintf("duplicate ASID %d", vm.ASID)})
 		}
 		asids[vm.ASID] = vm.ASID != 0
-		for f, p := range map[string]string{"image": vm.Image, "firmware": vm.Firmware} {
-			if p == "" {
-				errs = append(errs, &KeyError{key(f), "is required"})
-			} else if fi, err := os.Stat(p); err != nil || fi.IsDir() {
-				errs = append(errs, &KeyError{key(f), fmt.Sprintf("%s is not a readable file", p)})
-			}
-		}
+		errs = append(errs, vm.check(fmt.Sprintf("vms[%d].", i), c.PSP.ASIDs)...)
 	}
 	return errors.Join(errs...)
+}
+
+// Check validates one VM on its own (the admin API's attach call; Validate adds the checks
+// across VMs). maxASID is psp.asids. Errors name the field.
+func (vm VMConfig) Check(maxASID int) error { return errors.Join(vm.check("", maxASID)...) }
+
+func (vm VMConfig) check(prefix string, maxASID int) []error {
+	var errs []error
+	if vm.Name == "" {
+		errs = append(errs, &KeyError{prefix + "name", "is empty"})
+	} else if strings.ContainsAny(vm.Name, "/\x00") || vm.Name == "." || vm.Name == ".." {
+		errs = append(errs, &KeyError{prefix + "name", fmt.Sprintf("%q cannot be a file name", vm.Name)})
+	}
+	if vm.ASID < 0 || vm.ASID > maxASID {
+		errs = append(errs, &KeyError{prefix + "asid", fmt.Sprintf("%d is outside 0..%d (0 = allocate)", vm.ASID, maxASID)})
+	}
+	for _, f := range []struct{ key, path string }{{"image", vm.Image}, {"firmware", vm.Firmware}} {
+		if f.path == "" {
+			errs = append(errs, &KeyError{prefix + f.key, "is required"})
+		} else if fi, err := os.Stat(f.path); err != nil || fi.IsDir() {
+			errs = append(errs, &KeyError{prefix + f.key, fmt.Sprintf("%s is not a readable file", f.path)})
+		}
+	}
+	return errs
 }
 
 // ExportName is the NBD export name of a VM.

@@ -2,26 +2,19 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sealdisk/sealdisk/config"
-	"github.com/sealdisk/sealdisk/engine"
-	"github.com/sealdisk/sealdisk/fusefs"
-	"github.com/sealdisk/sealdisk/image"
-	"github.com/sealdisk/sealdisk/nbd"
+	"github.com/sealdisk/sealdisk/daemon"
 	"github.com/sealdisk/sealdisk/psp"
 )
 
@@ -34,7 +27,9 @@ verified and opened, key bound to the VM's ASID in the engine — and serves eac
 as an NBD export (Unix socket by default; TCP only with TLS unless nbd.insecure_tcp) and, when
 fuse.mountpoint is set, as MOUNTPOINT/NAME.raw. A VM whose checks fail is not attached (the
 reason is logged) and the others still serve. SIGTERM/SIGINT: stop accepting, finish in-flight
-requests, flush, unmount, zeroise keys, exit 0.
+requests, flush, unmount, zeroise keys, exit 0. SIGHUP re-reads the config: VMs no longer
+listed are detached, new ones attached (as are ones whose attach failed before).
+With admin.socket set, 'sealdisk admin' attaches, detaches, attests and reports status.
 
 Every config key is also a SEALDISK_* environment variable (SEALDISK_PSP_DIR) and, for the
 keys below, a flag.`,
@@ -54,7 +49,7 @@ keys below, a flag.`,
 			if err := quickStartVM(cmd, cfg); err != nil {
 				return err
 			}
-			return serve(cfg)
+			return serve(cmd, cfgPath, cfg)
 		},
 	}
 	f := cmd.Flags()
@@ -70,6 +65,8 @@ keys below, a flag.`,
 	f.String("nbd-tls-client-ca", "", "CA of client certificates (config nbd.tls_client_ca)")
 	f.String("fuse-mountpoint", "", "FUSE mount point (config fuse.mountpoint)")
 	f.Bool("fuse-allow-other", false, "let other users open the files (config fuse.allow_other)")
+	f.String("admin-socket", "", "admin API Unix socket, mode 0600 (config admin.socket)")
+	f.String("admin-metrics-listen", "", "Prometheus metrics: tcp:HOST:PORT or unix:PATH (config admin.metrics_listen)")
 	// quick start: one VM from flags
 	f.String("psp", "", "PSP directory (same as --psp-dir)")
 	f.String("image", "", "quick start: the sealed image of a single VM")
@@ -104,179 +101,55 @@ func quickStartVM(cmd *cobra.Command, cfg *config.Config) error {
 	return cfg.Validate()
 }
 
-// attached is one VM being served.
-type attached struct {
-	vm   config.VMConfig
-	asid psp.ASID
-	disk *engine.Disk
-}
-
-func serve(cfg *config.Config) error {
+func serve(cmd *cobra.Command, cfgPath string, cfg *config.Config) error {
 	log := slog.Default()
-	if cfg.PSP.Dir == "" {
-		return errors.New("no PSP: set psp.dir (or --psp)")
-	}
-	if len(cfg.NBD.Listen) == 0 && cfg.FUSE.Mountpoint == "" {
-		return errors.New("nothing to serve on: set nbd.listen (--nbd unix:PATH) and/or fuse.mountpoint")
-	}
-	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize)
-	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
-	eng := engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, Logger: log})
-	p, err := psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: eng})
+	d, err := daemon.New(daemon.Options{
+		Config: cfg, Logger: log, Version: version,
+		Reload: func() (*config.Config, error) {
+			c, err := config.Load(cfgPath, cmd.Flags())
+			if err != nil {
+				return nil, err
+			}
+			if err := quickStartVM(cmd, c); err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+	})
 	if err != nil {
-		eng.Close()
 		return err
 	}
-	var vms []*attached
-	for _, vm := range cfg.VMs {
-		a, err := attach(p, eng, vm)
-		if err != nil {
-			log.Error("VM not attached", "vm", vm.Name, "image", vm.Image, "reason", err)
-			continue
-		}
-		log.Info("VM attached", "vm", vm.Name, "asid", a.asid, "export", vm.ExportName(), "size", a.disk.Size(), "read_only", a.disk.Caps().ReadOnly)
-		vms = append(vms, a)
-	}
-	if len(vms) == 0 && len(cfg.VMs) > 0 {
-		eng.Close()
-		return errors.New("no VM could be attached (see the log for each reason)")
-	}
-
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	var srv *nbd.Server
-	var wg sync.WaitGroup
-	serveErr := make(chan error, len(cfg.NBD.Listen))
-	if len(cfg.NBD.Listen) > 0 {
-		opts := nbd.Options{Logger: log}
-		if cfg.NBD.TLSCert != "" {
-			tc, err := serverTLS(cfg.NBD)
-			if err != nil {
-				eng.Close()
-				return err
-			}
-			opts.TLS, opts.RequireTLS = tc, true
-		}
-		srv = nbd.NewServer(opts)
-		for _, a := range vms {
-			if err := srv.AddExport(nbd.Export{Name: a.vm.ExportName(), Description: "sealdisk VM " + a.vm.Name, Device: a.disk, AllowedIdentity: a.vm.Identity}); err != nil {
-				eng.Close()
-				return err
-			}
-		}
-		for _, l := range cfg.NBD.Listen {
-			ln, err := listen(l, cfg.NBD)
-			if err != nil {
-				srv.Shutdown(context.Background())
-				eng.Close()
-				return err
-			}
-			log.Info("serving NBD", "listen", l)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := srv.Serve(ctx, ln); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-					serveErr <- fmt.Errorf("NBD listener %s: %w", l, err)
-				}
-			}()
-		}
-	}
-	var mnt *fusefs.FS
-	if cfg.FUSE.Mountpoint != "" {
-		mnt, err = fusefs.Mount(fusefs.Options{Mountpoint: cfg.FUSE.Mountpoint, AllowOther: cfg.FUSE.AllowOther, Logger: log})
-		if err != nil {
-			log.Error("FUSE mount failed", "error", err)
-		} else {
-			for _, a := range vms {
-				if err := mnt.Add(a.vm.Name, a.disk); err != nil {
-					log.Error("FUSE add failed", "vm", a.vm.Name, "error", err)
-				}
-			}
-			log.Info("serving FUSE", "mountpoint", cfg.FUSE.Mountpoint)
-		}
-	}
-	fmt.Fprintln(os.Stderr, "sealdisk: serving; SIGTERM or Ctrl-C to stop")
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	fmt.Fprintln(os.Stderr, "sealdisk: serving; SIGHUP reloads the config, SIGTERM or Ctrl-C stops")
 
 	var runErr error
-	select {
-	case <-ctx.Done():
-		log.Info("stopping: finishing in-flight requests, flushing, zeroising keys")
-	case runErr = <-serveErr:
-		log.Error("listener failed; stopping", "error", runErr)
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("stopping: finishing in-flight requests, flushing, zeroising keys")
+			break loop
+		case runErr = <-d.Errors():
+			log.Error("listener failed; stopping", "error", runErr)
+			break loop
+		case <-hup:
+			log.Info("SIGHUP: reloading config")
+			rctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			if _, err := d.Reload(rctx); err != nil {
+				log.Error("reload failed", "error", err)
+			}
+			cancel()
+		}
 	}
-	var errs []error
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if srv != nil {
-		errs = append(errs, srv.Shutdown(sctx))
-	}
-	wg.Wait()
-	if mnt != nil {
-		if err := mnt.Unmount(); err != nil {
-			log.Error("FUSE unmount", "error", err)
-			errs = append(errs, err)
-		}
-	}
-	for _, a := range vms {
-		if err := p.Detach(a.asid); err != nil {
-			errs = append(errs, fmt.Errorf("detach %s: %w", a.vm.Name, err))
-		}
-	}
-	errs = append(errs, eng.Close(), runErr)
-	if err := errors.Join(errs...); err != nil {
+	if err := errors.Join(d.Close(sctx), runErr); err != nil {
 		return err
 	}
 	log.Info("stopped cleanly")
 	return nil
-}
-
-// attach runs the PSP launch for one VM and attaches its image.
-func attach(p *psp.PSP, eng *engine.Engine, vm config.VMConfig) (*attached, error) {
-	img, err := image.Open(vm.Image, vm.ReadOnly)
-	if err != nil {
-		return nil, err
-	}
-	l, err := p.Launch(psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID)})
-	if err != nil {
-		img.Close()
-		return nil, err
-	}
-	d, err := eng.Attach(l.ASID, img.Store, vm.ReadOnly)
-	if err != nil {
-		p.Detach(l.ASID)
-		img.Close()
-		return nil, err
-	}
-	return &attached{vm: vm, asid: l.ASID, disk: d}, nil
-}
-
-func listen(l string, c config.NBDConfig) (net.Listener, error) {
-	kind, addr, _ := strings.Cut(l, ":")
-	if kind == "unix" {
-		return nbd.ListenUnix(addr, 0o660)
-	}
-	return nbd.ListenTCP(addr, c.TLSCert != "", c.InsecureTCP)
-}
-
-func serverTLS(c config.NBDConfig) (*tls.Config, error) {
-	if _, err := psp.ReadPrivateFile(c.TLSKey); err != nil {
-		return nil, fmt.Errorf("nbd.tls_key: %w", err)
-	}
-	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
-	if err != nil {
-		return nil, fmt.Errorf("failed to load NBD TLS certificate: %w", err)
-	}
-	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
-	if c.TLSClientCA != "" {
-		pem, err := os.ReadFile(c.TLSClientCA)
-		if err != nil {
-			return nil, fmt.Errorf("nbd.tls_client_ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("nbd.tls_client_ca: no certificate in %s", c.TLSClientCA)
-		}
-		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
-	}
-	return tc, nil
 }

@@ -1,0 +1,239 @@
+package daemon
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/sealdisk/sealdisk/config"
+	"github.com/sealdisk/sealdisk/psp"
+)
+
+// The admin API: JSON over HTTP on a Unix socket (admin.socket, mode 0600). docs/OPERATOR.md
+// lists the calls; `sealdisk admin` is its client.
+//
+//	GET    /v1/status              Status
+//	POST   /v1/vms                 attach: a VMRequest body
+//	DELETE /v1/vms/{name}          detach
+//	POST   /v1/vms/{name}/attest   AttestRequest -> the signed report envelope (docs/ATTESTATION.md)
+//	POST   /v1/reload              re-read the config file -> ReloadResult
+//	GET    /metrics                Prometheus text format
+//
+// Errors are {"error": "..."} with 400 (bad request), 404 (no such VM), 409 (conflict),
+// 422 (the PSP refused: firmware, certificate, trust), 503 (shutting down) or 500.
+
+// Status is GET /v1/status.
+type Status struct {
+	Version    string            `json:"version"`
+	Started    time.Time         `json:"started"`
+	PSP        string            `json:"psp_chip_id"`
+	NBD        []string          `json:"nbd_listen,omitempty"`
+	FUSE       string            `json:"fuse_mountpoint,omitempty"`
+	Shards     int               `json:"engine_shards"`
+	VMs        []VMStatus        `json:"vms"`
+	NotServing map[string]string `json:"not_attached,omitempty"` // VM -> why its last attach failed
+}
+
+// VMStatus is one attached VM.
+type VMStatus struct {
+	Name        string    `json:"name"`
+	Source      Source    `json:"source"`
+	Image       string    `json:"image"`
+	Export      string    `json:"export"`
+	File        string    `json:"fuse_file,omitempty"`
+	ASID        uint32    `json:"asid"`
+	Size        int64     `json:"size"`
+	SectorSize  int       `json:"sector_size"`
+	ReadOnly    bool      `json:"read_only"`
+	Suite       string    `json:"suite"`
+	Measurement string    `json:"measurement"`
+	Attached    time.Time `json:"attached"`
+}
+
+// VMRequest is POST /v1/vms: the same fields as a vms[] entry of the config file.
+type VMRequest struct {
+	Name     string `json:"name"`
+	Image    string `json:"image"`
+	Firmware string `json:"firmware"`
+	ASID     int    `json:"asid,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	Export   string `json:"export,omitempty"`
+	Identity string `json:"identity,omitempty"`
+}
+
+// AttestRequest is POST /v1/vms/{name}/attest.
+type AttestRequest struct {
+	Nonce string `json:"nonce"` // hex
+}
+
+// Status reports what is being served.
+func (d *Daemon) Status() Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	id := d.psp.ID()
+	s := Status{
+		Version: d.opts.Version, Started: d.started, PSP: hex.EncodeToString(id[:]),
+		NBD: d.cfg.NBD.Listen, Shards: d.eng.Shards(), VMs: []VMStatus{},
+	}
+	if d.mnt != nil {
+		s.FUSE = d.mnt.Mountpoint()
+	}
+	if len(d.failures) > 0 {
+		s.NotServing = map[string]string{}
+		for k, v := range d.failures {
+			s.NotServing[k] = v
+		}
+	}
+	for _, a := range d.vms {
+		v := VMStatus{
+			Name: a.Config.Name, Source: a.Source, Image: a.Config.Image, Export: a.Config.ExportName(),
+			ASID: uint32(a.Launch.ASID), Size: a.Disk.Size(), SectorSize: a.Disk.SectorSize(),
+			ReadOnly: a.Disk.Caps().ReadOnly, Suite: a.Launch.Suite.String(),
+			Measurement: a.Launch.MeasureAlg.String() + ":" + hex.EncodeToString(a.Launch.Measurement),
+			Attached:    a.Attached,
+		}
+		if d.mnt != nil {
+			v.File = d.mnt.Mountpoint() + "/" + a.Config.Name + ".raw"
+		}
+		if d.srv == nil {
+			v.Export = ""
+		}
+		s.VMs = append(s.VMs, v)
+	}
+	slices.SortFunc(s.VMs, func(a, b VMStatus) int { return strings.Compare(a.Name, b.Name) })
+	return s
+}
+
+func (d *Daemon) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, d.Status())
+	})
+	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		var req VMRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		vm := config.VMConfig{Name: req.Name, Image: req.Image, Firmware: req.Firmware, ASID: req.ASID,
+			ReadOnly: req.ReadOnly, Export: req.Export, Identity: req.Identity}
+		if err := d.Attach(vm); err != nil {
+			writeError(w, err)
+			return
+		}
+		for _, v := range d.Status().VMs {
+			if v.Name == vm.Name {
+				writeJSON(w, http.StatusCreated, v)
+				return
+			}
+		}
+		writeError(w, fmt.Errorf("VM %q was detached again before its status could be read: %w", vm.Name, ErrUnknownVM))
+	})
+	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		if err := d.Detach(ctx, r.PathValue("name")); err != nil {
+			writeError(w, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /v1/vms/{name}/attest", func(w http.ResponseWriter, r *http.Request) {
+		var req AttestRequest
+		if !readJSON(w, r, &req) {
+			return
+		}
+		nonce, err := hex.DecodeString(req.Nonce)
+		if err != nil {
+			writeError(w, badRequest(fmt.Errorf("nonce: not hex: %w", err)))
+			return
+		}
+		rep, err := d.Attest(r.PathValue("name"), nonce)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(rep)
+	})
+	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 60*time.Second)
+		defer cancel()
+		res, err := d.Reload(ctx)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	})
+	mux.Handle("GET /metrics", d.metrics.handler())
+	return mux
+}
+
+type badRequestError struct{ error }
+
+func (e badRequestError) Unwrap() error { return e.error }
+
+func badRequest(err error) error { return badRequestError{err} }
+
+// httpStatus is the admin API's one error-to-status mapper.
+func httpStatus(err error) int {
+	var br badRequestError
+	var ke *config.KeyError
+	switch {
+	case errors.As(err, &br), errors.As(err, &ke), errors.Is(err, psp.ErrNonceLength):
+		return http.StatusBadRequest
+	case errors.Is(err, ErrUnknownVM):
+		return http.StatusNotFound
+	case errors.Is(err, ErrConflict), errors.Is(err, psp.ErrASIDInUse):
+		return http.StatusConflict
+	case errors.Is(err, ErrClosed):
+		return http.StatusServiceUnavailable
+	case errors.Is(err, ErrNoReload):
+		return http.StatusNotImplemented
+	}
+	for _, r := range pspRefusals {
+		if errors.Is(err, r) {
+			return http.StatusUnprocessableEntity
+		}
+	}
+	return http.StatusInternalServerError
+}
+
+// pspRefusals are the PSP's reasons for not launching a VM: the request was understood and
+// refused (422), not a server fault.
+var pspRefusals = []error{
+	psp.ErrUnknownProvider, psp.ErrBadSignature, psp.ErrWrongChip, psp.ErrExpired, psp.ErrNotYetValid,
+	psp.ErrImageMismatch, psp.ErrFirmwareMismatch, psp.ErrASIDExhausted, psp.ErrASIDRange,
+	psp.ErrKeyUnseal, psp.ErrRemoteKey, psp.ErrNoKeyBound,
+}
+
+
+func writeError(w http.ResponseWriter, err error) {
+	writeJSON(w, httpStatus(err), map[string]string{"error": err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// readJSON decodes a small JSON body strictly (unknown fields are an error naming them).
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<16))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, badRequest(fmt.Errorf("failed to read request body: %w", err)))
+		return false
+	}
+	return true
+}

@@ -1,0 +1,515 @@
+// Package daemon is the running service behind `sealdisk serve`: it owns the engine, the PSP,
+// the NBD server and the FUSE mount, and attaches and detaches VMs — at start, on a config
+// reload (SIGHUP) and through the admin API on a Unix socket. cmd/sealdisk only parses flags
+// and signals; everything a running server does to a VM is here, in one place.
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sealdisk/sealdisk/config"
+	"github.com/sealdisk/sealdisk/engine"
+	"github.com/sealdisk/sealdisk/fusefs"
+	"github.com/sealdisk/sealdisk/image"
+	"github.com/sealdisk/sealdisk/nbd"
+	"github.com/sealdisk/sealdisk/psp"
+)
+
+// Errors the admin API maps to HTTP status codes.
+var (
+	// ErrUnknownVM: no VM of that name is attached.
+	ErrUnknownVM = errors.New("no such VM is attached")
+	// ErrConflict: the name, export or ASID is already in use by an attached VM.
+	ErrConflict = errors.New("already in use")
+	// ErrNoReload: the daemon was started without a way to re-read its configuration.
+	ErrNoReload = errors.New("configuration reload is not available")
+	// ErrClosed: the daemon is shutting down.
+	ErrClosed = errors.New("daemon is shutting down")
+)
+
+// Options configure New.
+type Options struct {
+	Config *config.Config
+	Logger *slog.Logger
+	// Reload re-reads the configuration (file, environment, flags) for SIGHUP and the admin
+	// reload call. Nil: reload is refused with ErrNoReload.
+	Reload  func() (*config.Config, error)
+	Version string
+}
+
+// Source says who attached a VM: the config file's VMs follow reloads; VMs attached through
+// the admin API stay until detached through it (or a reload lists a VM of the same name).
+type Source string
+
+const (
+	FromConfig Source = "config"
+	FromAdmin  Source = "admin"
+)
+
+// VM is one attached VM.
+type VM struct {
+	Config   config.VMConfig
+	Source   Source
+	Launch   *psp.Launch
+	Disk     *engine.Disk
+	Attached time.Time
+}
+
+// Daemon is a running sealdisk service. Its methods are safe for concurrent use.
+type Daemon struct {
+	opts    Options
+	log     *slog.Logger
+	eng     *engine.Engine
+	psp     *psp.PSP
+	srv     *nbd.Server // nil without NBD listeners
+	mnt     *fusefs.FS  // nil without a FUSE mount point
+	metrics *metrics
+	started time.Time
+
+	// mu guards cfg, vms and closed, and serialises attach, detach and reload, so two admin
+	// calls (or a call and a SIGHUP) never race on one VM. Held across the slow PSP and
+	// engine work on purpose: these are rare operator actions.
+	mu     sync.Mutex
+	cfg    *config.Config
+	vms    map[string]*VM
+	closed bool
+
+	wg       sync.WaitGroup // listener goroutines (NBD, admin, metrics)
+	errc     chan error     // a listener that failed for good
+	httpSrvs []*http.Server
+	cancel   context.CancelFunc
+	failures map[string]string // VM name -> why its last attach failed (for status)
+}
+
+// New starts the service: engine, PSP, the configured VMs (a VM whose checks fail is logged
+// and skipped), NBD listeners, the FUSE mount and the admin socket. It fails if the
+// configuration lists VMs and none of them could be attached, or a listener cannot start.
+func New(opts Options) (_ *Daemon, err error) {
+	cfg := opts.Config
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	log := opts.Logger
+	if cfg.PSP.Dir == "" {
+		return nil, errors.New("no PSP: set psp.dir (or --psp)")
+	}
+	if len(cfg.NBD.Listen) == 0 && cfg.FUSE.Mountpoint == "" {
+		return nil, errors.New("nothing to serve on: set nbd.listen (--nbd unix:PATH) and/or fuse.mountpoint")
+	}
+	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
+	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
+	d := &Daemon{
+		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, started: time.Now(),
+		errc: make(chan error, 8), failures: map[string]string{},
+	}
+	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, Logger: log})
+	d.metrics = newMetrics(d)
+	defer func() {
+		if err != nil {
+			d.Close(context.Background())
+		}
+	}()
+	if d.psp, err = psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: d.eng}); err != nil {
+		return nil, err
+	}
+	if len(cfg.NBD.Listen) > 0 {
+		nopts := nbd.Options{Logger: log, Metrics: d.metrics.nbd}
+		if cfg.NBD.TLSCert != "" {
+			if nopts.TLS, err = serverTLS(cfg.NBD); err != nil {
+				return nil, err
+			}
+			nopts.RequireTLS = true
+		}
+		d.srv = nbd.NewServer(nopts)
+	}
+	if cfg.FUSE.Mountpoint != "" {
+		d.mnt, err = fusefs.Mount(fusefs.Options{Mountpoint: cfg.FUSE.Mountpoint, AllowOther: cfg.FUSE.AllowOther, Logger: log})
+		if err != nil {
+			return nil, err
+		}
+		log.Info("serving FUSE", "mountpoint", cfg.FUSE.Mountpoint)
+	}
+	for _, vm := range cfg.VMs {
+		if err := d.attach(vm, FromConfig); err != nil {
+			log.Error("VM not attached", "vm", vm.Name, "image", vm.Image, "reason", err)
+		}
+	}
+	if len(d.vms) == 0 && len(cfg.VMs) > 0 {
+		return nil, errors.New("no VM could be attached (see the log for each reason)")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d.cancel = cancel
+	for _, l := range cfg.NBD.Listen {
+		ln, err := listenNBD(l, cfg.NBD)
+		if err != nil {
+			return nil, err
+		}
+		log.Info("serving NBD", "listen", l)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.srv.Serve(ctx, ln); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+				d.errc <- fmt.Errorf("NBD listener %s: %w", l, err)
+			}
+		}()
+	}
+	if cfg.Admin.Socket != "" {
+		ln, err := listenUnix(cfg.Admin.Socket, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("admin.socket: %w", err)
+		}
+		d.serveHTTP(ln, d.adminHandler(), "admin API")
+		log.Info("serving admin API", "socket", cfg.Admin.Socket)
+	}
+	if m := cfg.Admin.MetricsListen; m != "" {
+		kind, addr, _ := strings.Cut(m, ":")
+		var ln net.Listener
+		if kind == "unix" {
+			ln, err = listenUnix(addr, 0o660)
+		} else {
+			ln, err = net.Listen("tcp", addr)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("admin.metrics_listen: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", d.metrics.handler())
+		d.serveHTTP(ln, mux, "metrics")
+		log.Info("serving metrics", "listen", m)
+	}
+	return d, nil
+}
+
+// Errors reports a listener that failed for good; the caller should shut down.
+func (d *Daemon) Errors() <-chan error { return d.errc }
+
+func (d *Daemon) serveHTTP(ln net.Listener, h http.Handler, what string) {
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(d.log.Handler(), slog.LevelWarn)}
+	d.httpSrvs = append(d.httpSrvs, hs)
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.errc <- fmt.Errorf("%s listener: %w", what, err)
+		}
+	}()
+}
+
+// Attach runs the PSP flow for vm and serves its disk (NBD export and FUSE file). It is the
+// admin API's attach: the VM stays until detached through the API.
+func (d *Daemon) Attach(vm config.VMConfig) error {
+	if err := vm.Check(d.psp.MaxASIDs()); err != nil {
+		d.metrics.attachFailures.Inc()
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	return d.attach(vm, FromAdmin)
+}
+
+// attach does the work of Attach; the caller holds mu (or is New, before any caller).
+func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
+	defer func() {
+		if err != nil {
+			d.failures[vm.Name] = err.Error()
+			d.metrics.attachFailures.Inc()
+		} else {
+			delete(d.failures, vm.Name)
+		}
+	}()
+	for _, o := range d.vms {
+		switch {
+		case o.Config.Name == vm.Name:
+			return fmt.Errorf("failed to attach VM %q: %w: a VM of that name is attached", vm.Name, ErrConflict)
+		case o.Config.ExportName() == vm.ExportName():
+			return fmt.Errorf("failed to attach VM %q: %w: export %q is VM %q's", vm.Name, ErrConflict, vm.ExportName(), o.Config.Name)
+		case vm.ASID != 0 && o.Launch.ASID == psp.ASID(vm.ASID):
+			return fmt.Errorf("failed to attach VM %q: %w: ASID %d is VM %q's", vm.Name, ErrConflict, vm.ASID, o.Config.Name)
+		}
+	}
+	img, err := image.Open(vm.Image, vm.ReadOnly)
+	if err != nil {
+		return err
+	}
+	l, err := d.psp.Launch(psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID)})
+	if err != nil {
+		img.Close()
+		return err
+	}
+	disk, err := d.eng.Attach(l.ASID, img.Store, vm.ReadOnly)
+	if err != nil {
+		d.psp.Detach(l.ASID)
+		img.Close()
+		return err
+	}
+	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now()}
+	if d.srv != nil {
+		err = d.srv.AddExport(nbd.Export{Name: vm.ExportName(), Description: "sealdisk VM " + vm.Name, Device: disk, AllowedIdentity: vm.Identity})
+		if err != nil {
+			return errors.Join(err, d.psp.Detach(l.ASID))
+		}
+	}
+	if d.mnt != nil {
+		if err = d.mnt.Add(vm.Name, disk); err != nil {
+			if d.srv != nil {
+				err = errors.Join(err, d.srv.RemoveExport(context.Background(), vm.ExportName()))
+			}
+			return errors.Join(err, d.psp.Detach(l.ASID))
+		}
+	}
+	d.vms[vm.Name] = a
+	d.log.Info("VM attached", "vm", vm.Name, "source", src, "asid", l.ASID, "export", vm.ExportName(),
+		"size", disk.Size(), "read_only", disk.Caps().ReadOnly)
+	return nil
+}
+
+// Detach stops serving the VM: its FUSE file disappears (open handles then fail), its NBD
+// connections finish what is in flight and close, the disk is written back and its cache
+// zeroised, and the PSP clears the key slot and frees the ASID. ctx bounds the wait for NBD
+// clients; after it expires they are cut off.
+func (d *Daemon) Detach(ctx context.Context, name string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	return d.detach(ctx, name)
+}
+
+func (d *Daemon) detach(ctx context.Context, name string) error {
+	a := d.vms[name]
+	if a == nil {
+		return fmt.Errorf("failed to detach %q: %w", name, ErrUnknownVM)
+	}
+	var errs []error
+	if d.mnt != nil {
+		if err := d.mnt.Remove(name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if d.srv != nil {
+		if err := d.srv.RemoveExport(ctx, a.Config.ExportName()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := d.psp.Detach(a.Launch.ASID); err != nil {
+		errs = append(errs, err)
+	}
+	delete(d.vms, name)
+	if err := errors.Join(errs...); err != nil {
+		d.log.Error("VM detached with errors", "vm", name, "error", err)
+		return fmt.Errorf("failed to detach %q cleanly: %w", name, err)
+	}
+	d.log.Info("VM detached", "vm", name, "asid", a.Launch.ASID)
+	return nil
+}
+
+// ReloadResult says what a reload changed.
+type ReloadResult struct {
+	Attached []string          `json:"attached"`
+	Detached []string          `json:"detached"`
+	Failed   map[string]string `json:"failed,omitempty"` // VM name -> reason
+	// Restart lists changed config sections that take effect only at the next start.
+	Restart []string `json:"restart,omitempty"`
+}
+
+// Reload re-reads the configuration and brings the config's VMs in line with it: VMs no
+// longer listed (or listed with other settings) are detached, newly listed ones and ones
+// whose earlier attach failed are attached. VMs attached through the admin API are left
+// alone unless the config now names one. A configuration that does not load changes nothing.
+func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
+	if d.opts.Reload == nil {
+		return nil, ErrNoReload
+	}
+	cfg, err := d.opts.Reload()
+	if err != nil {
+		return nil, fmt.Errorf("failed to reload config (nothing changed): %w", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	res := &ReloadResult{Failed: map[string]string{}}
+	want := map[string]config.VMConfig{}
+	for _, vm := range cfg.VMs {
+		want[vm.Name] = vm
+	}
+	var gone []string
+	for name, a := range d.vms {
+		w, listed := want[name]
+		if (a.Source == FromConfig && !listed) || (listed && !reflect.DeepEqual(w, a.Config)) {
+			gone = append(gone, name)
+		} else if listed && a.Source == FromAdmin {
+			a.Source = FromConfig // the config now owns it
+		}
+	}
+	slices.Sort(gone)
+	for _, name := range gone {
+		if err := d.detach(ctx, name); err != nil {
+			res.Failed[name] = err.Error()
+		}
+		res.Detached = append(res.Detached, name)
+	}
+	for _, vm := range cfg.VMs {
+		if d.vms[vm.Name] != nil {
+			continue
+		}
+		if err := d.attach(vm, FromConfig); err != nil {
+			d.log.Error("VM not attached", "vm", vm.Name, "image", vm.Image, "reason", err)
+			res.Failed[vm.Name] = err.Error()
+			continue
+		}
+		res.Attached = append(res.Attached, vm.Name)
+	}
+	old := *d.cfg
+	for _, s := range []struct {
+		key      string
+		old, new any
+	}{
+		{"log", old.Log, cfg.Log}, {"psp", old.PSP, cfg.PSP}, {"engine", old.Engine, cfg.Engine},
+		{"nbd", old.NBD, cfg.NBD}, {"fuse", old.FUSE, cfg.FUSE}, {"admin", old.Admin, cfg.Admin},
+	} {
+		if !reflect.DeepEqual(s.old, s.new) {
+			res.Restart = append(res.Restart, s.key)
+			d.log.Warn("config section changed; it takes effect at the next start", "key", s.key)
+		}
+	}
+	d.cfg = cfg
+	d.log.Info("config reloaded", "attached", res.Attached, "detached", res.Detached, "failed", len(res.Failed))
+	return res, nil
+}
+
+// Attest signs an attestation report for the named VM's launch, for the caller's nonce.
+func (d *Daemon) Attest(name string, nonce []byte) ([]byte, error) {
+	d.mu.Lock()
+	a := d.vms[name]
+	d.mu.Unlock()
+	if a == nil {
+		return nil, fmt.Errorf("failed to attest %q: %w", name, ErrUnknownVM)
+	}
+	return d.psp.AttestLaunch(a.Launch, nonce)
+}
+
+// Close stops accepting, lets NBD requests in flight finish (ctx bounds the wait), unmounts
+// FUSE, detaches every VM (writing back, zeroising caches and key slots) and stops the
+// engine. A busy FUSE mount is reported, not waited on.
+func (d *Daemon) Close(ctx context.Context) error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.mu.Unlock()
+	var errs []error
+	for _, hs := range d.httpSrvs {
+		if err := hs.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if d.srv != nil {
+		errs = append(errs, d.srv.Shutdown(ctx))
+	}
+	if d.cancel != nil {
+		d.cancel()
+	}
+	d.wg.Wait()
+	if d.mnt != nil {
+		if err := d.mnt.Unmount(); err != nil {
+			d.log.Error("FUSE unmount", "error", err)
+			errs = append(errs, err)
+		}
+	}
+	d.mu.Lock()
+	names := make([]string, 0, len(d.vms))
+	for name := range d.vms {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		a := d.vms[name]
+		if err := d.psp.Detach(a.Launch.ASID); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
+		}
+		delete(d.vms, name)
+	}
+	d.mu.Unlock()
+	errs = append(errs, d.eng.Close())
+	return errors.Join(errs...)
+}
+
+// listenNBD opens one nbd.listen entry.
+func listenNBD(l string, c config.NBDConfig) (net.Listener, error) {
+	kind, addr, _ := strings.Cut(l, ":")
+	if kind == "unix" {
+		return nbd.ListenUnix(addr, 0o660)
+	}
+	return nbd.ListenTCP(addr, c.TLSCert != "", c.InsecureTCP)
+}
+
+// listenUnix listens on a Unix socket with mode, replacing a stale socket file (a socket
+// nobody answers on) but refusing to take over a live one or a non-socket file.
+func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("failed to listen on %s: a file that is not a socket is in the way", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("failed to listen on %s: another server is answering on it", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("failed to remove stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("failed to listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("failed to set mode of %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// serverTLS builds the NBD server's TLS config from nbd.tls_cert/tls_key/tls_client_ca.
+func serverTLS(c config.NBDConfig) (*tls.Config, error) {
+	if _, err := psp.ReadPrivateFile(c.TLSKey); err != nil {
+		return nil, fmt.Errorf("nbd.tls_key: %w", err)
+	}
+	cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+	if err != nil {
+		return nil, fmt.Errorf("failed to load NBD TLS certificate: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	if c.TLSClientCA != "" {
+		pem, err := os.ReadFile(c.TLSClientCA)
+		if err != nil {
+			return nil, fmt.Errorf("nbd.tls_client_ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("nbd.tls_client_ca: no certificate in %s", c.TLSClientCA)
+		}
+		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
+}
