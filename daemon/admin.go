@@ -214,7 +214,6 @@ var pspRefusals = []error{
 	psp.ErrKeyUnseal, psp.ErrRemoteKey, psp.ErrNoKeyBound,
 }
 
-
 func writeError(w http.ResponseWriter, err error) {
 	writeJSON(w, httpStatus(err), map[string]string{"error": err.Error()})
 }
