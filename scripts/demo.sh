@@ -51,7 +51,7 @@ if $S unseal --in tampered.img --out bad.raw --psp psp; then echo "BUG: tamperin
 echo "tampering detected: unseal refused, naming the sector"
 
 K=$(ls /boot/vmlinuz-* 2>/dev/null | tail -1); I=$(ls /boot/initrd.img-* 2>/dev/null | tail -1)
-SOCK=$D/nbd.sock; MNT=$D/mnt
+SOCK=$D/nbd.sock; MNT=$D/mnt; ADMIN=$D/admin.sock
 cat <<MSG
 
 Done sealing. Now serving demo/vm1.img over NBD ($SOCK) and FUSE ($MNT/vm1.raw).
@@ -60,6 +60,9 @@ In another terminal:
   qemu-img info 'nbd+unix:///vm1?socket=$SOCK'
   nbdinfo --map 'nbd+unix:///vm1?socket=$SOCK'
   qemu-img compare demo/disk.raw $MNT/vm1.raw
+  $S admin --socket $ADMIN status
+  $S admin --socket $ADMIN attest vm1 --nonce \$(openssl rand -hex 32)
+  $S admin --socket $ADMIN metrics | grep '^sealdisk_'
 
 Boot it (Debian kernel and initrd; the guest prints GUEST: lines and powers off):
 
@@ -71,4 +74,4 @@ Boot it (Debian kernel and initrd; the guest prints GUEST: lines and powers off)
 Ctrl-C stops serving: in-flight requests finish, data is flushed, $MNT is unmounted, keys are
 zeroised.
 MSG
-exec $S serve --psp psp --image vm1.img --firmware OVMF.fd --nbd "unix:$SOCK" --fuse-mountpoint "$MNT"
+exec $S serve --psp psp --image vm1.img --firmware OVMF.fd --nbd "unix:$SOCK" --fuse-mountpoint "$MNT" --admin-socket "$ADMIN"
