@@ -14,11 +14,14 @@ import (
 
 // conn is one client connection: option haggling, then transmission.
 //
-// Transmission runs on three kinds of goroutine: the reader (serve's goroutine) parses and
-// validates requests and reads write payloads; one handler goroutine per admitted request,
-// at most MaxInFlight of them holding at most the byte budget, calls the device; replies
-// are written whole under wmu, in completion order. When the budget is spent the reader
-// stops reading, so a client that floods requests is slowed by TCP, not by memory.
+// Transmission (transmit.go) is built for a low cost per request. The reader (serve's
+// goroutine) parses and validates requests from a buffered reader and reads write payloads
+// into pooled buffers; an admitted request runs on a pooled worker goroutine. At most MaxInFlight requests
+// holding at most the byte budget are admitted; when either is spent the reader stops
+// reading, so a client that floods requests is slowed by its socket, not by server memory.
+// Finished requests queue their replies; whoever finds no writer active becomes the writer
+// and sends everything queued in one writev (reply.go), so replies completed together cost
+// one syscall and no goroutine is woken to write.
 type conn struct {
 	s    *Server
 	raw  net.Conn
@@ -50,12 +53,29 @@ type conn struct {
 	tflags     uint16 // transmission flags sent to the client
 	meta       bool   // base:allocation usable in transmission
 
-	wmu      sync.Mutex // guards bw and werr: each reply is written whole
-	bw       *bufio.Writer
-	werr     error
-	queued   atomic.Int32 // replies waiting for wmu; the last one out flushes bw
-	budget   budget
-	inflight sync.WaitGroup
+	// bw buffers the handshake, and in transmission the replies of connections without
+	// writev (TLS); only the current writer touches it then (see queueReply).
+	bw *bufio.Writer
+
+	// Transmission. The reader admits requests against budget and runs each one on a pooled
+	// worker (work); replies go through queueReply.
+	budget    budget
+	inflight  sync.WaitGroup // admitted requests whose reply is not yet written or dropped
+	work      chan *job      // idle workers wait here; closed when transmission ends
+	workers   sync.WaitGroup
+	executing atomic.Int32 // jobs handed to workers and not yet queued for reply
+
+	wmu     sync.Mutex // guards queue, spare and writing
+	queue   []*job     // replies waiting for the writer
+	spare   []*job     // the previous batch's slice, reused
+	writing bool       // someone is in the writer loop
+
+	// Owned by the goroutine in the writer loop (writing == true).
+	wconn net.Conn    // the transmission connection (raw or TLS)
+	vec   bool        // wconn takes writev: replies go out unbuffered
+	iov   net.Buffers // the batch being written (vec)
+	iovs  [][]byte    // iov's backing array, reused
+	werr  error       // first write error; later replies are dropped
 }
 
 // connIDs numbers connections for logs (Unix-socket peers have no address to show).
@@ -152,53 +172,21 @@ func (c *conn) serve(serveCtx context.Context) {
 	c.transmit(x)
 }
 
-// send writes one reply (bufs in order) atomically with respect to other replies. Errors
-// end the connection: the reader fails on the closed socket.
-func (c *conn) send(bufs ...[]byte) {
-	c.queued.Add(1)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	last := c.queued.Add(-1) == 0
-	if c.werr != nil {
-		return
-	}
-	for _, b := range bufs {
-		if _, err := c.bw.Write(b); err != nil {
-			c.werr = err
-			break
-		}
-	}
-	// Replies queued behind this one will flush; batching them saves a syscall each.
-	if c.werr == nil && last {
-		c.werr = c.bw.Flush()
-	}
-	if c.werr != nil {
-		c.raw.Close() // the reader fails on the closed socket
-	}
-}
-
-// flushReplies pushes out anything buffered before the connection closes.
-func (c *conn) flushReplies() {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.werr == nil {
-		c.werr = c.bw.Flush()
-	}
-}
-
 // budget bounds what one connection has in flight: a request count and buffer bytes.
-// Only the reader acquires, so there is no fairness to manage; handlers release.
+// Only the reader acquires; the writer releases once a reply is written, so replies waiting
+// on a slow client count too.
 type budget struct {
-	mu       sync.Mutex // guards n, bytes, wake
+	mu       sync.Mutex // guards n, bytes, waiting
 	n, maxN  int
 	bytes    int64
 	maxBytes int64
-	wake     chan struct{} // closed and replaced on every release
+	waiting  bool          // the reader waits on wake
+	wake     chan struct{} // one token: a release happened while the reader waited
 }
 
 func (b *budget) init(maxN int, maxBytes int64) {
 	b.maxN, b.maxBytes = maxN, maxBytes
-	b.wake = make(chan struct{})
+	b.wake = make(chan struct{}, 1)
 }
 
 // acquire takes one request slot and cost bytes, waiting for releases; false when stop
@@ -209,13 +197,14 @@ func (b *budget) acquire(stop <-chan struct{}, cost int64) bool {
 		if b.n < b.maxN && (b.bytes+cost <= b.maxBytes || b.bytes == 0) {
 			b.n++
 			b.bytes += cost
+			b.waiting = false
 			b.mu.Unlock()
 			return true
 		}
-		wake := b.wake
+		b.waiting = true
 		b.mu.Unlock()
 		select {
-		case <-wake:
+		case <-b.wake:
 		case <-stop:
 			return false
 		}
@@ -229,8 +218,13 @@ func (b *budget) release(cost int64) {
 	if b.n < 0 || b.bytes < 0 {
 		panic("BUG: nbd: budget released more than acquired")
 	}
-	close(b.wake)
-	b.wake = make(chan struct{})
+	if b.waiting {
+		b.waiting = false
+		select {
+		case b.wake <- struct{}{}:
+		default: // a token is already there
+		}
+	}
 	b.mu.Unlock()
 }
 
@@ -251,27 +245,28 @@ func bufClass(n int) int {
 	return c
 }
 
-func getBuf(n int) []byte {
+// getBuf returns a pooled buffer of n bytes. The pool holds *[]byte (a slice in an
+// interface would cost an allocation per Put); the caller keeps the pointer for putBuf.
+func getBuf(n int) *[]byte {
 	if n > 1<<maxBufShift {
 		panic("BUG: nbd: buffer above the advertised maximum block")
 	}
 	c := bufClass(n)
 	if p, ok := bufPools[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		*p = (*p)[:n]
+		return p
 	}
-	return make([]byte, n, 1<<(minBufShift+c))
+	b := make([]byte, n, 1<<(minBufShift+c))
+	return &b
 }
 
-func putBuf(b []byte) {
-	if cap(b) < 1<<minBufShift {
-		return
+func putBuf(p *[]byte) {
+	c := bufClass(cap(*p))
+	if cap(*p) != 1<<(minBufShift+c) {
+		panic("BUG: nbd: foreign buffer returned to the pool")
 	}
-	c := bufClass(cap(b))
-	if cap(b) != 1<<(minBufShift+c) {
-		return
-	}
-	b = b[:cap(b)]
-	bufPools[c].Put(&b)
+	*p = (*p)[:cap(*p)]
+	bufPools[c].Put(p)
 }
 
 // discard reads and drops n bytes of payload without buffering them.

@@ -1,7 +1,6 @@
 package nbd
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -26,16 +25,22 @@ const (
 // or the connection is drained.
 func (c *conn) transmit(x *export) {
 	c.budget.init(c.s.opts.MaxInFlight, max(c.s.opts.MaxInFlightBytes, int64(x.maxBlock)))
+	c.mu.Lock()
+	c.wconn = c.nc
+	c.mu.Unlock()
+	c.vec = canWritev(c.wconn)
+	c.work = make(chan *job)
 	hard := c.readRequests(x)
 	if hard {
-		// Protocol violation: hard disconnect, then let handlers run out (their replies fail).
+		// Protocol violation: hard disconnect, then let workers run out (their replies fail).
 		c.raw.Close()
-		c.inflight.Wait()
-		return
 	}
-	c.inflight.Wait()
-	c.flushReplies()
-	c.closeNC() // tls.Conn.Close sends close_notify first
+	c.inflight.Wait() // every admitted request answered (or dropped after a write error)
+	close(c.work)
+	c.workers.Wait()
+	if !hard {
+		c.closeNC() // tls.Conn.Close sends close_notify first
+	}
 }
 
 // readRequests is the reader loop. It returns true when the connection must end hard.
@@ -73,7 +78,16 @@ func (c *conn) readRequests(x *export) (hard bool) {
 			}
 			c.log.Debug("nbd request refused", "cmd", cmdName(r.cmd), "offset", r.offset, "length", r.length, "flags", r.flags, "errno", errno, "reason", msg)
 			c.s.metrics.Request(x.Name, cmdName(r.cmd), int64(r.length), 0, errno)
-			c.replyError(&r, errno, msg)
+			// A refusal takes a request slot like any request, so a client that floods
+			// bad requests without reading replies is throttled too.
+			if !c.budget.acquire(c.stop, 0) {
+				return false
+			}
+			j := newJob(x, &r)
+			j.budgeted = true
+			j.replyError(c.structured, errno, msg)
+			c.inflight.Add(1)
+			c.queueReply(j, false)
 			continue
 		}
 
@@ -87,18 +101,43 @@ func (c *conn) readRequests(x *export) (hard bool) {
 		if !c.budget.acquire(c.stop, cost) {
 			return false // draining: nothing more is read, so an unread payload does not matter
 		}
-		var payload []byte
+		j := newJob(x, &r)
+		j.cost, j.budgeted = cost, true
 		if r.cmd == cmdWrite {
-			payload = getBuf(int(r.length))
-			if _, err := io.ReadFull(c.br, payload); err != nil {
-				putBuf(payload)
+			j.getBuf(int(r.length))
+			if _, err := io.ReadFull(c.br, j.buf); err != nil {
 				c.budget.release(cost)
+				j.recycle()
 				c.log.Debug("nbd connection lost in a write payload", "err", err)
 				return false
 			}
 		}
 		c.inflight.Add(1)
-		go c.handle(x, r, payload, cost)
+		c.admit(j)
+	}
+}
+
+// admit hands j to an idle worker, or to a new one. Workers live as long as the
+// connection, so there is no goroutine (or stack growth) per request, and there are never
+// more than the requests in flight plus the writer. Nothing runs inline on the reader: a
+// device call can block (a slow store, a gated test read), and the requests behind it must
+// still be read and answered out of order.
+func (c *conn) admit(j *job) {
+	c.executing.Add(1)
+	select {
+	case c.work <- j:
+	default:
+		c.workers.Add(1)
+		go c.worker(j)
+	}
+}
+
+// worker executes jobs until the connection's transmission ends.
+func (c *conn) worker(j *job) {
+	defer c.workers.Done()
+	for ok := true; ok; j, ok = <-c.work {
+		c.execute(j)
+		c.queueReply(j, true)
 	}
 }
 
@@ -176,38 +215,35 @@ func (c *conn) validate(x *export, r *request) (Errno, string) {
 	return 0, ""
 }
 
-// handle runs one admitted request on the device and replies.
-func (c *conn) handle(x *export, r request, payload []byte, cost int64) {
-	defer c.inflight.Done()
-	defer c.budget.release(cost)
+// execute performs j's request on the device and sets its reply.
+func (c *conn) execute(j *job) {
 	start := time.Now()
-	errno := c.execute(x, &r, payload)
-	c.s.metrics.Request(x.Name, cmdName(r.cmd), int64(r.length), time.Since(start), errno)
+	errno := c.do(j)
+	c.s.metrics.Request(j.x.Name, cmdName(j.r.cmd), int64(j.r.length), time.Since(start), errno)
 }
 
-// execute performs r and sends its reply; it returns the errno sent.
-func (c *conn) execute(x *export, r *request, payload []byte) Errno {
+// do performs the request and sets the reply; it returns the errno replied.
+func (c *conn) do(j *job) Errno {
+	x, r := j.x, &j.r
 	dev, ctx := x.Device, c.ctx
 	off, n := int64(r.offset), int64(r.length)
 	fua := r.flags&cflagFUA != 0
 	var err error
 	switch r.cmd {
 	case cmdRead:
-		buf := getBuf(int(n))
-		defer putBuf(buf)
+		j.getBuf(int(n))
 		if n > 0 {
-			err = dev.ReadAt(ctx, buf, off)
+			err = dev.ReadAt(ctx, j.buf, off)
 		}
 		if err == nil {
-			// Only now, with every byte read and authenticated, does a reply header go out.
-			c.replyData(r, buf)
+			// Only now, with every byte read and authenticated, is a reply set.
+			j.replyData(c.structured, j.buf)
 			return 0
 		}
 
 	case cmdWrite:
-		defer putBuf(payload)
 		if n > 0 {
-			err = dev.WriteAt(ctx, payload, off, fua)
+			err = dev.WriteAt(ctx, j.buf, off, fua)
 		}
 
 	case cmdFlush:
@@ -229,8 +265,7 @@ func (c *conn) execute(x *export, r *request, payload []byte) Errno {
 	case cmdCache:
 		// There is no cache API: reading pulls the range through the engine (and verifies
 		// it), which is what a client asking for CACHE wants before it reads.
-		buf := getBuf(int(min(n, int64(x.maxBlock))))
-		defer putBuf(buf)
+		buf := j.getBuf(int(min(n, int64(x.maxBlock))))
 		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.ReadAt(ctx, buf[:k], o) })
 
 	case cmdBlockStatus:
@@ -240,9 +275,9 @@ func (c *conn) execute(x *export, r *request, payload []byte) Errno {
 		if err = err2; err == nil {
 			if descs, err = descriptors(exts, q, int64(x.minBlock), r.flags&cflagReqOne != 0); err != nil {
 				c.log.Error("nbd device returned invalid block status", "offset", off, "length", q, "err", err)
-				return c.replyError(r, EIO, "invalid block status from device")
+				return j.replyError(c.structured, EIO, "invalid block status from device")
 			}
-			c.replyBlockStatus(r, descs)
+			j.replyBlockStatus(descs)
 			return 0
 		}
 
@@ -257,9 +292,9 @@ func (c *conn) execute(x *export, r *request, payload []byte) Errno {
 			lvl = slog.LevelDebug
 		}
 		c.log.Log(ctx, lvl, "nbd request failed", "cmd", cmdName(r.cmd), "offset", off, "length", n, "errno", errno, "err", err)
-		return c.replyError(r, errno, errnoMessage(errno))
+		return j.replyError(c.structured, errno, errnoMessage(errno))
 	}
-	c.replyOK(r)
+	j.replyOK()
 	return 0
 }
 
@@ -274,51 +309,6 @@ func split(off, n, step int64, fn func(off, n int64) error) error {
 		off, n = off+k, n-k
 	}
 	return nil
-}
-
-func (c *conn) replyOK(r *request) {
-	var b [16]byte
-	c.send(appendSimpleReply(b[:0], 0, r.handle))
-}
-
-// replyError sends an error reply: a structured error chunk when negotiated (it carries a
-// message, and a READ must not get a simple reply then), a simple reply otherwise.
-func (c *conn) replyError(r *request, errno Errno, msg string) Errno {
-	if c.structured {
-		c.send(appendErrorChunk(make([]byte, 0, 32+len(msg)), r.handle, errno, msg))
-	} else {
-		var b [16]byte
-		c.send(appendSimpleReply(b[:0], errno, r.handle))
-	}
-	return errno
-}
-
-// replyData sends a successful read: one data chunk (structured) or header plus data.
-func (c *conn) replyData(r *request, data []byte) {
-	if !c.structured {
-		var b [16]byte
-		c.send(appendSimpleReply(b[:0], 0, r.handle), data)
-		return
-	}
-	if len(data) == 0 {
-		var b [20]byte
-		c.send(appendChunkHeader(b[:0], replyFlagDone, replyTypeNone, r.handle, 0))
-		return
-	}
-	var b [28]byte
-	h := appendChunkHeader(b[:0], replyFlagDone, replyTypeOffsetData, r.handle, 8+len(data))
-	h = binary.BigEndian.AppendUint64(h, r.offset)
-	c.send(h, data)
-}
-
-func (c *conn) replyBlockStatus(r *request, descs []desc) {
-	b := appendChunkHeader(make([]byte, 0, 24+8*len(descs)), replyFlagDone, replyTypeBlockStatus, r.handle, 4+8*len(descs))
-	b = binary.BigEndian.AppendUint32(b, metaContextID)
-	for _, d := range descs {
-		b = binary.BigEndian.AppendUint32(b, d.length)
-		b = binary.BigEndian.AppendUint32(b, d.flags)
-	}
-	c.send(b)
 }
 
 // desc is one base:allocation block descriptor.
