@@ -3,6 +3,7 @@ package nbd
 import (
 	"encoding/binary"
 	"net"
+	"runtime"
 	"sync"
 )
 
@@ -117,6 +118,14 @@ func (c *conn) queueReply(j *job, fromWorker bool) {
 		return
 	}
 	c.writing = true
+	if c.executing.Load() > 0 {
+		// Others are executing, and may be runnable already (completions arrive in
+		// batches): let them run first, so their replies join this write. A yield, not a
+		// wait: a slow request delays nobody.
+		c.wmu.Unlock()
+		runtime.Gosched()
+		c.wmu.Lock()
+	}
 	for {
 		batch := c.queue
 		c.queue, c.spare = c.spare[:0], nil
