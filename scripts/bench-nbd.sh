@@ -13,7 +13,7 @@ ROUNDS=${ROUNDS:-1}
 S=$PWD/bin/sealdisk
 go build -o "$S" ./cmd/sealdisk
 W=$(mktemp -d /dev/shm/sealdisk-nbd.XXXX)
-trap 'for p in "$W"/*.pid; do [ -e "$p" ] && kill "$(cat "$p")" 2>/dev/null; done; rm -rf "$W"' EXIT
+trap 'for p in "$W"/*.pid; do [ -e "$p" ] && kill "$(cat "$p")" 2>/dev/null || true; done; rm -rf "$W"' EXIT  # no set -e abort before rm
 cd "$W"
 echo "# $(date -u +%FT%TZ) commit $(git -C "$OLDPWD" rev-parse --short HEAD) nproc $(nproc) load $(cut -d' ' -f1-3 /proc/loadavg)"
 $S vendor init --dir v >/dev/null; $S psp init --dir p --vendor v >/dev/null
