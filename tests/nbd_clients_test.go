@@ -6,13 +6,17 @@ package tests
 // test devices (delays, injected faults); these prove the shipped binary.
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // nbdClient runs an NBD client tool and returns its combined output; failure is fatal.
@@ -379,4 +383,86 @@ func checkFioVerify(t *testing.T, out string, n int64) {
 	if j.Error != 0 || j.Write.IOBytes != n || j.Read.IOBytes != n {
 		t.Fatalf("fio: error %d, wrote %d, verified %d bytes (want %d)\n%s", j.Error, j.Write.IOBytes, j.Read.IOBytes, n, out)
 	}
+}
+
+// TestServeMalformedStreamClosesOnlyThatConnection: a client that sends garbage after the
+// greeting is disconnected; a client connected at the same time keeps working, and new
+// clients are served.
+func TestServeMalformedStreamClosesOnlyThatConnection(t *testing.T) {
+	env := nbdshEnv(t)
+	e := newEnv(t)
+	_, img := sealed(t, e, 1<<20)
+	s := startServe(t, e, img, false)
+	// A well-behaved client connects first and stays connected (nbdsh waits on stdin).
+	good := exec.Command("nbdsh", "-u", s.uri(), "-c", `
+import sys
+assert len(h.pread(4096, 0)) == 4096
+print("first read ok", flush=True)
+sys.stdin.readline()
+assert len(h.pread(4096, 8192)) == 4096
+h.flush()
+print("still ok", flush=True)
+`)
+	good.Env = env
+	stdin, err := good.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := good.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good.Stderr = good.Stdout
+	if err := good.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer good.Process.Kill()
+	lines := make(chan string, 16)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	expectLine := func(want string) {
+		t.Helper()
+		timeout := time.After(20 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("good client ended before printing %q", want)
+				}
+				if l == want {
+					return
+				}
+				t.Logf("good client: %s", l)
+			case <-timeout:
+				t.Fatalf("good client did not print %q", want)
+			}
+		}
+	}
+	expectLine("first read ok")
+	// The bad client: garbage instead of client flags and options.
+	c, err := net.Dial("unix", s.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	greeting := make([]byte, 18)
+	if _, err := io.ReadFull(c, greeting); err != nil {
+		t.Fatalf("greeting: %v", err)
+	}
+	c.Write(bytes.Repeat([]byte{0xde, 0xad, 0xbe, 0xef}, 64))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		t.Fatalf("server did not close the malformed connection: %v", err)
+	}
+	stdin.Write([]byte("\n"))
+	expectLine("still ok")
+	if err := good.Wait(); err != nil {
+		t.Fatalf("the other connection was disturbed: %v", err)
+	}
+	nbdClient(t, nil, "nbdinfo", "--size", s.uri())
 }
