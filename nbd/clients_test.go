@@ -7,63 +7,21 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sealdisk/sealdisk/engine"
+	"github.com/sealdisk/sealdisk/internal/clienttool"
 )
 
-func requireTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		missing(t, name)
-	}
-	return p
-}
+func requireTool(t testing.TB, name string) string { return clienttool.Require(t, name) }
 
-func missing(t testing.TB, what string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("required tool %s is missing (CI=true: missing tools fail): run make deps", what)
-	}
-	t.Skipf("%s not installed (run make deps)", what)
-}
-
-var (
-	pyOnce sync.Once
-	pyDir  string // directory of a python3 that can import libnbd's nbd module
-)
-
-// nbdshEnv is the environment for nbdsh, which runs "python3 -m nbd" from PATH: a python3
-// without the python3-libnbd module (a pyenv one, say) must not come first.
-func nbdshEnv(t testing.TB) []string {
-	t.Helper()
-	requireTool(t, "nbdsh")
-	pyOnce.Do(func() {
-		cands := []string{"/usr/bin/python3"}
-		if p, err := exec.LookPath("python3"); err == nil {
-			cands = append([]string{p}, cands...)
-		}
-		for _, p := range cands {
-			if exec.Command(p, "-c", "import nbd").Run() == nil {
-				pyDir = filepath.Dir(p)
-				return
-			}
-		}
-	})
-	if pyDir == "" {
-		missing(t, "python3-libnbd")
-	}
-	return append(os.Environ(), "PATH="+pyDir+string(os.PathListSeparator)+os.Getenv("PATH"))
-}
+func nbdshEnv(t testing.TB) []string { return clienttool.NbdshEnv(t) }
 
 // run runs a client with a deadline and returns its combined output; failure is fatal.
 func run(t testing.TB, env []string, name string, args ...string) string {
@@ -103,28 +61,11 @@ func TestClientNbdinfoList(t *testing.T) {
 	requireTool(t, "nbdinfo")
 	ts := startServer(t, Options{}, twoExports()...)
 	out := run(t, nil, "nbdinfo", "--list", "--json", "nbd+unix:///?socket="+ts.sock)
-	var info struct {
-		Exports []struct {
-			Name        string `json:"export-name"`
-			Description string `json:"description"`
-			Size        int64  `json:"export-size"`
-			ReadOnly    bool   `json:"is_read_only"`
-			CanTrim     bool   `json:"can_trim"`
-			CanFastZero bool   `json:"can_fast_zero"`
-			MultiConn   bool   `json:"can_multi_conn"`
-			MinBlock    int    `json:"block_size_minimum"`
-			PrefBlock   int    `json:"block_size_preferred"`
-			MaxBlock    int    `json:"block_size_maximum"`
-			Contexts    []string
-		} `json:"exports"`
-	}
-	if err := json.Unmarshal([]byte(out), &info); err != nil {
-		t.Fatalf("nbdinfo --list --json: %v\n%s", err, out)
-	}
-	if len(info.Exports) != 2 {
+	exports := clienttool.ParseList(t, out)
+	if len(exports) != 2 {
 		t.Fatalf("exports: %s", out)
 	}
-	d, ro := info.Exports[0], info.Exports[1]
+	d, ro := exports[0], exports[1]
 	if d.Name != "disk" || d.Description != "the first disk" || d.Size != testSize || d.ReadOnly ||
 		!d.CanTrim || !d.CanFastZero || !d.MultiConn || d.MinBlock != 1 || d.PrefBlock != 4096 || d.MaxBlock != 32<<20 {
 		t.Errorf("disk export: %+v", d)
@@ -142,13 +83,7 @@ func TestClientNbdinfoMap(t *testing.T) {
 	dev.WriteAt(ctx, []byte("more"), 512<<10+1, false)
 	ts := startServer(t, Options{}, Export{Name: "d", Device: dev})
 	out := run(t, nil, "nbdinfo", "--map", "--json", nbdURI(ts.sock, "d"))
-	var m []struct {
-		Offset, Length int64
-		Type           int
-	}
-	if err := json.Unmarshal([]byte(out), &m); err != nil {
-		t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
-	}
+	m := clienttool.ParseMap(t, out)
 	type ext struct {
 		off, n int64
 		typ    int
@@ -398,25 +333,5 @@ func TestClientFio(t *testing.T) {
 	out := run(t, nil, "fio", "--name=verify", "--ioengine=nbd", "--uri="+nbdURI(ts.sock, "d"),
 		"--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=32", "--verify=crc32c",
 		"--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
-	var res struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Write struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"write"`
-			Read struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"read"`
-		} `json:"jobs"`
-	}
-	if i := strings.IndexByte(out, '{'); i >= 0 {
-		out = out[i:]
-	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Jobs) != 1 {
-		t.Fatalf("fio output: %v\n%s", err, out)
-	}
-	j := res.Jobs[0]
-	if j.Error != 0 || j.Write.IOBytes != 16<<20 || j.Read.IOBytes != 16<<20 {
-		t.Fatalf("fio: error %d, wrote %d, verified %d bytes", j.Error, j.Write.IOBytes, j.Read.IOBytes)
-	}
+	clienttool.CheckFioVerify(t, out, 16<<20)
 }

@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/sealdisk/sealdisk/internal/clienttool"
 )
 
 var sealdisk string // path of the binary built for this run
@@ -33,15 +35,7 @@ func TestMain(m *testing.M) {
 }
 
 // requireTool fails in CI (CI=true) and skips elsewhere when a tool is missing.
-func requireTool(t testing.TB, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("required tool %s is missing (CI=true: missing tools fail): run make deps", name)
-		}
-		t.Skipf("%s not installed (run make deps)", name)
-	}
-}
+func requireTool(t testing.TB, name string) { clienttool.Require(t, name) }
 
 // run executes sealdisk with args and fails the test on error.
 func run(t testing.TB, args ...string) string {

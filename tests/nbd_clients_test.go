@@ -8,7 +8,6 @@ package tests
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"io"
 	"net"
 	"os"
@@ -17,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sealdisk/sealdisk/internal/clienttool"
 )
 
 // nbdClient runs an NBD client tool and returns its combined output; failure is fatal.
@@ -52,25 +53,11 @@ func TestServeNbdinfoListAndMap(t *testing.T) {
 	s := startServe(t, e, img, false)
 
 	out := nbdClient(t, nil, "nbdinfo", "--list", "--json", "nbd+unix:///?socket="+s.sock)
-	var list struct {
-		Exports []struct {
-			Name      string `json:"export-name"`
-			Size      int64  `json:"export-size"`
-			ReadOnly  bool   `json:"is_read_only"`
-			CanTrim   bool   `json:"can_trim"`
-			CanFUA    bool   `json:"can_fua"`
-			MultiConn bool   `json:"can_multi_conn"`
-			PrefBlock int    `json:"block_size_preferred"`
-			Contexts  []string
-		} `json:"exports"`
-	}
-	if err := json.Unmarshal([]byte(out), &list); err != nil {
-		t.Fatalf("nbdinfo --list --json: %v\n%s", err, out)
-	}
-	if len(list.Exports) != 1 {
+	exports := clienttool.ParseList(t, out)
+	if len(exports) != 1 {
 		t.Fatalf("exports:\n%s", out)
 	}
-	x := list.Exports[0]
+	x := exports[0]
 	if x.Name != "vm1" || x.Size != 8<<20 || x.ReadOnly || !x.CanTrim || !x.CanFUA || !x.MultiConn || x.PrefBlock != 4096 {
 		t.Errorf("export: %+v", x)
 	}
@@ -79,13 +66,7 @@ func TestServeNbdinfoListAndMap(t *testing.T) {
 	}
 
 	out = nbdClient(t, nil, "nbdinfo", "--map", "--json", s.uri())
-	var m []struct {
-		Offset, Length int64
-		Type           int
-	}
-	if err := json.Unmarshal([]byte(out), &m); err != nil {
-		t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
-	}
+	m := clienttool.ParseMap(t, out)
 	// Every byte is mapped once; the data ranges are data and the rest are holes.
 	typeAt := func(off int64) int {
 		for _, x := range m {
@@ -256,25 +237,8 @@ for g in (h, h2):
 print("edge cases ok")
 `
 
-// nbdshEnv puts a python3 that can import libnbd's module first on PATH (nbdsh runs
-// "python3 -m nbd").
-func nbdshEnv(t *testing.T) []string {
-	t.Helper()
-	requireTool(t, "nbdsh")
-	for _, p := range []string{"python3", "/usr/bin/python3"} {
-		if path, err := exec.LookPath(p); err == nil && exec.Command(path, "-c", "import nbd").Run() == nil {
-			return append(os.Environ(), "PATH="+filepath.Dir(path)+string(os.PathListSeparator)+os.Getenv("PATH"))
-		}
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("python3-libnbd is missing (CI=true: missing tools fail): run make deps")
-	}
-	t.Skip("python3-libnbd not installed (run make deps)")
-	return nil
-}
-
 func TestServeNbdshEdgeCases(t *testing.T) {
-	env := nbdshEnv(t)
+	env := clienttool.NbdshEnv(t)
 	e := newEnv(t)
 	src := filepath.Join(e.dir, "edge.raw")
 	fill(t, src, 0, 4<<20, 6)
@@ -293,7 +257,7 @@ func TestServeNbdshEdgeCases(t *testing.T) {
 // makes reads of that sector fail with EIO over NBD; neighbours read right and the
 // connection and the service stay up.
 func TestServeTamperedSectorIsEIO(t *testing.T) {
-	env := nbdshEnv(t)
+	env := clienttool.NbdshEnv(t)
 	e := newEnv(t)
 	src, img := sealed(t, e, 64<<10)
 	m := inspectJSON(t, img)
@@ -355,41 +319,14 @@ func TestServeFioVerify(t *testing.T) {
 	out := nbdClient(t, nil, "fio", "--name=verify", "--ioengine=nbd", "--uri="+s.uri(),
 		"--rw=randwrite", "--bs=4k", "--size=32M", "--iodepth=32", "--verify=crc32c",
 		"--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
-	checkFioVerify(t, out, 32<<20)
-}
-
-// checkFioVerify requires fio's JSON to report no error and every written byte verified.
-func checkFioVerify(t *testing.T, out string, n int64) {
-	t.Helper()
-	var res struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Write struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"write"`
-			Read struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"read"`
-		} `json:"jobs"`
-	}
-	js := out
-	if i := strings.IndexByte(js, '{'); i >= 0 {
-		js = js[i:]
-	}
-	if err := json.Unmarshal([]byte(js), &res); err != nil || len(res.Jobs) != 1 {
-		t.Fatalf("fio output: %v\n%s", err, out)
-	}
-	j := res.Jobs[0]
-	if j.Error != 0 || j.Write.IOBytes != n || j.Read.IOBytes != n {
-		t.Fatalf("fio: error %d, wrote %d, verified %d bytes (want %d)\n%s", j.Error, j.Write.IOBytes, j.Read.IOBytes, n, out)
-	}
+	clienttool.CheckFioVerify(t, out, 32<<20)
 }
 
 // TestServeMalformedStreamClosesOnlyThatConnection: a client that sends garbage after the
 // greeting is disconnected; a client connected at the same time keeps working, and new
 // clients are served.
 func TestServeMalformedStreamClosesOnlyThatConnection(t *testing.T) {
-	env := nbdshEnv(t)
+	env := clienttool.NbdshEnv(t)
 	e := newEnv(t)
 	_, img := sealed(t, e, 1<<20)
 	s := startServe(t, e, img, false)
