@@ -51,7 +51,6 @@ type part struct {
 	maxPages          int
 	free              [][]byte // recycled sector buffers
 	ct, recs, pagebuf []byte   // scratch
-	scratch           []byte   // one sector, cap sector+TagSize
 	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
 	wb                []*line
@@ -64,7 +63,6 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
 		recs:    make([]byte, maxWriteback*sector.JournalRecordSize),
 		pagebuf: make([]byte, 4096),
-		scratch: make([]byte, d.ss, d.ss+sector.TagSize),
 	}
 }
 
@@ -237,13 +235,9 @@ func (p *part) loadRun(a, b uint64) error {
 	ss := d.ss
 	ct := p.ct[:int64(b-a)*ss]
 	// Skip the pread entirely when every entry in the run is zero (never written).
-	any := false
-	for lba := a; lba < b; lba++ {
-		e, err := p.entry(lba)
-		if err != nil {
-			return err
-		}
-		any = any || !e.IsZero()
+	ents, any, err := p.entries(a, int(b-a))
+	if err != nil {
+		return err
 	}
 	if any {
 		if _, err := d.st.ReadAt(ct, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
@@ -251,9 +245,8 @@ func (p *part) loadRun(a, b uint64) error {
 		}
 	}
 	for lba := a; lba < b; lba++ {
-		e, _ := p.entry(lba)
 		buf := p.buffer()
-		if err := d.c.Open(lba, buf, ct[int64(lba-a)*ss:int64(lba-a+1)*ss], e); err != nil {
+		if err := d.c.Open(lba, buf, ct[int64(lba-a)*ss:int64(lba-a+1)*ss], &ents[lba-a]); err != nil {
 			p.free = append(p.free, buf)
 			if errors.Is(err, sector.ErrAuth) {
 				d.e.Stats.AuthFailures.Add(1)
@@ -267,55 +260,68 @@ func (p *part) loadRun(a, b uint64) error {
 	return nil
 }
 
-// readDirect decrypts the uncached sectors i..j-1 of a read descriptor (one pread) into the
-// guest buffer. Whole sectors with room for the transient tag after them are opened in place;
-// the rest go through a scratch buffer.
+// readDirect decrypts the uncached sectors i..j-1 of a read descriptor into the guest
+// buffer. A run of whole sectors is read with one pread straight into the guest buffer and
+// opened there in place; a run with a partial head or tail sector goes through p.ct.
 func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	d := p.d
 	ss := d.ss
 	a := desc.LBA + uint64(i)
 	n := j - i
 	d.e.Stats.CacheMisses.Add(uint64(n))
-	ents := p.ents[:0]
-	any := false
-	for k := int64(0); k < n; k++ {
-		e, err := p.entry(a + uint64(k))
-		if err != nil {
-			return err
-		}
-		ents = append(ents, *e)
-		any = any || !e.IsZero()
+	ents, any, err := p.entries(a, int(n))
+	if err != nil {
+		return err
 	}
-	ct := p.ct[:n*ss]
+	bLo, _, sLo := span(desc, i, ss)
+	_, bHi, _ := span(desc, j-1, ss)
+	run := p.ct[:n*ss]
+	direct := bHi-bLo == n*ss // whole sectors only
+	if direct {
+		run = desc.Buf[bLo:bHi]
+	}
 	if any {
-		if _, err := d.st.ReadAt(ct, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
+		if _, err := d.st.ReadAt(run, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("failed to read sectors %d-%d: %w", a, a+uint64(n)-1, err)
 		}
 	}
-	for k := int64(0); k < n; k++ {
-		lba := a + uint64(k)
-		bLo, bHi, sLo := span(desc, i+k, ss)
-		whole := bHi-bLo == ss && int64(len(desc.Buf))-bLo >= ss+sector.TagSize // never past this descriptor: another shard owns the rest
-		dst := p.scratch
-		if whole {
-			dst = desc.Buf[bLo : bLo+ss]
-		}
-		if err := d.c.Open(lba, dst, ct[k*ss:(k+1)*ss], &ents[k]); err != nil {
-			clear(desc.Buf)
-			if errors.Is(err, sector.ErrAuth) {
-				d.e.Stats.AuthFailures.Add(1)
-				d.e.opts.Logger.Error("sector failed authentication", "asid", d.asid, "lba", lba, "error", err)
-				return fmt.Errorf("%w: %v", ErrIntegrity, err)
-			}
-			return err
-		}
-		if !whole {
-			copy(desc.Buf[bLo:bHi], dst[sLo:])
-			clear(dst)
-		}
+	err = d.c.OpenSectors(a, run, ents)
+	if err == nil && !direct {
+		copy(desc.Buf[bLo:bHi], run[sLo:])
 	}
-	p.ents = ents
+	if !direct {
+		clear(run)
+	}
+	if err != nil {
+		clear(desc.Buf)
+		if errors.Is(err, sector.ErrAuth) {
+			d.e.Stats.AuthFailures.Add(1)
+			d.e.opts.Logger.Error("sector failed authentication", "asid", d.asid, "error", err)
+			return fmt.Errorf("%w: %v", ErrIntegrity, err)
+		}
+		return err
+	}
 	return nil
+}
+
+// entries copies the entries of sectors [a, a+n) into p.ents, looking each metadata page up
+// once, and reports whether any is non-zero (written).
+func (p *part) entries(a uint64, n int) (ents []sector.Entry, any bool, err error) {
+	ents = slices.Grow(p.ents[:0], n)[:n]
+	p.ents = ents
+	for k := 0; k < n; {
+		lba := a + uint64(k)
+		pg, err := p.page(lba / entriesPerPage)
+		if err != nil {
+			return nil, false, err
+		}
+		m := copy(ents[k:], pg.e[lba%entriesPerPage:])
+		for _, e := range ents[k : k+m] {
+			any = any || !e.IsZero()
+		}
+		k += m
+	}
+	return ents, any, nil
 }
 
 // batchMax is the most records one batch may reserve: a batch larger than the whole journal
@@ -534,7 +540,6 @@ func (p *part) zeroise() {
 	}
 	p.free = nil
 	clear(p.ct)
-	clear(p.scratch)
 	p.pages = map[uint64]*metaPage{}
 	p.phead, p.ptail = nil, nil
 }

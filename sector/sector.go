@@ -160,17 +160,8 @@ func (c *Cipher) Open(lba uint64, dst, ct []byte, e *Entry) error {
 	if len(ct) != n || len(dst) != n || cap(dst) < n+TagSize {
 		panic("BUG: sector: Open buffer sizes")
 	}
-	if e.IsZero() {
-		clear(dst)
-		return nil
-	}
-	if !allZero(e[40:]) {
-		clear(dst)
-		return &AuthError{LBA: lba, Reason: "reserved entry bytes are not zero"}
-	}
-	if e.Counter() == 0 {
-		clear(dst)
-		return &AuthError{LBA: lba, Reason: "nonce counter is zero"}
+	if done, err := checkEntry(lba, dst, e); done {
+		return err
 	}
 	salt := e.Salt()
 	c.mu.RLock()
@@ -204,12 +195,117 @@ func (c *Cipher) Open(lba uint64, dst, ct []byte, e *Entry) error {
 	return c.open(k, lba, dst, ct, e)
 }
 
+// checkEntry handles the entries that need no AEAD: a zero entry yields zeros, a malformed
+// one fails. done reports that dst is final (zeros) and err the verdict.
+func checkEntry(lba uint64, dst []byte, e *Entry) (done bool, err error) {
+	switch {
+	case e.IsZero():
+		clear(dst)
+		return true, nil
+	case !allZero(e[40:]):
+		clear(dst)
+		return true, &AuthError{LBA: lba, Reason: "reserved entry bytes are not zero"}
+	case e.Counter() == 0:
+		clear(dst)
+		return true, &AuthError{LBA: lba, Reason: "nonce counter is zero"}
+	}
+	return false, nil
+}
+
+// OpenSectors verifies and decrypts len(ents) consecutive sectors starting at lba in place:
+// buf (exactly len(ents) sectors, no slack needed) holds their ciphertexts and, on success,
+// their plaintexts; ents[i] is sector lba+i's entry. Each sector's transient tag borrows the
+// next sector's first TagSize bytes, which are put back after (the last sector goes through
+// a pooled scratch). One run takes the key lock once and looks a salt up once while it
+// repeats, which is what a run written by one session does. On failure it returns the
+// first failing sector's error; buf then holds zeros for that sector and must be discarded
+// whole (later sectors are still ciphertext).
+func (c *Cipher) OpenSectors(lba uint64, buf []byte, ents []Entry) error {
+	n := c.sectorSize
+	if len(buf) != len(ents)*n {
+		panic("BUG: sector: OpenSectors buffer size")
+	}
+	c.mu.RLock()
+	locked := true
+	defer func() {
+		if locked {
+			c.mu.RUnlock()
+		}
+	}()
+	if c.destroyed {
+		clear(buf)
+		return ErrDestroyed
+	}
+	var k *sessionKey // the key of the previous sector
+	for i := range ents {
+		e := &ents[i]
+		s := buf[i*n : (i+1)*n]
+		if done, err := checkEntry(lba+uint64(i), s, e); done {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		var save [TagSize]byte
+		var tail *tailBuf
+		var dst []byte
+		if i == len(ents)-1 {
+			tail = tailPool.Get().(*tailBuf)
+			dst = tail[: n : n+TagSize]
+			copy(dst, s)
+		} else {
+			dst = buf[i*n : (i+1)*n : (i+1)*n+TagSize]
+			copy(save[:], buf[(i+1)*n:])
+		}
+		var err error
+		if k == nil || k.salt != [SaltSize]byte(e[:SaltSize]) {
+			k = c.keys.bySalt[[SaltSize]byte(e[:SaltSize])]
+			if k != nil {
+				k.touch()
+			}
+		}
+		if k != nil {
+			err = c.open(k, lba+uint64(i), dst, dst, e)
+		} else {
+			// a salt not cached: Open derives the key under the write lock
+			c.mu.RUnlock()
+			locked = false
+			err = c.Open(lba+uint64(i), dst, dst, e)
+			c.mu.RLock()
+			locked = true
+			if c.destroyed && err == nil {
+				err = ErrDestroyed
+			}
+		}
+		if tail != nil {
+			copy(s, dst)
+			clear(tail[:])
+			tailPool.Put(tail)
+		} else {
+			copy(buf[(i+1)*n:], save[:])
+		}
+		if err != nil {
+			clear(s)
+			return err
+		}
+	}
+	return nil
+}
+
+// tailBuf is a sector with room for its tag, for OpenSectors' last sector (the largest
+// sector size: a 512-byte cipher uses its head).
+type tailBuf [4096 + TagSize]byte
+
+var tailPool = sync.Pool{New: func() any { return new(tailBuf) }}
+
 // open runs the AEAD; the caller holds c.mu.
 func (c *Cipher) open(k *sessionKey, lba uint64, dst, ct []byte, e *Entry) error {
 	n := c.sectorSize
-	// The AEAD wants ct||tag contiguous: put them in dst's slack (copy is a no-op in place).
+	// The AEAD wants ct||tag contiguous: put them in dst's slack (no copy in place).
 	buf := dst[:n+TagSize]
-	copy(buf, ct)
+	if &buf[0] != &ct[0] {
+		copy(buf, ct)
+	}
 	copy(buf[n:], e[24:40])
 	sc := getScratch(c.uuid, lba, e.Counter())
 	_, err := k.aead.Open(buf[:0], sc.nonce[:], buf, sc.aad[:])
