@@ -107,15 +107,13 @@ func (d *diskNode) Open(_ context.Context, flags uint32) (fs.FileHandle, uint32,
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR) != 0 && d.dev.Caps().ReadOnly {
 		return nil, 0, syscall.EROFS
 	}
-	// O_DIRECT opens bypass the page cache; ordinary opens may keep it between opens, since
-	// all access to the disk goes through this one file.
-	var fl uint32
-	if flags&syscall.O_DIRECT != 0 {
-		fl = fuse.FOPEN_DIRECT_IO
-	} else {
-		fl = fuse.FOPEN_KEEP_CACHE
-	}
-	return nil, fl, 0
+	// Every open is direct I/O, buffered ones too: the kernel's page cache would hold the
+	// disk's plaintext outside the engine (not zeroised at detach, a second copy beside the
+	// engine's cache) and would turn each buffered read and write into a synchronous round
+	// trip per request; direct, libaio requests run in parallel (CAP_ASYNC_DIO) and writes to
+	// different ranges are not serialised on the inode lock (the engine orders overlapping
+	// ones). Shared writable mmap is refused (ENODEV); nothing that opens disks needs it.
+	return nil, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
 }
 
 func (d *diskNode) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {

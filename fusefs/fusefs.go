@@ -89,7 +89,10 @@ func Mount(opts Options) (*FS, error) {
 			// path would only put the header through a pipe and fall back to writev, two wasted
 			// syscalls per read.
 			DisableSplice: true,
-			Debug:         opts.Debug,
+			// Asynchronous direct I/O: an io_submit of many requests (fio libaio, QEMU
+			// aio=native) puts them all in flight instead of waiting for each in turn.
+			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
+			Debug:             opts.Debug,
 		},
 		EntryTimeout: &timeout,
 		AttrTimeout:  &timeout,

@@ -270,7 +270,8 @@ func TestFUSEConformance(t *testing.T) {
 // TestFUSEFileEdges: where a disk file's rules differ from a block device's, the served file
 // keeps a file's: a write crossing the end is refused whole and changes nothing, a hole
 // punched past the end is clipped there, the size cannot change (truncate, preallocation
-// past the end), reads at the end return nothing, other fallocate modes are refused.
+// past the end), reads at the end return nothing, other fallocate modes are refused, and
+// since every open is direct I/O only private mappings are allowed.
 func TestFUSEFileEdges(t *testing.T) {
 	fd := newFuseDevices(t)
 	for _, m := range []struct {
@@ -323,6 +324,17 @@ func TestFUSEFileEdges(t *testing.T) {
 			}
 			must("punch past the end", unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s-4096+100, 1<<20))
 			checkLast("after a punch clipped at the end", append(append([]byte{}, last[:100]...), make([]byte, 4096-100)...))
+			// Every open is direct I/O: a shared writable mapping is refused, a private one
+			// reads the disk.
+			if _, err := unix.Mmap(d.fd, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); !errors.Is(err, unix.ENODEV) {
+				t.Errorf("shared mmap: %v, want ENODEV", err)
+			}
+			mem, err := unix.Mmap(d.fd, s-4096, 4096, unix.PROT_READ, unix.MAP_PRIVATE)
+			must("private mmap", err)
+			if mem[0] != last[0] || mem[99] != last[99] || mem[100] != 0 {
+				t.Errorf("private mmap of the last block reads %v…", mem[:4])
+			}
+			unix.Munmap(mem)
 			fi, err := d.f.Stat()
 			must("fstat", err)
 			if fi.Size() != s {
