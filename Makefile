@@ -5,7 +5,7 @@ PKGS     := ./...
 # Go and the tools `go install` puts in GOPATH/bin (staticcheck), whatever the caller's PATH.
 export PATH := /usr/local/go/bin:$(shell PATH=/usr/local/go/bin:$$PATH go env GOPATH 2>/dev/null)/bin:$(PATH)
 
-.PHONY: all build deps lint unit e2e fuzz test demo bench bench-engine clean
+.PHONY: all build deps lint unit e2e fuzz test demo bench bench-engine bench-fuse clean
 # The gate's steps run in order (deps before the tests that need them), even under make -j.
 .NOTPARALLEL:
 
@@ -59,6 +59,10 @@ bench: build
 # Engine 4K/64K random I/O beside raw AES-256-GCM, same run (BENCHMARKS.md).
 bench-engine:
 	$(GO) test -run='^$$' -bench='Engine|RawAESGCM' -benchtime=3s ./engine
+
+# FUSE file vs qemu-storage-daemon's LUKS FUSE export and gocryptfs, same run (BENCHMARKS.md).
+bench-fuse:
+	scripts/bench-fuse.sh
 
 clean:
 	rm -rf bin demo
