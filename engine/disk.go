@@ -173,7 +173,12 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 			req.wg.Wait()
 			return err
 		}
-		if err := d.e.shards[d.shardOf(desc.LBA)].sq.Push(desc); err != nil {
+		s := d.e.shards[d.shardOf(desc.LBA)]
+		// The last descriptor may run here while the shards work on the others.
+		if i == len(descs)-1 && s.inline(desc) {
+			continue
+		}
+		if err := s.sq.Push(desc); err != nil {
 			req.wg.Add(-(len(descs) - i))
 			req.wg.Wait()
 			return ErrDetached

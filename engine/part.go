@@ -21,36 +21,41 @@ const maxWriteback = 1024
 
 // line is one cached plaintext sector.
 type line struct {
-	lba        uint64
-	data       []byte // sector bytes; cap sector+TagSize
-	dirty      bool
-	dirtyAt    time.Time
-	prev, next *line // LRU list, most recent at head
+	lruLinks[line] // most recent at head
+	lba            uint64
+	data           []byte // sector bytes; cap sector+TagSize
+	dirty          bool
+	dirtyAt        time.Time
 }
+
+func (l *line) links() *lruLinks[line] { return &l.lruLinks }
 
 // metaPage is one cached metadata page.
 type metaPage struct {
-	idx        uint64
-	e          [entriesPerPage]sector.Entry
-	prev, next *metaPage
+	lruLinks[metaPage]
+	idx uint64
+	e   [entriesPerPage]sector.Entry
 }
 
-// part is one disk's state on one shard. Only that shard's worker touches it, so it has no
-// lock: this is what makes read-modify-write race-free.
+func (pg *metaPage) links() *lruLinks[metaPage] { return &pg.lruLinks }
+
+// part is one disk's state on one shard. Only the goroutine holding the shard (its worker,
+// or a submitter running a descriptor inline) touches it, so it has no lock of its own: this
+// is what makes read-modify-write race-free.
 type part struct {
 	d     *Disk
 	shard int
 
-	lines      map[uint64]*line
-	head, tail *line
-	maxLines   int
-	dirty      int
+	lines    map[uint64]*line
+	lineLRU  lru[line, *line]
+	maxLines int
+	dirty    int
+	spare    []*line // dropped lines kept with their buffers for reuse; zeroised at detach
 
 	pages             map[uint64]*metaPage
-	phead, ptail      *metaPage
+	pageLRU           lru[metaPage, *metaPage]
 	maxPages          int
-	free              [][]byte // recycled sector buffers
-	ct, recs, pagebuf []byte   // scratch
+	ct, recs, pagebuf []byte // scratch
 	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
 	wb                []*line
@@ -68,81 +73,102 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 
 // --- LRU lists ---
 
-func (p *part) touch(l *line) {
-	if p.head == l {
+// lruLinks are the list pointers a cached item embeds.
+type lruLinks[T any] struct{ prev, next *T }
+
+// lruItem is a pointer to an item that embeds its lruLinks.
+type lruItem[T any] interface {
+	*T
+	links() *lruLinks[T]
+}
+
+// lru is an intrusive doubly linked list, most recently used at head: one implementation
+// for the sector lines and the metadata pages.
+type lru[T any, P lruItem[T]] struct{ head, tail *T }
+
+func (q *lru[T, P]) touch(x *T) {
+	if q.head == x {
 		return
 	}
-	p.unlink(l)
-	l.next = p.head
-	if p.head != nil {
-		p.head.prev = l
+	q.unlink(x)
+	P(x).links().next = q.head
+	if q.head != nil {
+		P(q.head).links().prev = x
 	}
-	p.head = l
-	if p.tail == nil {
-		p.tail = l
+	q.head = x
+	if q.tail == nil {
+		q.tail = x
 	}
 }
 
-func (p *part) unlink(l *line) {
+func (q *lru[T, P]) unlink(x *T) {
+	l := P(x).links()
 	if l.prev != nil {
-		l.prev.next = l.next
-	} else if p.head == l {
-		p.head = l.next
+		P(l.prev).links().next = l.next
+	} else if q.head == x {
+		q.head = l.next
 	}
 	if l.next != nil {
-		l.next.prev = l.prev
-	} else if p.tail == l {
-		p.tail = l.prev
+		P(l.next).links().prev = l.prev
+	} else if q.tail == x {
+		q.tail = l.prev
 	}
 	l.prev, l.next = nil, nil
 }
 
-func (p *part) buffer() []byte {
-	if n := len(p.free); n > 0 {
-		b := p.free[n-1]
-		p.free = p.free[:n-1]
-		return b
+// newLine returns an unused line for lba, not yet in the cache: a spare one with its buffer
+// when there is one. Its data is whatever the buffer last held; the caller overwrites it.
+func (p *part) newLine(lba uint64) *line {
+	if n := len(p.spare); n > 0 {
+		l := p.spare[n-1]
+		p.spare = p.spare[:n-1]
+		l.lba = lba
+		return l
 	}
-	return make([]byte, p.d.ss, p.d.ss+sector.TagSize)
+	return &line{lba: lba, data: make([]byte, p.d.ss, p.d.ss+sector.TagSize)}
 }
 
-// drop removes a line from the cache, zeroising its plaintext.
+// drop removes a line from the cache and keeps it spare. Its plaintext is not cleared here:
+// the next newLine overwrites it, and zeroise clears every spare buffer at detach, so a spare
+// line holds nothing the cache could not hold.
 func (p *part) drop(l *line) {
-	p.unlink(l)
+	p.lineLRU.unlink(l)
 	delete(p.lines, l.lba)
 	if l.dirty {
+		l.dirty = false
 		p.dirty--
 	}
-	clear(l.data)
-	p.free = append(p.free, l.data)
-	l.data = nil
+	p.spare = append(p.spare, l)
 }
 
-func (p *part) insert(lba uint64, data []byte) *line {
-	l := &line{lba: lba, data: data}
-	p.lines[lba] = l
-	p.touch(l)
+// insert caches l (from newLine) as most recently used.
+func (p *part) insert(l *line) *line {
+	p.lines[l.lba] = l
+	p.lineLRU.touch(l)
 	return l
 }
 
-func (p *part) markDirty(l *line) {
+func (p *part) markDirty(l *line, now time.Time) {
 	if !l.dirty {
 		l.dirty = true
 		p.dirty++
 	}
-	l.dirtyAt = time.Now()
+	l.dirtyAt = now
 }
 
 // --- metadata pages ---
 
 func (p *part) page(idx uint64) (*metaPage, error) {
+	if pg := p.pageLRU.head; pg != nil && pg.idx == idx {
+		return pg, nil // runs of sectors ask for one page many times in a row
+	}
 	if pg := p.pages[idx]; pg != nil {
-		p.touchPage(pg)
+		p.pageLRU.touch(pg)
 		return pg, nil
 	}
-	for len(p.pages) >= p.maxPages && p.ptail != nil {
-		old := p.ptail
-		p.unlinkPage(old)
+	for len(p.pages) >= p.maxPages && p.pageLRU.tail != nil {
+		old := p.pageLRU.tail
+		p.pageLRU.unlink(old)
 		delete(p.pages, old.idx)
 	}
 	pg := &metaPage{idx: idx}
@@ -155,37 +181,8 @@ func (p *part) page(idx uint64) (*metaPage, error) {
 		copy(pg.e[i][:], buf[i*format.MetaEntrySize:])
 	}
 	p.pages[idx] = pg
-	p.touchPage(pg)
+	p.pageLRU.touch(pg)
 	return pg, nil
-}
-
-func (p *part) touchPage(pg *metaPage) {
-	if p.phead == pg {
-		return
-	}
-	p.unlinkPage(pg)
-	pg.next = p.phead
-	if p.phead != nil {
-		p.phead.prev = pg
-	}
-	p.phead = pg
-	if p.ptail == nil {
-		p.ptail = pg
-	}
-}
-
-func (p *part) unlinkPage(pg *metaPage) {
-	if pg.prev != nil {
-		pg.prev.next = pg.next
-	} else if p.phead == pg {
-		p.phead = pg.next
-	}
-	if pg.next != nil {
-		pg.next.prev = pg.prev
-	} else if p.ptail == pg {
-		p.ptail = pg.prev
-	}
-	pg.prev, pg.next = nil, nil
 }
 
 func (p *part) entry(lba uint64) (*sector.Entry, error) {
@@ -219,7 +216,7 @@ func (p *part) writePage(pg *metaPage) error {
 func (p *part) load(lba uint64) (*line, error) {
 	if l := p.lines[lba]; l != nil {
 		p.d.e.Stats.CacheHits.Add(1)
-		p.touch(l)
+		p.lineLRU.touch(l)
 		return l, nil
 	}
 	if err := p.loadRun(lba, lba+1); err != nil {
@@ -245,9 +242,9 @@ func (p *part) loadRun(a, b uint64) error {
 		}
 	}
 	for lba := a; lba < b; lba++ {
-		buf := p.buffer()
-		if err := d.c.Open(lba, buf, ct[int64(lba-a)*ss:int64(lba-a+1)*ss], &ents[lba-a]); err != nil {
-			p.free = append(p.free, buf)
+		l := p.newLine(lba)
+		if err := d.c.Open(lba, l.data, ct[int64(lba-a)*ss:int64(lba-a+1)*ss], &ents[lba-a]); err != nil {
+			p.spare = append(p.spare, l)
 			if errors.Is(err, sector.ErrAuth) {
 				d.e.Stats.AuthFailures.Add(1)
 				d.e.opts.Logger.Error("sector failed authentication", "asid", d.asid, "lba", lba, "error", err)
@@ -255,7 +252,7 @@ func (p *part) loadRun(a, b uint64) error {
 			}
 			return err
 		}
-		p.insert(lba, buf)
+		p.insert(l)
 	}
 	return nil
 }
@@ -498,7 +495,7 @@ func (p *part) shrink() error {
 	for len(p.lines) > p.maxLines {
 		p.wb = p.wb[:0]
 		var victims []*line
-		for l := p.tail; l != nil && len(victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
+		for l := p.lineLRU.tail; l != nil && len(victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
 			victims = append(victims, l)
 			if l.dirty {
 				p.wb = append(p.wb, l)
@@ -520,7 +517,7 @@ func (p *part) flushDirty(cutoff time.Time) error {
 		return nil
 	}
 	p.wb = p.wb[:0]
-	for l := p.head; l != nil; l = l.next {
+	for l := p.lineLRU.head; l != nil; l = l.next {
 		if l.dirty && (cutoff.IsZero() || l.dirtyAt.Before(cutoff)) {
 			p.wb = append(p.wb, l)
 		}
@@ -530,18 +527,18 @@ func (p *part) flushDirty(cutoff time.Time) error {
 
 // zeroise drops every line and page (detach).
 func (p *part) zeroise() {
-	for l := p.head; l != nil; {
+	for l := p.lineLRU.head; l != nil; {
 		n := l.next
 		p.drop(l)
 		l = n
 	}
-	for _, b := range p.free {
-		clear(b[:cap(b)])
+	for _, l := range p.spare {
+		clear(l.data[:cap(l.data)])
 	}
-	p.free = nil
+	p.spare = nil
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
-	p.phead, p.ptail = nil, nil
+	p.pageLRU = lru[metaPage, *metaPage]{}
 }
 
 func cmpU64(a, b uint64) int {
