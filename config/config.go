@@ -124,8 +124,10 @@ func Load(path string, fs *pflag.FlagSet) (*Config, error) {
 		}
 	}
 	if fs != nil {
+		// fuse.allow_other is --fuse-allow-other: both separators become dashes.
+		flagName := strings.NewReplacer(".", "-", "_", "-")
 		for _, key := range v.AllKeys() {
-			if f := fs.Lookup(strings.ReplaceAll(key, ".", "-")); f != nil {
+			if f := fs.Lookup(flagName.Replace(key)); f != nil {
 				if err := v.BindPFlag(key, f); err != nil {
 					return nil, fmt.Errorf("failed to bind flag --%s: %w", f.Name, err)
 				}

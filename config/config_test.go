@@ -38,6 +38,16 @@ func TestPrecedence(t *testing.T) {
 	if c, err = Load(p, fs); err != nil || c.PSP.ASIDs != 30 {
 		t.Fatalf("flag: %+v %v", c, err)
 	}
+	// A key with an underscore is a flag with a dash there.
+	fs = pflag.NewFlagSet("x", pflag.ContinueOnError)
+	fs.Bool("fuse-allow-other", false, "")
+	fs.String("engine-cache-size", "", "")
+	if err := fs.Parse([]string{"--fuse-allow-other", "--engine-cache-size=8M"}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err = Load(p, fs); err != nil || !c.FUSE.AllowOther || c.Engine.CacheSize != "8M" {
+		t.Fatalf("flags for keys with underscores: %+v %v", c, err)
+	}
 }
 
 func TestRefusalsNameTheKey(t *testing.T) {
