@@ -78,7 +78,10 @@ func Mount(opts Options) (*FS, error) {
 	timeout := time.Second
 	srv, err := fs.Mount(opts.Mountpoint, f.root, &fs.Options{
 		MountOptions: fuse.MountOptions{
-			AllowOther:    opts.AllowOther,
+			AllowOther: opts.AllowOther,
+			// The kernel checks owner and mode on open: with allow_other, and no checks of
+			// its own here, any local user could otherwise read and write every disk.
+			Options:       []string{"default_permissions"},
 			MaxWrite:      opts.MaxWrite,
 			MaxReadAhead:  opts.MaxWrite,
 			MaxBackground: 64,
@@ -106,10 +109,12 @@ func Mount(opts Options) (*FS, error) {
 	return f, nil
 }
 
-// clearStale unmounts a dead FUSE mount at dir (stat fails with ENOTCONN).
+// clearStale unmounts a dead FUSE mount at dir. statfs asks the filesystem every time and
+// fails with ENOTCONN on a dead mount; stat may be answered from attributes the kernel still
+// holds for a second after the crash.
 func clearStale(dir string, log *slog.Logger) error {
-	_, err := os.Stat(dir)
-	if err == nil || !errors.Is(err, syscall.ENOTCONN) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); !errors.Is(err, syscall.ENOTCONN) {
 		return nil
 	}
 	log.Warn("found a stale FUSE mount (a previous sealdisk did not unmount); clearing it", "mountpoint", dir)

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/sealdisk/sealdisk/internal/clienttool"
@@ -138,5 +139,51 @@ func TestFUSEFioVerify(t *testing.T) {
 			}
 			clienttool.CheckFioVerify(t, stdout.String(), 32<<20)
 		})
+	}
+}
+
+// TestFUSEAllowOtherOwnership: with allow_other, another user (here nobody, standing in for
+// libvirt's qemu user) is held to the file's owner and mode: it can neither read nor write a
+// disk it does not own, and once the file is chowned to it (libvirt's dynamic ownership) it
+// reads the disk.
+func TestFUSEAllowOtherOwnership(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: runs a client as another user")
+	}
+	requireTool(t, "dd")
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "disk.raw")
+	fill(t, src, 0, 1<<20, 7)
+	e.seal(t, src, src+".img")
+	// The other user must be able to reach the mount point, or every refusal is vacuous.
+	for d := e.dir; d != filepath.Dir(d) && strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	requireFUSE(t)
+	t.Cleanup(func() { unmountLazy(filepath.Join(e.dir, "mnt")) })
+	s := startServe(t, e, src+".img", true, "--fuse-allow-other")
+	file := filepath.Join(s.mnt, "vm1.raw")
+	const nobody = 65534
+	as := func(args ...string) (string, error) {
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := as("dd", "if="+file, "bs=4096", "count=1", "status=none"); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Fatalf("nobody read a 0600 root-owned disk: %v\n%.200q", err, out)
+	}
+	if out, err := as("dd", "if=/dev/zero", "of="+file, "bs=4096", "count=1", "conv=notrunc", "status=none"); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Fatalf("nobody wrote a 0600 root-owned disk: %v\n%s", err, out)
+	}
+	if err := os.Chown(file, nobody, nobody); err != nil {
+		t.Fatal(err)
+	}
+	out, err := as("dd", "if="+file, "bs=4096", "count=1", "status=none")
+	want, _ := os.ReadFile(src)
+	if err != nil || out != string(want[:4096]) {
+		t.Fatalf("nobody, owning the file, reads: %v (%d bytes)\n%.300q", err, len(out), out)
 	}
 }
