@@ -250,8 +250,9 @@ func (fd *fuseDevices) open(t *testing.T, flags int, readOnly bool) *fileDevice 
 }
 
 // TestFUSEConformance runs the one block-device suite through MOUNT/NAME.raw of the built
-// serve, buffered and with O_DIRECT (FUSE accepts unaligned direct I/O, so every case runs
-// in both), and the read-only suite on a read-only VM.
+// serve, opened without and with O_DIRECT (fusefs makes every open direct I/O, which has no
+// alignment rule, so every case runs in both; "buffered" is how QEMU cache=writeback opens
+// the file), and the read-only suite on a read-only VM.
 func TestFUSEConformance(t *testing.T) {
 	fd := newFuseDevices(t)
 	for _, m := range []struct {
