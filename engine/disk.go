@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,11 @@ type Disk struct {
 	// ckpt orders in-place updates against checkpoints: a writeback (journal append, sync,
 	// in-place writes) holds it shared; a checkpoint (sync, new journal epoch) exclusively.
 	ckpt sync.RWMutex
+
+	// unsettled counts sectors whose write-back failed part-way (part.unsettled, all shards);
+	// unsettledCause is the store error that left the most recent of them.
+	unsettled      atomic.Int64
+	unsettledCause atomic.Pointer[error]
 
 	// inflight counts requests between admission and completion, so Close can drain.
 	inflight sync.WaitGroup
@@ -254,11 +260,23 @@ func (d *Disk) Flush(ctx context.Context) error {
 	return d.checkpoint()
 }
 
+// flushShards has every shard write back everything dirty. Unsettled sectors are settled on
+// every shard first: one shard's write-back may need a checkpoint, which waits for all.
 func (d *Disk) flushShards(ctx context.Context) error {
+	if d.unsettled.Load() > 0 {
+		if err := d.onShards(opSettle); err != nil {
+			return err
+		}
+	}
+	return d.onShards(dma.OpFlush)
+}
+
+// onShards performs a buffer-less op on every shard and waits for all of them.
+func (d *Disk) onShards(op dma.Op) error {
 	req := &request{}
 	req.wg.Add(len(d.e.shards))
 	for i, s := range d.e.shards {
-		desc := &dma.Descriptor{Op: dma.OpFlush, ASID: uint32(d.asid), Target: d, Complete: req.complete}
+		desc := &dma.Descriptor{Op: op, ASID: uint32(d.asid), Target: d, Complete: req.complete}
 		if err := s.sq.Push(desc); err != nil {
 			req.wg.Add(-(len(d.e.shards) - i))
 			req.wg.Wait()
@@ -266,15 +284,34 @@ func (d *Disk) flushShards(ctx context.Context) error {
 		}
 	}
 	req.wg.Wait()
-	_ = ctx
 	return req.err
 }
 
-// checkpoint makes every in-place update durable and starts a new journal epoch.
+// checkpoint makes every in-place update durable and starts a new journal epoch. It refuses
+// while a sector is unsettled: its journal record is what recovery needs if the machine
+// crashes before the sector is settled. Write-backs (which settle their own shard first) and
+// flushes settle them; the error wraps the store error that left them.
 func (d *Disk) checkpoint() error {
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
+	// Checked before the sync: settling needs no ckpt, so one that ends after this check
+	// is not covered by the sync, and sectors only become unsettled under ckpt shared.
+	if n := d.unsettled.Load(); n > 0 {
+		cause := errors.New("a write-back failed")
+		if c := d.unsettledCause.Load(); c != nil {
+			cause = *c
+		}
+		return fmt.Errorf("journal kept: %d sectors not yet rewritten after a failed write-back: %w", n, cause)
+	}
 	return d.jr.checkpointLocked()
+}
+
+// noteUnsettled adds n to the unsettled count; cause, when set, is the store error behind it.
+func (d *Disk) noteUnsettled(n int64, cause error) {
+	if cause != nil {
+		d.unsettledCause.Store(&cause)
+	}
+	d.unsettled.Add(n)
 }
 
 // Trim discards [off, off+n).
@@ -386,5 +423,9 @@ func (d *Disk) Close() error {
 	return nil
 }
 
-// opDetach is an engine-internal descriptor op: zeroise this disk's part on the shard.
-const opDetach dma.Op = 100
+// Engine-internal descriptor ops: opDetach zeroises this disk's part on the shard; opSettle
+// settles the part's unsettled sectors (part.settle).
+const (
+	opDetach dma.Op = 100
+	opSettle dma.Op = 101
+)

@@ -59,6 +59,20 @@ type part struct {
 	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
 	wb                []*line
+
+	// unsettled: sectors whose write-back or zeroing failed after its journal record was
+	// durable. A write-back's sector may hold the old or the new ciphertext under either
+	// entry; a zeroing's may have a zero entry over data never punched (recovery takes a
+	// zero old entry only over zero data). Each keeps its record until settle finishes what
+	// recovery would; until then the disk refuses checkpoints, which would retire the record
+	// a crash needs. A sector unsettled by a write-back also keeps its dirty line.
+	unsettled map[uint64]pending
+}
+
+// pending is the journal record of an unsettled sector: zero, or a write from old to new.
+type pending struct {
+	zero     bool
+	old, new sector.Entry
 }
 
 func newPart(d *Disk, shard, maxLines, maxPages int) *part {
@@ -330,6 +344,9 @@ func (p *part) batchMax() int {
 // writeback encrypts and writes the given dirty lines: journal first (durable), then data and
 // metadata in place (FORMAT.md §6).
 func (p *part) writeback(ls []*line) error {
+	if err := p.settle(); err != nil {
+		return err
+	}
 	for len(ls) > 0 {
 		n := min(len(ls), p.batchMax())
 		if err := p.writebackBatch(ls[:n]); err != nil {
@@ -364,7 +381,30 @@ func (p *part) writebackBatch(ls []*line) error {
 	if err := p.journal(recs); err != nil {
 		return err
 	}
-	// data: contiguous runs in one pwrite each
+	if err := p.inPlace(ls, recs); err != nil {
+		// Some of the batch may be on disk, data or entries: each sector is unsettled until
+		// settle (or a trim) makes its entry match its data. Marked while ckpt is held, so no
+		// checkpoint retires these records in between.
+		for i, l := range ls {
+			p.markUnsettled(l.lba, pending{old: recs[i].Old, new: recs[i].New}, err)
+		}
+		return err
+	}
+	for _, l := range ls {
+		if l.dirty {
+			l.dirty = false
+			p.dirty--
+		}
+	}
+	d.e.Stats.Writebacks.Add(uint64(len(ls)))
+	return nil
+}
+
+// inPlace writes a journaled batch's data (contiguous runs in one pwrite each), then its
+// entries (each touched page once).
+func (p *part) inPlace(ls []*line, recs []sector.JournalRecord) error {
+	d := p.d
+	ss := d.ss
 	for i := 0; i < len(ls); {
 		j := i + 1
 		for j < len(ls) && ls[j].lba == ls[j-1].lba+1 {
@@ -375,7 +415,6 @@ func (p *part) writebackBatch(ls []*line) error {
 		}
 		i = j
 	}
-	// metadata: update cached pages, write each touched page once
 	var last *metaPage
 	for i, l := range ls {
 		pg, err := p.page(l.lba / entriesPerPage)
@@ -391,18 +430,88 @@ func (p *part) writebackBatch(ls []*line) error {
 		last = pg
 	}
 	if last != nil {
-		if err := p.writePage(last); err != nil {
+		return p.writePage(last)
+	}
+	return nil
+}
+
+// markUnsettled records that lba's journaled operation r failed part-way (cause).
+func (p *part) markUnsettled(lba uint64, r pending, cause error) {
+	if p.unsettled == nil {
+		p.unsettled = map[uint64]pending{}
+	}
+	if _, ok := p.unsettled[lba]; ok {
+		// Cannot happen: write-backs and zeroings settle their part before journaling, and
+		// a failed batch ends the operation. Were it to, the later record is the one
+		// recovery applies last.
+		p.unsettled[lba] = r
+		return
+	}
+	p.unsettled[lba] = r
+	p.d.noteUnsettled(1, cause)
+}
+
+// settle finishes what recovery would for every unsettled sector, in the cached page and on
+// disk: a zeroing gets its zero entry and punched data; a write-back the entry that
+// authenticates the data on disk (the record's new one, else its old one). The sector's
+// record is still live (checkpoints wait for settling), so a crash in between recovers the
+// same decision. A sector that authenticates with neither was damaged by more than a failed
+// write: its entry is left alone and its reads fail until it is rewritten.
+func (p *part) settle() error {
+	if len(p.unsettled) == 0 {
+		return nil
+	}
+	d := p.d
+	// not p.ct: settle runs in the middle of a write-back whose sealed batch is there
+	ct := make([]byte, d.ss, d.ss+sector.TagSize)
+	pt := make([]byte, d.ss, d.ss+sector.TagSize)
+	defer clear(pt)
+	for lba, r := range p.unsettled {
+		pg, err := p.page(lba / entriesPerPage)
+		if err != nil {
 			return err
 		}
-	}
-	for _, l := range ls {
-		if l.dirty {
-			l.dirty = false
-			p.dirty--
+		e := &pg.e[lba%entriesPerPage]
+		if r.zero {
+			*e = sector.Entry{}
+			if err := p.writePage(pg); err != nil {
+				return err
+			}
+			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
+				return err
+			}
+			delete(p.unsettled, lba)
+			d.noteUnsettled(-1, nil)
+			continue
 		}
+		if _, err := d.st.ReadAt(ct, d.h.DataPos(lba)); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read sector %d to settle it: %w", lba, err)
+		}
+		switch {
+		case d.c.Open(lba, pt, ct, &r.new) == nil:
+			*e = r.new
+		case r.old.IsZero() && allZero(ct):
+			*e = sector.Entry{}
+		case !r.old.IsZero() && d.c.Open(lba, pt, ct, &r.old) == nil:
+			*e = r.old
+		default:
+			d.e.opts.Logger.Error("sector authenticates with neither entry of its failed write-back", "asid", d.asid, "lba", lba)
+		}
+		if err := p.writePage(pg); err != nil {
+			return err
+		}
+		delete(p.unsettled, lba)
+		d.noteUnsettled(-1, nil)
 	}
-	d.e.Stats.Writebacks.Add(uint64(len(ls)))
 	return nil
+}
+
+// settled drops lba from the unsettled set: its zeroing completed (entry zero, data punched).
+func (p *part) settled(lba uint64) {
+	if _, ok := p.unsettled[lba]; ok {
+		delete(p.unsettled, lba)
+		p.d.noteUnsettled(-1, nil)
+	}
 }
 
 // journal appends recs (epoch and seq are filled in) and makes them durable, checkpointing
@@ -423,7 +532,9 @@ func (p *part) journal(recs []sector.JournalRecord) error {
 			return err
 		}
 		d.ckpt.RUnlock()
-		err = d.checkpoint()
+		if err = p.settle(); err == nil {
+			err = d.checkpoint()
+		}
 		d.ckpt.RLock()
 		if err != nil {
 			return err
@@ -435,6 +546,11 @@ func (p *part) journal(recs []sector.JournalRecord) error {
 // punched data.
 func (p *part) zeroSectors(lbas []uint64) error {
 	d := p.d
+	// Settled first, like a write-back: at most one failed batch is ever unsettled per part,
+	// so the set stays small however long the store keeps failing.
+	if err := p.settle(); err != nil {
+		return err
+	}
 	for len(lbas) > 0 {
 		n := min(len(lbas), p.batchMax())
 		batch := lbas[:n]
@@ -453,32 +569,12 @@ func (p *part) zeroSectors(lbas []uint64) error {
 			if err := p.journal(recs); err != nil {
 				return err
 			}
-			var last *metaPage
-			for _, lba := range batch {
-				pg, err := p.page(lba / entriesPerPage)
-				if err != nil {
-					return err
+			if err := p.zeroInPlace(batch); err != nil {
+				// The zero records are durable: recovery would finish them, so settle must.
+				for _, lba := range batch {
+					p.markUnsettled(lba, pending{zero: true}, err)
 				}
-				pg.e[lba%entriesPerPage] = sector.Entry{}
-				if last != nil && last != pg {
-					if err := p.writePage(last); err != nil {
-						return err
-					}
-				}
-				last = pg
-			}
-			if err := p.writePage(last); err != nil {
 				return err
-			}
-			for i := 0; i < len(batch); {
-				j := i + 1
-				for j < len(batch) && batch[j] == batch[j-1]+1 {
-					j++
-				}
-				if err := punch(d.st, d.h.DataPos(batch[i]), int64(j-i)*d.ss); err != nil {
-					return err
-				}
-				i = j
 			}
 			return nil
 		}()
@@ -486,6 +582,45 @@ func (p *part) zeroSectors(lbas []uint64) error {
 		if err != nil {
 			return err
 		}
+		for _, lba := range batch {
+			p.settled(lba)
+		}
+	}
+	return nil
+}
+
+// zeroInPlace gives journaled sectors zero entries (each touched page written once), then
+// punches their data (contiguous runs at once).
+func (p *part) zeroInPlace(batch []uint64) error {
+	d := p.d
+	var last *metaPage
+	for _, lba := range batch {
+		pg, err := p.page(lba / entriesPerPage)
+		if err != nil {
+			return err
+		}
+		pg.e[lba%entriesPerPage] = sector.Entry{}
+		if last != nil && last != pg {
+			if err := p.writePage(last); err != nil {
+				return err
+			}
+		}
+		last = pg
+	}
+	if last != nil {
+		if err := p.writePage(last); err != nil {
+			return err
+		}
+	}
+	for i := 0; i < len(batch); {
+		j := i + 1
+		for j < len(batch) && batch[j] == batch[j-1]+1 {
+			j++
+		}
+		if err := punch(d.st, d.h.DataPos(batch[i]), int64(j-i)*d.ss); err != nil {
+			return err
+		}
+		i = j
 	}
 	return nil
 }
@@ -513,6 +648,9 @@ func (p *part) shrink() error {
 
 // flushDirty writes back every dirty line (older than cutoff, when cutoff is set).
 func (p *part) flushDirty(cutoff time.Time) error {
+	if err := p.settle(); err != nil {
+		return err
+	}
 	if p.dirty == 0 {
 		return nil
 	}
@@ -536,6 +674,8 @@ func (p *part) zeroise() {
 		clear(l.data[:cap(l.data)])
 	}
 	p.spare = nil
+	p.d.noteUnsettled(-int64(len(p.unsettled)), nil)
+	p.unsettled = nil
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
 	p.pageLRU = lru[metaPage, *metaPage]{}

@@ -129,6 +129,8 @@ func (s *shard) do(desc *dma.Descriptor) error {
 		err = s.write(p, desc, desc.Buf)
 	case dma.OpFlush:
 		err = p.flushDirty(time.Time{})
+	case opSettle:
+		err = p.settle()
 	case dma.OpTrim, dma.OpZero:
 		err = s.zero(p, desc)
 	case dma.OpStatus:
@@ -228,12 +230,14 @@ func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
 }
 
 // zero handles trim and write-zeroes: whole sectors become holes (or, with NoHole, written
-// zeros); partial sectors are zeroed by read-modify-write.
+// zeros); partial sectors are zeroed by read-modify-write. Cached lines of whole sectors are
+// dropped only once their holes are in place: a dirty line may be the only thing that can
+// still repair its sector (a write-back that failed part-way), and a failed trim leaves its
+// range as it was or zero, never unreadable.
 func (s *shard) zero(p *part, desc *dma.Descriptor) error {
 	ss := p.d.ss
 	if desc.Flags&dma.NoHole != 0 {
 		return s.write(p, desc, nil) // Buf is nil: zeros
-
 	}
 	var holes []uint64
 	for i := int64(0); i < int64(desc.Count); i++ {
@@ -248,18 +252,25 @@ func (s *shard) zero(p *part, desc *dma.Descriptor) error {
 			p.markDirty(l, time.Now())
 			continue
 		}
-		if l := p.lines[lba]; l != nil {
-			p.drop(l)
-		}
 		e, err := p.entry(lba)
 		if err != nil {
 			return err
 		}
-		if !e.IsZero() {
+		if _, unsettled := p.unsettled[lba]; unsettled || !e.IsZero() {
 			holes = append(holes, lba)
 		}
 	}
-	return p.zeroSectors(holes)
+	if err := p.zeroSectors(holes); err != nil {
+		return err
+	}
+	for i := int64(0); i < int64(desc.Count); i++ {
+		if bLo, bHi, _ := span(desc, i, ss); bHi-bLo == ss {
+			if l := p.lines[desc.LBA+uint64(i)]; l != nil {
+				p.drop(l)
+			}
+		}
+	}
+	return nil
 }
 
 func (s *shard) status(p *part, desc *dma.Descriptor) error {
