@@ -136,20 +136,12 @@ func (j *journal) recover() error {
 			if _, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("failed to read sector %d for recovery: %w", r.LBA, err)
 			}
-			switch {
-			case d.c.Open(r.LBA, pt, ct, &r.New) == nil:
-				final[r.LBA] = r.New
-			case r.Old.IsZero() && allZero(ct):
-				final[r.LBA] = sector.Entry{}
-			case !r.Old.IsZero() && d.c.Open(r.LBA, pt, ct, &r.Old) == nil:
-				final[r.LBA] = r.Old
-			default:
+			if e, ok := d.authentic(r.LBA, pt, ct, &r.Old, &r.New); ok {
+				final[r.LBA] = e
+			} else if _, decided := final[r.LBA]; !decided {
 				// Neither authenticates: keep an earlier record's decision; with none, the
 				// sector was damaged by something other than a crash and fails its reads.
-				if _, decided := final[r.LBA]; !decided {
-					order = order[:len(order)-1]
-					delete(final, r.LBA)
-				}
+				order = order[:len(order)-1]
 			}
 		}
 		clear(pt)
@@ -185,6 +177,21 @@ func (j *journal) recover() error {
 	}
 	j.fresh = false
 	return nil
+}
+
+// authentic is a write record's verdict on ct, the data on disk of sector lba: its new entry
+// if that authenticates ct, else its old one (an all-zero old entry matches all-zero data);
+// ok is false when neither does. pt is scratch for the plaintext.
+func (d *Disk) authentic(lba uint64, pt, ct []byte, old, new *sector.Entry) (e sector.Entry, ok bool) {
+	switch {
+	case d.c.Open(lba, pt, ct, new) == nil:
+		return *new, true
+	case old.IsZero() && allZero(ct):
+		return sector.Entry{}, true
+	case !old.IsZero() && d.c.Open(lba, pt, ct, old) == nil:
+		return *old, true
+	}
+	return sector.Entry{}, false
 }
 
 func allZero(b []byte) bool {

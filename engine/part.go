@@ -435,28 +435,25 @@ func (p *part) inPlace(ls []*line, recs []sector.JournalRecord) error {
 	return nil
 }
 
-// markUnsettled records that lba's journaled operation r failed part-way (cause).
+// markUnsettled records that lba's journaled operation r failed part-way (cause). Write-backs
+// and zeroings settle their part before journaling, so a sector is unsettled by one record at
+// a time; were it not, the later record is the one recovery applies last.
 func (p *part) markUnsettled(lba uint64, r pending, cause error) {
 	if p.unsettled == nil {
 		p.unsettled = map[uint64]pending{}
 	}
-	if _, ok := p.unsettled[lba]; ok {
-		// Cannot happen: write-backs and zeroings settle their part before journaling, and
-		// a failed batch ends the operation. Were it to, the later record is the one
-		// recovery applies last.
-		p.unsettled[lba] = r
-		return
+	if _, ok := p.unsettled[lba]; !ok {
+		p.d.noteUnsettled(1, cause)
 	}
 	p.unsettled[lba] = r
-	p.d.noteUnsettled(1, cause)
 }
 
 // settle finishes what recovery would for every unsettled sector, in the cached page and on
 // disk: a zeroing gets its zero entry and punched data; a write-back the entry that
-// authenticates the data on disk (the record's new one, else its old one). The sector's
-// record is still live (checkpoints wait for settling), so a crash in between recovers the
-// same decision. A sector that authenticates with neither was damaged by more than a failed
-// write: its entry is left alone and its reads fail until it is rewritten.
+// authenticates the data on disk (Disk.authentic). The sector's record is still live
+// (checkpoints wait for settling), so a crash in between recovers the same decision. A sector
+// that authenticates with neither was damaged by more than a failed write: its entry is left
+// alone and its reads fail until it is rewritten.
 func (p *part) settle() error {
 	if len(p.unsettled) == 0 {
 		return nil
@@ -474,39 +471,30 @@ func (p *part) settle() error {
 		e := &pg.e[lba%entriesPerPage]
 		if r.zero {
 			*e = sector.Entry{}
-			if err := p.writePage(pg); err != nil {
-				return err
+		} else {
+			if _, err := d.st.ReadAt(ct, d.h.DataPos(lba)); err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("failed to read sector %d to settle it: %w", lba, err)
 			}
-			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
-				return err
+			if v, ok := d.authentic(lba, pt, ct, &r.old, &r.new); ok {
+				*e = v
+			} else {
+				d.e.opts.Logger.Error("sector authenticates with neither entry of its failed write-back", "asid", d.asid, "lba", lba)
 			}
-			delete(p.unsettled, lba)
-			d.noteUnsettled(-1, nil)
-			continue
-		}
-		if _, err := d.st.ReadAt(ct, d.h.DataPos(lba)); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("failed to read sector %d to settle it: %w", lba, err)
-		}
-		switch {
-		case d.c.Open(lba, pt, ct, &r.new) == nil:
-			*e = r.new
-		case r.old.IsZero() && allZero(ct):
-			*e = sector.Entry{}
-		case !r.old.IsZero() && d.c.Open(lba, pt, ct, &r.old) == nil:
-			*e = r.old
-		default:
-			d.e.opts.Logger.Error("sector authenticates with neither entry of its failed write-back", "asid", d.asid, "lba", lba)
 		}
 		if err := p.writePage(pg); err != nil {
 			return err
 		}
-		delete(p.unsettled, lba)
-		d.noteUnsettled(-1, nil)
+		if r.zero {
+			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
+				return err
+			}
+		}
+		p.settled(lba)
 	}
 	return nil
 }
 
-// settled drops lba from the unsettled set: its zeroing completed (entry zero, data punched).
+// settled drops lba from the unsettled set: its operation is complete on disk.
 func (p *part) settled(lba uint64) {
 	if _, ok := p.unsettled[lba]; ok {
 		delete(p.unsettled, lba)
