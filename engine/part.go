@@ -531,14 +531,9 @@ func (p *part) journal(recs []sector.JournalRecord) error {
 }
 
 // zeroSectors turns whole sectors into holes: journal zero records, then zero entries and
-// punched data.
+// punched data. The caller (shard.zero) has settled the part.
 func (p *part) zeroSectors(lbas []uint64) error {
 	d := p.d
-	// Settled first, like a write-back: at most one failed batch is ever unsettled per part,
-	// so the set stays small however long the store keeps failing.
-	if err := p.settle(); err != nil {
-		return err
-	}
 	for len(lbas) > 0 {
 		n := min(len(lbas), p.batchMax())
 		batch := lbas[:n]

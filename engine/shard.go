@@ -239,6 +239,12 @@ func (s *shard) zero(p *part, desc *dma.Descriptor) error {
 	if desc.Flags&dma.NoHole != 0 {
 		return s.write(p, desc, nil) // Buf is nil: zeros
 	}
+	// Settled first, like a write-back: an unsettled sector's entry is then the one on disk,
+	// so the entries below say which sectors need a hole, and at most one failed batch is
+	// ever unsettled per part however long the store keeps failing.
+	if err := p.settle(); err != nil {
+		return err
+	}
 	var holes []uint64
 	for i := int64(0); i < int64(desc.Count); i++ {
 		lba := desc.LBA + uint64(i)
@@ -256,7 +262,7 @@ func (s *shard) zero(p *part, desc *dma.Descriptor) error {
 		if err != nil {
 			return err
 		}
-		if _, unsettled := p.unsettled[lba]; unsettled || !e.IsZero() {
+		if !e.IsZero() {
 			holes = append(holes, lba)
 		}
 	}
