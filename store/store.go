@@ -27,14 +27,18 @@ type Store interface {
 	Close() error
 }
 
-// File is a Store over a regular file using pread/pwrite/fdatasync/fallocate.
+// File is a Store over a regular file: pread/pwrite/fdatasync/fallocate. With SetMapped(true)
+// reads inside the file's size are memory copies from a shared read-only mapping of the file
+// instead of preads (mmap.go); the engine maps the stores it attaches.
 type File struct {
-	f *os.File
+	f  *os.File
+	ro bool
+	mapping
 }
 
 var _ Store = (*File)(nil)
 
-// OpenFile opens an existing image file.
+// OpenFile opens an existing image file, unmapped.
 func OpenFile(path string, readOnly bool) (*File, error) {
 	flag := os.O_RDWR
 	if readOnly {
@@ -44,10 +48,10 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to open image file: %w", err)
 	}
-	return &File{f: f}, nil
+	return &File{f: f, ro: readOnly}, nil
 }
 
-// CreateFile creates a new image file (mode 0600); it fails if the path exists.
+// CreateFile creates a new image file (mode 0600), unmapped; it fails if the path exists.
 func CreateFile(path string) (*File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -62,10 +66,16 @@ func (s *File) Name() string { return s.f.Name() }
 // Fd returns the file descriptor, for callers that need SEEK_DATA/SEEK_HOLE.
 func (s *File) Fd() uintptr { return s.f.Fd() }
 
-func (s *File) ReadAt(p []byte, off int64) (int, error) { return s.f.ReadAt(p, off) }
+func (s *File) ReadAt(p []byte, off int64) (int, error) {
+	if n, ok, err := s.readMapped(p, off, s.f.Name()); ok {
+		return n, err
+	}
+	return s.f.ReadAt(p, off)
+}
 
 func (s *File) WriteAt(p []byte, off int64) (int, error) { return s.f.WriteAt(p, off) }
 
+// Sync makes completed writes durable (fdatasync).
 func (s *File) Sync() error {
 	if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
 		return fmt.Errorf("failed to fdatasync %s: %w", s.f.Name(), err)
@@ -91,11 +101,15 @@ func (s *File) Punch(off, n int64) error {
 	return nil
 }
 
+// Truncate sets the size; a mapped file is mapped again at its new size.
 func (s *File) Truncate(size int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.unmapLocked()
 	if err := s.f.Truncate(size); err != nil {
 		return fmt.Errorf("failed to set size of %s: %w", s.f.Name(), err)
 	}
-	return nil
+	return s.mapLocked(s.f)
 }
 
 func (s *File) Size() (int64, error) {
@@ -106,4 +120,27 @@ func (s *File) Size() (int64, error) {
 	return fi.Size(), nil
 }
 
-func (s *File) Close() error { return s.f.Close() }
+// Close unmaps and closes the file. No read or write may be in flight.
+func (s *File) Close() error {
+	s.mu.Lock()
+	s.unmapLocked()
+	s.closed = true
+	s.mu.Unlock()
+	return s.f.Close()
+}
+
+// SetMapped turns the mapping on or off (off at open). On, the file is mapped at its current
+// size and again after each Truncate; reads that lie inside the mapping are memory copies. A file that cannot be mapped (not regular, empty, larger than 4 TiB, or mmap refused
+// by its filesystem) keeps pread. Off, every read is a pread: for
+// filesystems whose mmap semantics differ from their read/write ones, or to keep image pages
+// out of the process's resident set (OPERATOR.md). It waits for copies in flight.
+func (s *File) SetMapped(on bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.on = on
+	s.unmapLocked()
+	return s.mapLocked(s.f)
+}
+
+// Mapped reports how many bytes of the file are mapped (0: none; reads use pread).
+func (s *File) Mapped() int64 { return s.size.Load() }
