@@ -50,6 +50,7 @@ type EngineConfig struct {
 	Shards    int    `mapstructure:"shards"`     // 0 = one per core
 	CacheSize string `mapstructure:"cache_size"` // plaintext write-back cache, e.g. 256M
 	IdleFlush string `mapstructure:"idle_flush"` // write back dirty sectors idle this long, e.g. 5s
+	Mmap      bool   `mapstructure:"mmap"`       // image reads through a shared read-only mapping (else pread)
 }
 
 // NBDConfig configures the NBD listeners.
@@ -93,6 +94,7 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("engine.shards", 0)
 	v.SetDefault("engine.cache_size", "256M")
 	v.SetDefault("engine.idle_flush", "5s")
+	v.SetDefault("engine.mmap", true)
 	v.SetDefault("nbd.listen", []string{})
 	v.SetDefault("nbd.tls_cert", "")
 	v.SetDefault("nbd.tls_key", "")

@@ -120,3 +120,26 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+// engine.mmap is on unless the file, SEALDISK_ENGINE_MMAP or --engine-mmap turns it off.
+func TestEngineMmap(t *testing.T) {
+	if c, err := Load("", nil); err != nil || !c.Engine.Mmap {
+		t.Fatalf("default: %+v %v", c, err)
+	}
+	if c, err := Load(write(t, "engine:\n  mmap: false\n"), nil); err != nil || c.Engine.Mmap {
+		t.Fatalf("file: %+v %v", c, err)
+	}
+	t.Setenv("SEALDISK_ENGINE_MMAP", "false")
+	if c, err := Load("", nil); err != nil || c.Engine.Mmap {
+		t.Fatalf("env: %+v %v", c, err)
+	}
+	t.Setenv("SEALDISK_ENGINE_MMAP", "true")
+	fs := pflag.NewFlagSet("x", pflag.ContinueOnError)
+	fs.Bool("engine-mmap", true, "")
+	if err := fs.Parse([]string{"--engine-mmap=false"}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := Load("", fs); err != nil || c.Engine.Mmap {
+		t.Fatalf("flag: %+v %v", c, err)
+	}
+}

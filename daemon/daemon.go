@@ -115,7 +115,7 @@ func New(opts Options) (_ *Daemon, err error) {
 		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
-	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, Logger: log})
+	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
 	d.metrics = newMetrics(d)
 	defer func() {
 		if err != nil {

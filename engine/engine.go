@@ -35,6 +35,11 @@ type Options struct {
 	// a VEK at LoadKey and DMA payloads cross guest memory encrypted under it. Off by default:
 	// on a host service it only costs (DESIGN.md §5).
 	MemoryEncryption bool
+	// NoMap keeps file stores on pread. By default Attach maps a store that can be mapped
+	// (store.File.SetMapped, shared and read-only): a read of sectors is then a memory copy
+	// instead of a system call, which costs as much as the AES on that path (BENCHMARKS.md).
+	// Writes are pwrite either way.
+	NoMap bool
 
 	// journalRecords, when set, uses only that many journal record slots (tests: the journal
 	// fills, so checkpoints from a full journal are exercised). Writer and recovery must agree.
@@ -220,6 +225,11 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, er
 	defer e.disksMu.Unlock()
 	if e.disks[asid] != nil {
 		return nil, fmt.Errorf("failed to attach: ASID %d already has a disk", asid)
+	}
+	if m, ok := st.(interface{ SetMapped(bool) error }); ok && !e.opts.NoMap {
+		if err := m.SetMapped(true); err != nil {
+			return nil, fmt.Errorf("failed to attach: %w", err)
+		}
 	}
 	d, err := newDisk(e, asid, st, h, ks.cipher, readOnly || ks.b.ReadOnly || h.ReadOnly)
 	if err != nil {

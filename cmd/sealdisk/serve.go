@@ -58,6 +58,7 @@ keys below, a flag.`,
 	f.Int("engine-shards", 0, "engine shards, 0 = one per core (config engine.shards)")
 	f.String("engine-cache-size", "256M", "write-back cache per disk (config engine.cache_size)")
 	f.String("engine-idle-flush", "5s", "write back sectors dirty this long (config engine.idle_flush)")
+	f.Bool("engine-mmap", true, "image reads through a shared read-only mapping; false: pread (config engine.mmap)")
 	f.StringSlice("nbd-listen", nil, "NBD listener: unix:PATH or tcp:HOST:PORT (config nbd.listen)")
 	f.Bool("nbd-insecure-tcp", false, "allow TCP without TLS (config nbd.insecure_tcp)")
 	f.String("nbd-tls-cert", "", "TLS server certificate (config nbd.tls_cert)")
