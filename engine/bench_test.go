@@ -28,7 +28,7 @@ func benchDir(b *testing.B) string {
 }
 
 // BenchmarkEngine: random reads and writes of 4 KiB and 64 KiB through the engine on a
-// 1 GiB image held in the page cache, from GOMAXPROCS×4 goroutines. Compare with
+// 1 GiB image held in the page cache, benchDepth requests in flight. Compare with
 // BenchmarkRawAESGCM in the same run (docs: BENCHMARKS.md).
 func BenchmarkEngine(b *testing.B) {
 	const size = 1 << 30
@@ -39,7 +39,7 @@ func BenchmarkEngine(b *testing.B) {
 		b.Fatal(err)
 	}
 	im.create(b, f)
-	e := New(Options{CacheBytes: 64 << 20, Shards: benchShards})
+	e := New(Options{CacheBytes: 64 << 20, Shards: benchShards, NoMap: os.Getenv("SEALDISK_BENCH_NOMAP") != ""})
 	defer e.Close()
 	d := im.attach(b, e, 1, f)
 	buf := make([]byte, 4<<20)
@@ -52,7 +52,7 @@ func BenchmarkEngine(b *testing.B) {
 		for _, op := range []string{"read", "write"} {
 			b.Run(fmt.Sprintf("%s-%dk", op, bs/1024), func(b *testing.B) {
 				b.SetBytes(int64(bs))
-				b.SetParallelism(4)
+				b.SetParallelism(max(1, benchDepth/runtime.GOMAXPROCS(0)))
 				var seed atomic.Int64
 				b.RunParallel(func(pb *testing.PB) {
 					r := rand.New(rand.NewSource(seed.Add(1)))
@@ -108,14 +108,23 @@ func BenchmarkRawIO(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	for _, op := range []string{"pread", "pwrite"} {
+	// Writes always go through pwrite (a store into a mapped page that is not resident
+	// makes the kernel read it from disk first), so only reads have a mapped variant.
+	for _, op := range []string{"pread", "pwrite", "mapped-read"} {
+		mapped := op == "mapped-read"
+		if err := f.SetMapped(mapped); err != nil {
+			b.Fatal(err)
+		}
+		if mapped != (f.Mapped() == size) {
+			b.Fatalf("mapping %v: %d bytes mapped", mapped, f.Mapped())
+		}
 		b.Run(op+"-64k", func(b *testing.B) {
 			r := rand.New(rand.NewSource(2))
 			p := buf[:bs]
 			b.SetBytes(bs)
 			for b.Loop() {
 				off := r.Int63n(size/bs) * bs
-				if op == "pread" {
+				if op == "pread" || op == "mapped-read" {
 					_, err = f.ReadAt(p, off)
 				} else {
 					_, err = f.WriteAt(p, off)
@@ -127,6 +136,14 @@ func BenchmarkRawIO(b *testing.B) {
 		})
 	}
 }
+
+// benchDepth is the number of requests in flight: 32, the queue depth of the anchors' random
+// 4 KiB fio jobs (../shared/bench); SEALDISK_BENCH_DEPTH overrides it.
+var benchDepth = func() int {
+	n := 32
+	fmt.Sscan(os.Getenv("SEALDISK_BENCH_DEPTH"), &n)
+	return n
+}()
 
 // benchShards: SEALDISK_BENCH_SHARDS overrides the default (one per core).
 var benchShards = func() int {
