@@ -226,9 +226,16 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, er
 	if e.disks[asid] != nil {
 		return nil, fmt.Errorf("failed to attach: ASID %d already has a disk", asid)
 	}
-	if m, ok := st.(interface{ SetMapped(bool) error }); ok && !e.opts.NoMap {
+	if m, ok := st.(interface {
+		SetMapped(bool) error
+		Mapped() int64
+	}); ok && !e.opts.NoMap {
 		if err := m.SetMapped(true); err != nil {
 			return nil, fmt.Errorf("failed to attach: %w", err)
+		}
+		if m.Mapped() == 0 {
+			// Larger than 4 TiB, or mmap refused (filesystem, address-space limit).
+			e.opts.Logger.Info("image not mapped; reads use pread", "asid", asid)
 		}
 	}
 	d, err := newDisk(e, asid, st, h, ks.cipher, readOnly || ks.b.ReadOnly || h.ReadOnly)
