@@ -152,7 +152,7 @@ func TestCrashConsistency(t *testing.T) {
 		}
 		crashed := st.Crash(r, r.Float64())
 		crashed.OnWrite = nl.onWrite
-		e.closed.Store(true) // the crashed engine is abandoned, never flushed
+		abandon(e) // the crashed engine is never flushed
 		e2 := New(Options{Shards: 2, StripeSectors: 64, Logger: quiet})
 		d2 := im.attach(t, e2, 2, crashed)
 		for s := int64(0); s < sectors; s++ {

@@ -114,3 +114,14 @@ func reopen(t testing.TB, p string) *store.File {
 	}
 	return f
 }
+
+// abandon stops e's shard workers without writing anything back, as a crash would: the
+// engine is marked closed (Close becomes a no-op) and its submission rings are closed, so
+// the workers, their idle timers and the disks and caches they reference go away instead
+// of piling up across a test's iterations.
+func abandon(e *Engine) {
+	e.closed.Store(true)
+	for _, s := range e.shards {
+		s.sq.Close()
+	}
+}
