@@ -31,8 +31,7 @@ type Store interface {
 // reads inside the file's size are memory copies from a shared read-only mapping of the file
 // instead of preads (mmap.go); the engine maps the stores it attaches.
 type File struct {
-	f  *os.File
-	ro bool
+	f *os.File
 	mapping
 }
 
@@ -48,7 +47,7 @@ func OpenFile(path string, readOnly bool) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to open image file: %w", err)
 	}
-	return &File{f: f, ro: readOnly}, nil
+	return &File{f: f}, nil
 }
 
 // CreateFile creates a new image file (mode 0600), unmapped; it fails if the path exists.
@@ -130,8 +129,9 @@ func (s *File) Close() error {
 }
 
 // SetMapped turns the mapping on or off (off at open). On, the file is mapped at its current
-// size and again after each Truncate; reads that lie inside the mapping are memory copies. A file that cannot be mapped (not regular, empty, larger than 4 TiB, or mmap refused
-// by its filesystem) keeps pread. Off, every read is a pread: for
+// size and again after each Truncate; reads that lie inside the mapping are memory copies. A
+// file that cannot be mapped (not regular, empty, larger than 4 TiB, or mmap refused by its
+// filesystem or an address-space limit) keeps pread. Off, every read is a pread: for
 // filesystems whose mmap semantics differ from their read/write ones, or to keep image pages
 // out of the process's resident set (OPERATOR.md). It waits for copies in flight.
 func (s *File) SetMapped(on bool) error {
