@@ -42,8 +42,7 @@ type mapping struct {
 	mu     sync.RWMutex // read-held for a copy through m; write-held to map, unmap or close
 	m      []byte       // the file's [0, len(m)); nil when unmapped
 	warm   []atomic.Uint64
-	size   atomic.Int64 // len(m), readable without mu
-	on     bool         // mapping wanted (SetMapped)
+	on     bool // mapping wanted (SetMapped)
 	closed bool
 }
 
@@ -71,7 +70,6 @@ func (mp *mapping) mapLocked(f *os.File) error {
 	}
 	mp.m = m
 	mp.warm = make([]atomic.Uint64, (fi.Size()+64*warmBlock-1)/(64*warmBlock))
-	mp.size.Store(int64(len(m)))
 	return nil
 }
 
@@ -82,7 +80,6 @@ func (mp *mapping) unmapLocked() {
 			panic(fmt.Sprintf("BUG: store: munmap of a live mapping: %v", err))
 		}
 		mp.m, mp.warm = nil, nil
-		mp.size.Store(0)
 	}
 }
 

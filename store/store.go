@@ -143,4 +143,8 @@ func (s *File) SetMapped(on bool) error {
 }
 
 // Mapped reports how many bytes of the file are mapped (0: none; reads use pread).
-func (s *File) Mapped() int64 { return s.size.Load() }
+func (s *File) Mapped() int64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return int64(len(s.m))
+}
