@@ -144,10 +144,15 @@ var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 
 func getScratch(uuid [16]byte, lba, ctr uint64) *scratch {
 	sc := scratchPool.Get().(*scratch)
+	sc.set(uuid, lba, ctr)
+	return sc
+}
+
+// set fills in sector lba's nonce (counter ctr) and AAD.
+func (sc *scratch) set(uuid [16]byte, lba, ctr uint64) {
 	binary.BigEndian.PutUint64(sc.nonce[4:], ctr) // nonce[:4] stays zero
 	copy(sc.aad[:16], uuid[:])
 	binary.BigEndian.PutUint64(sc.aad[16:], lba)
-	return sc
 }
 
 // Open verifies and decrypts one sector into dst. len(ct) == SectorSize; dst has len
@@ -172,7 +177,9 @@ func (c *Cipher) Open(lba uint64, dst, ct []byte, e *Entry) error {
 	}
 	if k := c.keys.bySalt[salt]; k != nil {
 		k.touch()
-		err := c.open(k, lba, dst, ct, e)
+		sc := scratchPool.Get().(*scratch)
+		err := c.open(k, lba, dst, ct, e, sc)
+		scratchPool.Put(sc)
 		c.mu.RUnlock()
 		return err
 	}
@@ -192,7 +199,9 @@ func (c *Cipher) Open(lba uint64, dst, ct []byte, e *Entry) error {
 		c.keys.bySalt[salt] = k
 		c.keys.addUnpinned(k)
 	}
-	return c.open(k, lba, dst, ct, e)
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	return c.open(k, lba, dst, ct, e, sc)
 }
 
 // checkEntry handles the entries that need no AEAD: a zero entry yields zeros, a malformed
@@ -215,8 +224,9 @@ func checkEntry(lba uint64, dst []byte, e *Entry) (done bool, err error) {
 // OpenSectors verifies and decrypts len(ents) consecutive sectors starting at lba in place:
 // buf (exactly len(ents) sectors, no slack needed) holds their ciphertexts and, on success,
 // their plaintexts; ents[i] is sector lba+i's entry. Each sector's transient tag borrows the
-// next sector's first TagSize bytes, which are put back after (the last sector goes through
-// a pooled scratch). One run takes the key lock once and looks a salt up once while it
+// next sector's first TagSize bytes, which are put back after. The last sector borrows the
+// TagSize bytes after buf when buf's capacity has them (so nothing else may use them
+// meanwhile), else it goes through a pooled scratch. One run takes the key lock once and looks a salt up once while it
 // repeats, which is what a run written by one session does. On failure it returns the
 // first failing sector's error; buf then holds zeros for that sector and must be discarded
 // whole (later sectors are still ciphertext).
@@ -236,6 +246,8 @@ func (c *Cipher) OpenSectors(lba uint64, buf []byte, ents []Entry) error {
 		clear(buf)
 		return ErrDestroyed
 	}
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
 	var k *sessionKey // the key of the previous sector
 	for i := range ents {
 		e := &ents[i]
@@ -248,14 +260,15 @@ func (c *Cipher) OpenSectors(lba uint64, buf []byte, ents []Entry) error {
 		}
 		var save [TagSize]byte
 		var tail *tailBuf
-		var dst []byte
-		if i == len(ents)-1 {
+		var dst, next []byte
+		if (i+1)*n+TagSize > cap(buf) {
 			tail = tailPool.Get().(*tailBuf)
 			dst = tail[: n : n+TagSize]
 			copy(dst, s)
 		} else {
 			dst = buf[i*n : (i+1)*n : (i+1)*n+TagSize]
-			copy(save[:], buf[(i+1)*n:])
+			next = buf[(i+1)*n : (i+1)*n+TagSize]
+			copy(save[:], next)
 		}
 		var err error
 		if k == nil || k.salt != [SaltSize]byte(e[:SaltSize]) {
@@ -265,7 +278,7 @@ func (c *Cipher) OpenSectors(lba uint64, buf []byte, ents []Entry) error {
 			}
 		}
 		if k != nil {
-			err = c.open(k, lba+uint64(i), dst, dst, e)
+			err = c.open(k, lba+uint64(i), dst, dst, e, sc)
 		} else {
 			// a salt not cached: Open derives the key under the write lock
 			c.mu.RUnlock()
@@ -282,7 +295,7 @@ func (c *Cipher) OpenSectors(lba uint64, buf []byte, ents []Entry) error {
 			clear(tail[:])
 			tailPool.Put(tail)
 		} else {
-			copy(buf[(i+1)*n:], save[:])
+			copy(next, save[:])
 		}
 		if err != nil {
 			clear(s)
@@ -298,8 +311,8 @@ type tailBuf [4096 + TagSize]byte
 
 var tailPool = sync.Pool{New: func() any { return new(tailBuf) }}
 
-// open runs the AEAD; the caller holds c.mu.
-func (c *Cipher) open(k *sessionKey, lba uint64, dst, ct []byte, e *Entry) error {
+// open runs the AEAD with sc for its nonce and AAD; the caller holds c.mu.
+func (c *Cipher) open(k *sessionKey, lba uint64, dst, ct []byte, e *Entry, sc *scratch) error {
 	n := c.sectorSize
 	// The AEAD wants ct||tag contiguous: put them in dst's slack (no copy in place).
 	buf := dst[:n+TagSize]
@@ -307,9 +320,8 @@ func (c *Cipher) open(k *sessionKey, lba uint64, dst, ct []byte, e *Entry) error
 		copy(buf, ct)
 	}
 	copy(buf[n:], e[24:40])
-	sc := getScratch(c.uuid, lba, e.Counter())
+	sc.set(c.uuid, lba, e.Counter())
 	_, err := k.aead.Open(buf[:0], sc.nonce[:], buf, sc.aad[:])
-	scratchPool.Put(sc)
 	if err != nil {
 		clear(buf)
 		return &AuthError{LBA: lba, Reason: "tag mismatch (data, salt, counter, tag or position was modified)"}
