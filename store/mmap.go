@@ -85,7 +85,7 @@ func (mp *mapping) unmapLocked() {
 
 // readMapped copies [off, off+len(p)) from the mapping when it lies inside it; ok false means
 // the caller must pread.
-func (mp *mapping) readMapped(p []byte, off int64, name string) (n int, ok bool, err error) {
+func (mp *mapping) readMapped(p []byte, off int64, f *os.File) (n int, ok bool, err error) {
 	if len(p) == 0 || off < 0 {
 		return 0, false, nil
 	}
@@ -104,7 +104,7 @@ func (mp *mapping) readMapped(p []byte, off int64, name string) (n int, ok bool,
 	start := time.Now()
 	if err := faultCopy(p, region, region); err != nil {
 		mp.setWarm(first, last, false)
-		return 0, true, &os.PathError{Op: "read (mapped)", Path: name, Err: err}
+		return 0, true, &os.PathError{Op: "read (mapped)", Path: f.Name(), Err: err}
 	}
 	mp.setWarm(first, last, time.Since(start) < time.Duration(len(p)>>12+1)*warmPer4K)
 	return len(p), true, nil

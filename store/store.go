@@ -66,7 +66,7 @@ func (s *File) Name() string { return s.f.Name() }
 func (s *File) Fd() uintptr { return s.f.Fd() }
 
 func (s *File) ReadAt(p []byte, off int64) (int, error) {
-	if n, ok, err := s.readMapped(p, off, s.f.Name()); ok {
+	if n, ok, err := s.readMapped(p, off, s.f); ok {
 		return n, err
 	}
 	return s.f.ReadAt(p, off)
