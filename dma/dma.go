@@ -178,15 +178,6 @@ func (r *Ring) Len() int {
 	return r.n
 }
 
-// Idle reports an open ring with nothing queued: a consumer that owns the ring's work (the
-// engine's shard) may then perform a new descriptor itself instead of queueing it, and no
-// earlier descriptor is overtaken.
-func (r *Ring) Idle() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.n == 0 && !r.closed
-}
-
 // Cap is the ring size.
 func (r *Ring) Cap() int { return len(r.buf) }
 

@@ -112,11 +112,39 @@ func (d *Disk) admit() error {
 	return nil
 }
 
-// request gathers the descriptors of one frontend call.
+// request gathers the descriptors of one frontend call. Requests are pooled with their
+// descriptors: a read or write then allocates nothing of its own.
 type request struct {
-	wg  sync.WaitGroup
-	mu  sync.Mutex // guards err
-	err error
+	wg    sync.WaitGroup
+	mu    sync.Mutex // guards err
+	err   error
+	descs []dma.Descriptor      // owned by the submitter, except from Push to Complete (dma)
+	done  func(*dma.Descriptor) // complete, as the descriptors' Complete (made once, not per call)
+}
+
+var requestPool = sync.Pool{New: func() any {
+	r := new(request)
+	r.done = r.complete
+	return r
+}}
+
+// getRequest returns an empty request with n zero descriptors.
+func getRequest(n int) *request {
+	r := requestPool.Get().(*request)
+	if cap(r.descs) < n {
+		r.descs = make([]dma.Descriptor, n)
+	}
+	r.descs = r.descs[:n]
+	return r
+}
+
+// put returns r to the pool once every descriptor has completed; nothing it held (guest
+// buffers, the disk) stays reachable from the pool.
+func (r *request) put() {
+	clear(r.descs)
+	r.descs = r.descs[:0]
+	r.err = nil
+	requestPool.Put(r)
 }
 
 func (r *request) complete(desc *dma.Descriptor) {
@@ -137,7 +165,6 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 		return err
 	}
 	defer d.inflight.Done()
-	req := &request{}
 	stripe := int64(d.e.opts.StripeSectors) * d.ss
 	// With the memory-encryption stage the payload lives in (simulated) guest memory: buf
 	// becomes a buffer encrypted under the VM's VEK, and caller keeps the caller's buffer.
@@ -149,14 +176,16 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 		}
 		defer clear(buf)
 	}
-	var descs []*dma.Descriptor
-	for pos := off; pos < off+n; {
+	req := getRequest(int((off+n-1)/stripe - off/stripe + 1))
+	defer req.put()
+	for i, pos := 0, off; pos < off+n; i++ {
 		end := min((pos/stripe+1)*stripe, off+n)
 		lba := uint64(pos / d.ss)
 		head := pos - int64(lba)*d.ss
-		desc := &dma.Descriptor{
+		desc := &req.descs[i]
+		*desc = dma.Descriptor{
 			Op: op, ASID: uint32(d.asid), LBA: lba, Count: uint32((head + end - pos + d.ss - 1) / d.ss),
-			Head: uint32(head), Len: uint32(end - pos), Flags: flags, Target: d, Complete: req.complete,
+			Head: uint32(head), Len: uint32(end - pos), Flags: flags, Target: d, Complete: req.done,
 		}
 		switch {
 		case op == dma.OpStatus:
@@ -169,11 +198,12 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 				return fmt.Errorf("%w: %v", ErrPermission, err)
 			}
 		}
-		descs = append(descs, desc)
 		pos = end
 	}
+	descs := req.descs
 	req.wg.Add(len(descs))
-	for i, desc := range descs {
+	for i := range descs {
+		desc := &descs[i]
 		if err := ctx.Err(); err != nil {
 			req.wg.Add(-(len(descs) - i))
 			req.wg.Wait()
@@ -192,8 +222,8 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 	}
 	req.wg.Wait()
 	if req.err == nil && caller != nil && op == dma.OpRead {
-		for _, desc := range descs {
-			if err := d.e.mem.Open(desc); err != nil {
+		for i := range descs {
+			if err := d.e.mem.Open(&descs[i]); err != nil {
 				return fmt.Errorf("%w: %v", ErrPermission, err)
 			}
 		}

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/bits"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/sealdisk/sealdisk/dma"
@@ -16,49 +18,59 @@ import (
 // entriesPerPage is the number of 64-byte entries in one 4 KiB metadata page.
 const entriesPerPage = 4096 / format.MetaEntrySize
 
+var _ [64 - entriesPerPage]struct{} // a page's sectors fit one lineMask word
+
 // maxWriteback bounds one writeback batch (journal records appended and synced at once).
 const maxWriteback = 1024
 
 // line is one cached plaintext sector.
 type line struct {
-	lruLinks[line] // most recent at head
-	lba            uint64
-	data           []byte // sector bytes; cap sector+TagSize
-	dirty          bool
-	dirtyAt        time.Time
+	prev, next *line // LRU list, most recent at head
+	lba        uint64
+	data       []byte // sector bytes; cap sector+TagSize
+	dirty      bool
+	dirtyAt    time.Time
 }
 
-func (l *line) links() *lruLinks[line] { return &l.lruLinks }
-
-// metaPage is one cached metadata page.
+// metaPage is one cached metadata page. Pages are always clean: every change to an entry is
+// written at once (inPlace, zeroInPlace, settle).
 type metaPage struct {
-	lruLinks[metaPage]
 	idx uint64
+	ref bool // CLOCK reference bit: used since the hand last passed
 	e   [entriesPerPage]sector.Entry
 }
 
-func (pg *metaPage) links() *lruLinks[metaPage] { return &pg.lruLinks }
-
 // part is one disk's state on one shard. Only the goroutine holding the shard (its worker,
 // or a submitter running a descriptor inline) touches it, so it has no lock of its own: this
-// is what makes read-modify-write race-free.
+// is what makes read-modify-write race-free. The one exception is opening, which reads the
+// store and the guest buffer outside the shard, ordered by gate.
 type part struct {
 	d     *Disk
 	shard int
 
 	lines    map[uint64]*line
-	lineLRU  lru[line, *line]
+	lineMask map[uint64]uint64 // metadata page index -> bit i set: its sector i has a line (absent: 0)
+	lineLRU  lineList
 	maxLines int
 	dirty    int
 	spare    []*line // dropped lines kept with their buffers for reuse; zeroised at detach
 
 	pages             map[uint64]*metaPage
-	pageLRU           lru[metaPage, *metaPage]
+	pageRing          []*metaPage // every cached page, in CLOCK order; len ≤ maxPages
+	hand              int         // the CLOCK hand: next index of pageRing to consider
+	lastPage          *metaPage   // the page page() returned last: never the one evicted
 	maxPages          int
 	ct, recs, pagebuf []byte // scratch
 	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
 	wb                []*line
+
+	// gate orders reads that open sectors after the shard is released (opening) against
+	// changes to those sectors' bytes in the store. Such a read holds it shared from taking the
+	// sectors' entries, under the shard, until it has opened them; writing data in place or
+	// punching it holds it exclusively. Both are taken only by the shard's holder, so a read
+	// never waits for it, and a write-back waits only for reads already under way.
+	gate sync.RWMutex
 
 	// unsettled: sectors whose write-back or zeroing failed after its journal record was
 	// durable. A write-back's sector may hold the old or the new ciphertext under either
@@ -77,37 +89,28 @@ type pending struct {
 
 func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 	return &part{
-		d: d, shard: shard, lines: map[uint64]*line{}, maxLines: maxLines,
-		pages: map[uint64]*metaPage{}, maxPages: maxPages,
+		d: d, shard: shard, lines: map[uint64]*line{}, lineMask: map[uint64]uint64{}, maxLines: maxLines,
+		pages: map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
 		recs:    make([]byte, maxWriteback*sector.JournalRecordSize),
 		pagebuf: make([]byte, 4096),
 	}
 }
 
-// --- LRU lists ---
+// --- sector lines ---
 
-// lruLinks are the list pointers a cached item embeds.
-type lruLinks[T any] struct{ prev, next *T }
+// lineList is the intrusive doubly linked LRU list of a part's lines, most recently used at
+// head.
+type lineList struct{ head, tail *line }
 
-// lruItem is a pointer to an item that embeds its lruLinks.
-type lruItem[T any] interface {
-	*T
-	links() *lruLinks[T]
-}
-
-// lru is an intrusive doubly linked list, most recently used at head: one implementation
-// for the sector lines and the metadata pages.
-type lru[T any, P lruItem[T]] struct{ head, tail *T }
-
-func (q *lru[T, P]) touch(x *T) {
+func (q *lineList) touch(x *line) {
 	if q.head == x {
 		return
 	}
 	q.unlink(x)
-	P(x).links().next = q.head
+	x.next = q.head
 	if q.head != nil {
-		P(q.head).links().prev = x
+		q.head.prev = x
 	}
 	q.head = x
 	if q.tail == nil {
@@ -115,19 +118,18 @@ func (q *lru[T, P]) touch(x *T) {
 	}
 }
 
-func (q *lru[T, P]) unlink(x *T) {
-	l := P(x).links()
-	if l.prev != nil {
-		P(l.prev).links().next = l.next
+func (q *lineList) unlink(x *line) {
+	if x.prev != nil {
+		x.prev.next = x.next
 	} else if q.head == x {
-		q.head = l.next
+		q.head = x.next
 	}
-	if l.next != nil {
-		P(l.next).links().prev = l.prev
+	if x.next != nil {
+		x.next.prev = x.prev
 	} else if q.tail == x {
-		q.tail = l.prev
+		q.tail = x.prev
 	}
-	l.prev, l.next = nil, nil
+	x.prev, x.next = nil, nil
 }
 
 // newLine returns an unused line for lba, not yet in the cache: a spare one with its buffer
@@ -148,6 +150,11 @@ func (p *part) newLine(lba uint64) *line {
 func (p *part) drop(l *line) {
 	p.lineLRU.unlink(l)
 	delete(p.lines, l.lba)
+	if pg, m := l.lba/entriesPerPage, p.lineMask[l.lba/entriesPerPage]&^lineBit(l.lba); m == 0 {
+		delete(p.lineMask, pg)
+	} else {
+		p.lineMask[pg] = m
+	}
 	if l.dirty {
 		l.dirty = false
 		p.dirty--
@@ -158,8 +165,34 @@ func (p *part) drop(l *line) {
 // insert caches l (from newLine) as most recently used.
 func (p *part) insert(l *line) *line {
 	p.lines[l.lba] = l
+	p.lineMask[l.lba/entriesPerPage] |= lineBit(l.lba)
 	p.lineLRU.touch(l)
 	return l
+}
+
+// lineBit is lba's bit in its page's lineMask.
+func lineBit(lba uint64) uint64 { return 1 << (lba % entriesPerPage) }
+
+// cached returns lba's line, or nil. Most sectors have none, and their page's mask says so
+// without a lookup in lines.
+func (p *part) cached(lba uint64) *line {
+	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
+		return nil
+	}
+	return p.lines[lba]
+}
+
+// uncached is how many sectors from lba on, at most n, have no line: one mask per metadata
+// page's worth of sectors.
+func (p *part) uncached(lba uint64, n int64) int64 {
+	for k := int64(0); k < n; {
+		a := lba + uint64(k)
+		if m := p.lineMask[a/entriesPerPage] >> (a % entriesPerPage); m != 0 {
+			return min(n, k+int64(bits.TrailingZeros64(m)))
+		}
+		k += int64(entriesPerPage - a%entriesPerPage)
+	}
+	return n
 }
 
 func (p *part) markDirty(l *line, now time.Time) {
@@ -172,31 +205,59 @@ func (p *part) markDirty(l *line, now time.Time) {
 
 // --- metadata pages ---
 
+// page returns metadata page idx, reading it on a miss. A hit sets the page's reference bit
+// and touches no other page's memory; a miss with the cache full evicts by CLOCK and reuses
+// the evicted page's memory. The page returned by the previous call is never the one evicted,
+// so a caller may hold one page while it asks for the next (inPlace, zeroInPlace); no caller
+// holds more.
 func (p *part) page(idx uint64) (*metaPage, error) {
-	if pg := p.pageLRU.head; pg != nil && pg.idx == idx {
+	if pg := p.lastPage; pg != nil && pg.idx == idx {
 		return pg, nil // runs of sectors ask for one page many times in a row
 	}
 	if pg := p.pages[idx]; pg != nil {
-		p.pageLRU.touch(pg)
+		if !pg.ref {
+			pg.ref = true
+		}
+		p.lastPage = pg
 		return pg, nil
 	}
-	for len(p.pages) >= p.maxPages && p.pageLRU.tail != nil {
-		old := p.pageLRU.tail
-		p.pageLRU.unlink(old)
-		delete(p.pages, old.idx)
-	}
-	pg := &metaPage{idx: idx}
 	n := min(entriesPerPage, p.d.sectors-idx*entriesPerPage)
 	buf := p.pagebuf[:n*format.MetaEntrySize]
 	if _, err := p.d.st.ReadAt(buf, p.d.h.EntryPos(idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("failed to read metadata: %w", err)
 	}
+	var pg *metaPage
+	if len(p.pageRing) < p.maxPages {
+		pg = new(metaPage)
+		p.pageRing = append(p.pageRing, pg)
+	} else {
+		pg = p.evictPage()
+		delete(p.pages, pg.idx)
+		*pg = metaPage{}
+	}
+	pg.idx, pg.ref = idx, true
 	for i := range n {
 		copy(pg.e[i][:], buf[i*format.MetaEntrySize:])
 	}
 	p.pages[idx] = pg
-	p.pageLRU.touch(pg)
+	p.lastPage = pg
 	return pg, nil
+}
+
+// evictPage advances the CLOCK hand to a page not used since it last passed, other than
+// lastPage, and returns it. maxPages ≥ 2, so there is one.
+func (p *part) evictPage() *metaPage {
+	for {
+		pg := p.pageRing[p.hand]
+		p.hand = (p.hand + 1) % len(p.pageRing)
+		switch {
+		case pg == p.lastPage:
+		case pg.ref:
+			pg.ref = false
+		default:
+			return pg
+		}
+	}
 }
 
 func (p *part) entry(lba uint64) (*sector.Entry, error) {
@@ -246,7 +307,8 @@ func (p *part) loadRun(a, b uint64) error {
 	ss := d.ss
 	ct := p.ct[:int64(b-a)*ss]
 	// Skip the pread entirely when every entry in the run is zero (never written).
-	ents, any, err := p.entries(a, int(b-a))
+	ents, any, err := p.entries(p.ents[:0], a, int(b-a))
+	p.ents = ents
 	if err != nil {
 		return err
 	}
@@ -271,66 +333,145 @@ func (p *part) loadRun(a, b uint64) error {
 	return nil
 }
 
-// readDirect decrypts the uncached sectors i..j-1 of a read descriptor into the guest
-// buffer. A run of whole sectors is read with one pread straight into the guest buffer and
-// opened there in place; a run with a partial head or tail sector goes through p.ct.
+// readDirect decrypts the uncached sectors i..j-1 of a read descriptor, at least one of them
+// partial, into the guest buffer through p.ct, under the shard (unaligned reads only). Runs of whole sectors are
+// opened after the shard is released instead (opening).
 func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	d := p.d
 	ss := d.ss
 	a := desc.LBA + uint64(i)
 	n := j - i
 	d.e.Stats.CacheMisses.Add(uint64(n))
-	ents, any, err := p.entries(a, int(n))
+	ents, any, err := p.entries(p.ents[:0], a, int(n))
+	p.ents = ents
 	if err != nil {
 		return err
 	}
 	bLo, _, sLo := span(desc, i, ss)
 	_, bHi, _ := span(desc, j-1, ss)
 	run := p.ct[:n*ss]
-	direct := bHi-bLo == n*ss // whole sectors only
-	if direct {
-		run = desc.Buf[bLo:bHi]
-	}
 	if any {
 		if _, err := d.st.ReadAt(run, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
+			clear(run)
 			return fmt.Errorf("failed to read sectors %d-%d: %w", a, a+uint64(n)-1, err)
 		}
 	}
 	err = d.c.OpenSectors(a, run, ents)
-	if err == nil && !direct {
+	if err == nil {
 		copy(desc.Buf[bLo:bHi], run[sLo:])
 	}
-	if !direct {
-		clear(run)
-	}
+	clear(run)
 	if err != nil {
-		clear(desc.Buf)
-		if errors.Is(err, sector.ErrAuth) {
-			d.e.Stats.AuthFailures.Add(1)
-			d.e.opts.Logger.Error("sector failed authentication", "asid", d.asid, "error", err)
-			return fmt.Errorf("%w: %v", ErrIntegrity, err)
-		}
-		return err
+		return p.openFailed(desc.Buf, err)
 	}
 	return nil
 }
 
-// entries copies the entries of sectors [a, a+n) into p.ents, looking each metadata page up
-// once, and reports whether any is non-zero (written).
-func (p *part) entries(a uint64, n int) (ents []sector.Entry, any bool, err error) {
-	ents = slices.Grow(p.ents[:0], n)[:n]
-	p.ents = ents
-	for k := 0; k < n; {
-		lba := a + uint64(k)
+// openFailed clears a read's guest buffer after a sector failed to open and returns the
+// read's error: ErrIntegrity (counted and logged) for an authentication failure.
+func (p *part) openFailed(buf []byte, err error) error {
+	clear(buf)
+	if errors.Is(err, sector.ErrAuth) {
+		p.d.e.Stats.AuthFailures.Add(1)
+		p.d.e.opts.Logger.Error("sector failed authentication", "asid", p.d.asid, "error", err)
+		return fmt.Errorf("%w: %v", ErrIntegrity, err)
+	}
+	return err
+}
+
+// opening is the part of a read performed after its shard is released, by whoever performed
+// the descriptor: runs of whole uncached sectors, each copied from the store straight into the
+// guest buffer and opened there in place. Copying and AES are nearly all of a large read's
+// cost; done outside the shard, they run on every core that has reads to do, while the shard
+// serves other descriptors, so a burst of reads on one shard does not leave the other cores
+// idle. The runs' entries are taken under the shard, and p.gate is read-held from then until
+// release, so nothing changes those sectors' bytes in the store in between (part.gate).
+type opening struct {
+	p    *part
+	buf  []byte // the descriptor's guest buffer
+	runs []openRun
+	ents []sector.Entry // runs' entries, back to back
+}
+
+// openRun is one run: guest buffer bytes [lo, hi) are whole sectors from lba on.
+type openRun struct {
+	lba    uint64
+	lo, hi int64
+	stored bool // some entry is non-zero, so the store is read (else the run is zeros)
+}
+
+var openingPool = sync.Pool{New: func() any { return new(opening) }}
+
+// detach records sectors i..j-1 of desc, all whole and uncached (guest buffer bytes
+// [bLo, bHi)), for opening after the shard is released; o is nil for the descriptor's first
+// run. On failure o is released. The shard is held.
+func (p *part) detach(o *opening, desc *dma.Descriptor, i, j int64, bLo, bHi int64) (*opening, error) {
+	a := desc.LBA + uint64(i)
+	p.d.e.Stats.CacheMisses.Add(uint64(j - i))
+	if o == nil {
+		o = openingPool.Get().(*opening)
+		o.p, o.buf = p, desc.Buf
+		p.gate.RLock() // never waits: exclusive holders hold the shard, as the caller does
+	}
+	ents, any, err := p.entries(o.ents, a, int(j-i))
+	o.ents = ents
+	if err != nil {
+		o.release()
+		return nil, err
+	}
+	o.runs = append(o.runs, openRun{lba: a, lo: bLo, hi: bHi, stored: any})
+	return o, nil
+}
+
+// run copies and opens every run, then releases o. The shard is not held.
+func (o *opening) run() error {
+	defer o.release()
+	p := o.p
+	d := p.d
+	ents := o.ents
+	for _, r := range o.runs {
+		// capped at the descriptor's end: OpenSectors may borrow bytes after a run, which
+		// past the end belong to another descriptor
+		buf := o.buf[r.lo:r.hi:len(o.buf)]
+		n := (r.hi - r.lo) / d.ss
+		if r.stored {
+			if _, err := d.st.ReadAt(buf, d.h.DataPos(r.lba)); err != nil && !errors.Is(err, io.EOF) {
+				clear(o.buf)
+				return fmt.Errorf("failed to read sectors %d-%d: %w", r.lba, r.lba+uint64(n)-1, err)
+			}
+		}
+		if err := d.c.OpenSectors(r.lba, buf, ents[:n]); err != nil {
+			return p.openFailed(o.buf, err)
+		}
+		ents = ents[n:]
+	}
+	return nil
+}
+
+// release ends the read's hold on the part and returns o to the pool.
+func (o *opening) release() {
+	o.p.gate.RUnlock()
+	clear(o.ents)
+	o.p, o.buf, o.runs, o.ents = nil, nil, o.runs[:0], o.ents[:0]
+	openingPool.Put(o)
+}
+
+// entries appends the entries of sectors [a, a+n) to dst, looking each metadata page up
+// once, and reports whether any of them is non-zero (written).
+func (p *part) entries(dst []sector.Entry, a uint64, n int) (ents []sector.Entry, any bool, err error) {
+	k := len(dst)
+	ents = slices.Grow(dst, n)[:k+n]
+	for i := 0; i < n; {
+		lba := a + uint64(i)
 		pg, err := p.page(lba / entriesPerPage)
 		if err != nil {
-			return nil, false, err
+			return ents[:k], false, err
 		}
-		m := copy(ents[k:], pg.e[lba%entriesPerPage:])
-		for _, e := range ents[k : k+m] {
+		m := copy(ents[k+i:], pg.e[lba%entriesPerPage:])
+		for _, e := range ents[k+i : k+i+m] {
 			any = any || !e.IsZero()
 		}
-		k += m
+		i += m
 	}
 	return ents, any, nil
 }
@@ -403,17 +544,8 @@ func (p *part) writebackBatch(ls []*line) error {
 // inPlace writes a journaled batch's data (contiguous runs in one pwrite each), then its
 // entries (each touched page once).
 func (p *part) inPlace(ls []*line, recs []sector.JournalRecord) error {
-	d := p.d
-	ss := d.ss
-	for i := 0; i < len(ls); {
-		j := i + 1
-		for j < len(ls) && ls[j].lba == ls[j-1].lba+1 {
-			j++
-		}
-		if _, err := d.st.WriteAt(p.ct[int64(i)*ss:int64(j)*ss], d.h.DataPos(ls[i].lba)); err != nil {
-			return fmt.Errorf("failed to write data: %w", err)
-		}
-		i = j
+	if err := p.writeData(ls); err != nil {
+		return err
 	}
 	var last *metaPage
 	for i, l := range ls {
@@ -431,6 +563,26 @@ func (p *part) inPlace(ls []*line, recs []sector.JournalRecord) error {
 	}
 	if last != nil {
 		return p.writePage(last)
+	}
+	return nil
+}
+
+// writeData writes a sealed batch's data from p.ct, contiguous runs in one pwrite each, once no
+// read is opening sectors of the part outside the shard.
+func (p *part) writeData(ls []*line) error {
+	d := p.d
+	ss := d.ss
+	p.gate.Lock()
+	defer p.gate.Unlock()
+	for i := 0; i < len(ls); {
+		j := i + 1
+		for j < len(ls) && ls[j].lba == ls[j-1].lba+1 {
+			j++
+		}
+		if _, err := d.st.WriteAt(p.ct[int64(i)*ss:int64(j)*ss], d.h.DataPos(ls[i].lba)); err != nil {
+			return fmt.Errorf("failed to write data: %w", err)
+		}
+		i = j
 	}
 	return nil
 }
@@ -485,7 +637,10 @@ func (p *part) settle() error {
 			return err
 		}
 		if r.zero {
-			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
+			p.gate.Lock()
+			err := punch(d.st, d.h.DataPos(lba), d.ss)
+			p.gate.Unlock()
+			if err != nil {
 				return err
 			}
 		}
@@ -595,6 +750,8 @@ func (p *part) zeroInPlace(batch []uint64) error {
 			return err
 		}
 	}
+	p.gate.Lock()
+	defer p.gate.Unlock()
 	for i := 0; i < len(batch); {
 		j := i + 1
 		for j < len(batch) && batch[j] == batch[j-1]+1 {
@@ -661,7 +818,7 @@ func (p *part) zeroise() {
 	p.unsettled = nil
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
-	p.pageLRU = lru[metaPage, *metaPage]{}
+	p.pageRing, p.hand, p.lastPage = nil, 0, nil
 }
 
 func cmpU64(a, b uint64) int {

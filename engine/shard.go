@@ -11,18 +11,23 @@ import (
 // shard is one coprocessor: a submission ring, a worker that performs descriptors in
 // batches, and a completion ring drained by the interrupt handler.
 //
-// A submitter that finds the shard free and its ring empty performs its descriptor itself
-// (inline) instead of queueing it: the worker would do exactly the same work, but three
-// goroutine hand-offs (to the worker, to the interrupt handler, back to the submitter) cost
-// a core several microseconds per request. own makes the two exclusive, so a part is still
-// touched by one goroutine at a time, and the ring being empty means no queued descriptor is
-// overtaken.
+// A submitter that finds the shard free performs its descriptor itself (inline) instead of
+// queueing it: the worker would do exactly the same work, but three goroutine hand-offs (to
+// the worker, to the interrupt handler, back to the submitter) cost a core several
+// microseconds per request. own makes the two exclusive, so a part is still touched by one
+// goroutine at a time. A descriptor performed inline may overtake one still queued: both are
+// in flight at once, and the block-device contract orders only a request against those that
+// completed before it was submitted.
+//
+// A read holds the shard only to take its sectors' entries and serve cache hits; copying and
+// opening the uncached sectors (opening) happens after own is released, so several cores
+// can open one shard's reads at a time.
 type shard struct {
 	e   *Engine
 	id  int
 	sq  *dma.Ring  // submission
 	cq  *dma.Ring  // completion
-	own sync.Mutex // held while performing descriptors or idle work; guards the shard's parts
+	own sync.Mutex // held while performing a descriptor or idle work; guards the shard's parts
 }
 
 const batchSize = 32
@@ -38,37 +43,53 @@ func (s *shard) run() {
 			s.cq.Close()
 			return
 		}
-		s.own.Lock()
 		if len(ds) == 0 {
+			s.own.Lock()
 			s.idle()
 			s.own.Unlock()
 			continue
 		}
 		for i, d := range ds {
-			d.Status = s.do(d)
+			s.own.Lock()
+			o, err := s.do(d)
+			s.own.Unlock()
+			d.Status = s.finish(d, o, err)
 			if err := s.cq.Push(d); err != nil {
 				panic("BUG: engine: completion ring closed under a running shard")
 			}
 			ds[i] = nil
 		}
-		s.own.Unlock()
 	}
 }
 
-// inline performs desc on the calling goroutine and completes it, if the shard is free and
-// nothing is queued before it; else it reports false and the caller queues desc.
+// inline performs desc on the calling goroutine and completes it, if the shard is free; else
+// it reports false and the caller queues desc.
 func (s *shard) inline(desc *dma.Descriptor) bool {
 	if !s.own.TryLock() {
 		return false
 	}
-	if !s.sq.Idle() {
-		s.own.Unlock()
-		return false
-	}
-	desc.Status = s.do(desc)
+	o, err := s.do(desc)
 	s.own.Unlock()
+	desc.Status = s.finish(desc, o, err)
 	desc.Complete(desc)
 	return true
+}
+
+// finish completes a descriptor after the shard is released: a read's opening (nil: none),
+// then, with the memory-encryption stage, the read's payload sealed into guest memory. err is
+// what the part of the descriptor performed under the shard returned.
+func (s *shard) finish(desc *dma.Descriptor, o *opening, err error) error {
+	if o != nil {
+		err = o.run()
+	}
+	if err == nil && s.e.mem != nil && desc.Op == dma.OpRead {
+		// ... and encrypts what the coprocessor writes into guest memory
+		if err = s.e.mem.Seal(desc); err != nil {
+			s.e.Stats.PermissionDenials.Add(1)
+			err = fmt.Errorf("%w: %v", ErrPermission, err)
+		}
+	}
+	return err
 }
 
 // idle writes back sectors dirty for longer than the idle time.
@@ -85,9 +106,10 @@ func (s *shard) idle() {
 	}
 }
 
-// do performs one descriptor. The operation runs only when the descriptor's ASID has a key
-// loaded, the key is this disk's, and the operation is valid for the disk.
-func (s *shard) do(desc *dma.Descriptor) error {
+// do performs one descriptor under the shard, all but a read's opening, which it returns for
+// finish (nil, unless err is nil). The operation runs only when the descriptor's ASID has a
+// key loaded, the key is this disk's, and the operation is valid for the disk.
+func (s *shard) do(desc *dma.Descriptor) (*opening, error) {
 	d, ok := desc.Target.(*Disk)
 	if !ok {
 		panic("BUG: engine: descriptor without a disk")
@@ -95,7 +117,7 @@ func (s *shard) do(desc *dma.Descriptor) error {
 	p := d.parts[s.id]
 	if desc.Op == opDetach {
 		p.zeroise()
-		return nil
+		return nil, nil
 	}
 	if s.e.observe != nil {
 		s.e.observe(desc)
@@ -103,28 +125,29 @@ func (s *shard) do(desc *dma.Descriptor) error {
 	ks := s.e.slot(desc.ASID)
 	if ks == nil || ks.cipher != d.c {
 		s.e.Stats.PermissionDenials.Add(1)
-		return fmt.Errorf("%w (ASID %d)", ErrPermission, desc.ASID)
+		return nil, fmt.Errorf("%w (ASID %d)", ErrPermission, desc.ASID)
 	}
 	end := desc.LBA + uint64(desc.Count)
 	if end > d.sectors || end < desc.LBA {
-		return fmt.Errorf("sectors %d+%d on a %d-sector disk: %w", desc.LBA, desc.Count, d.sectors, ErrOutOfRange)
+		return nil, fmt.Errorf("sectors %d+%d on a %d-sector disk: %w", desc.LBA, desc.Count, d.sectors, ErrOutOfRange)
 	}
 	write := desc.Op == dma.OpWrite || desc.Op == dma.OpTrim || desc.Op == dma.OpZero
 	if write && d.readOnly {
-		return ErrReadOnly
+		return nil, ErrReadOnly
 	}
 	mem := s.e.mem != nil && (desc.Op == dma.OpRead || desc.Op == dma.OpWrite)
 	if mem && desc.Op == dma.OpWrite {
 		// the memory controller decrypts the payload as the coprocessor reads guest memory
 		if err := s.e.mem.Open(desc); err != nil {
 			s.e.Stats.PermissionDenials.Add(1)
-			return fmt.Errorf("%w: %v", ErrPermission, err)
+			return nil, fmt.Errorf("%w: %v", ErrPermission, err)
 		}
 	}
+	var o *opening
 	var err error
 	switch desc.Op {
 	case dma.OpRead:
-		err = s.read(p, desc)
+		o, err = s.read(p, desc)
 	case dma.OpWrite:
 		err = s.write(p, desc, desc.Buf)
 	case dma.OpFlush:
@@ -141,14 +164,7 @@ func (s *shard) do(desc *dma.Descriptor) error {
 	if err == nil && write {
 		err = p.shrink()
 	}
-	if err == nil && mem && desc.Op == dma.OpRead {
-		// ... and encrypts what the coprocessor writes into guest memory
-		if err = s.e.mem.Seal(desc); err != nil {
-			s.e.Stats.PermissionDenials.Add(1)
-			err = fmt.Errorf("%w: %v", ErrPermission, err)
-		}
-	}
-	return err
+	return o, err
 }
 
 // span is the part of sector i (0-based in the descriptor) covered by the guest buffer:
@@ -162,11 +178,13 @@ func span(desc *dma.Descriptor, i int64, ss int64) (bLo, bHi, sLo int64) {
 
 // read serves cached sectors from the cache and decrypts the rest straight into the guest
 // buffer: reads do not allocate cache lines (the cache is write-back, not read-allocate), so a
-// large scan does not evict the dirty and recently written sectors that matter.
-func (s *shard) read(p *part, desc *dma.Descriptor) error {
+// large scan does not evict the dirty and recently written sectors that matter. Runs of whole
+// uncached sectors are returned as an opening, performed after the shard is released.
+func (s *shard) read(p *part, desc *dma.Descriptor) (*opening, error) {
 	ss := p.d.ss
+	var o *opening
 	for i := int64(0); i < int64(desc.Count); {
-		if l := p.lines[desc.LBA+uint64(i)]; l != nil {
+		if l := p.cached(desc.LBA + uint64(i)); l != nil {
 			p.d.e.Stats.CacheHits.Add(1)
 			p.lineLRU.touch(l)
 			bLo, bHi, sLo := span(desc, i, ss)
@@ -174,16 +192,24 @@ func (s *shard) read(p *part, desc *dma.Descriptor) error {
 			i++
 			continue
 		}
-		j := i + 1
-		for j < int64(desc.Count) && p.lines[desc.LBA+uint64(j)] == nil {
-			j++
+		j := i + 1 + p.uncached(desc.LBA+uint64(i+1), int64(desc.Count)-i-1)
+		var err error
+		bLo, _, _ := span(desc, i, ss)
+		_, bHi, _ := span(desc, j-1, ss)
+		if bHi-bLo == (j-i)*ss {
+			o, err = p.detach(o, desc, i, j, bLo, bHi)
+		} else {
+			err = p.readDirect(desc, i, j) // a partial sector: through p.ct, under the shard
 		}
-		if err := p.readDirect(desc, i, j); err != nil {
-			return err
+		if err != nil {
+			if o != nil {
+				o.release()
+			}
+			return nil, err
 		}
 		i = j
 	}
-	return nil
+	return o, nil
 }
 
 // write copies buf (nil: zeros) into cached sectors: whole sectors without reading,
@@ -283,7 +309,7 @@ func (s *shard) status(p *part, desc *dma.Descriptor) error {
 	for i := int64(0); i < int64(desc.Count); i++ {
 		lba := desc.LBA + uint64(i)
 		allocated := false
-		if l := p.lines[lba]; l != nil && l.dirty {
+		if l := p.cached(lba); l != nil && l.dirty {
 			allocated = true
 		} else {
 			e, err := p.entry(lba)
