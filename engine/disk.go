@@ -43,16 +43,21 @@ type Disk struct {
 	unsettled      atomic.Int64
 	unsettledCause atomic.Pointer[error]
 
-	// inflight counts requests between admission and completion, so Close can drain.
-	inflight sync.WaitGroup
-	mu       sync.Mutex // guards closed transitions with inflight.Add
-	closed   atomic.Bool
+	// state admits requests without a lock: its low bits count the requests between
+	// admission and completion, and stateClosed is set once Close begins, after which none is
+	// admitted. A completion that leaves stateClosed alone (the last one after Close began)
+	// signals drained, on which Close waits.
+	state   atomic.Int64
+	drained chan struct{} // capacity 1
 }
+
+const stateClosed = 1 << 62
 
 var _ BlockDevice = (*Disk)(nil)
 
 func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, ro bool) (*Disk, error) {
-	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro}
+	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro,
+		drained: make(chan struct{}, 1)}
 	d.jr = &journal{d: d, capacity: (h.JournalSize - sector.JournalHeaderSize) / sector.JournalRecordSize}
 	if l := e.opts.journalRecords; l > 0 && l < d.jr.capacity {
 		d.jr.capacity = l
@@ -102,15 +107,28 @@ func (d *Disk) check(off, n int64, write bool) error {
 	return nil
 }
 
+// admit counts a request in, or refuses it once Close has begun; an admitted request calls
+// done when it completes.
 func (d *Disk) admit() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.closed.Load() {
+	if d.state.Add(1)&stateClosed != 0 {
+		d.done()
 		return ErrDetached
 	}
-	d.inflight.Add(1)
 	return nil
 }
+
+// done counts a request out.
+func (d *Disk) done() {
+	if d.state.Add(-1) == stateClosed {
+		select {
+		case d.drained <- struct{}{}:
+		default: // a signal is already pending; Close checks the count again anyway
+		}
+	}
+}
+
+// closing reports that Close has begun.
+func (d *Disk) closing() bool { return d.state.Load()&stateClosed != 0 }
 
 // request gathers the descriptors of one frontend call. Requests are pooled with their
 // descriptors: a read or write then allocates nothing of its own.
@@ -164,7 +182,7 @@ func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, 
 	if err := d.admit(); err != nil {
 		return err
 	}
-	defer d.inflight.Done()
+	defer d.done()
 	stripe := int64(d.e.opts.StripeSectors) * d.ss
 	// With the memory-encryption stage the payload lives in (simulated) guest memory: buf
 	// becomes a buffer encrypted under the VM's VEK, and caller keeps the caller's buffer.
@@ -282,7 +300,7 @@ func (d *Disk) Flush(ctx context.Context) error {
 	if err := d.admit(); err != nil {
 		return err
 	}
-	defer d.inflight.Done()
+	defer d.done()
 	d.e.Stats.Flushes.Add(1)
 	if err := d.flushShards(ctx); err != nil {
 		return err
@@ -417,13 +435,18 @@ func (d *Disk) BlockStatus(ctx context.Context, off, n int64) ([]Extent, error) 
 // Close writes back and checkpoints (unless read-only), then zeroises the cache and detaches.
 // Requests admitted before Close finish first; later ones fail with ErrDetached.
 func (d *Disk) Close() error {
-	d.mu.Lock()
-	if d.closed.Swap(true) {
-		d.mu.Unlock()
-		return nil
+	for {
+		old := d.state.Load()
+		if old&stateClosed != 0 {
+			return nil
+		}
+		if d.state.CompareAndSwap(old, old|stateClosed) {
+			break
+		}
 	}
-	d.mu.Unlock()
-	d.inflight.Wait()
+	for d.state.Load() != stateClosed {
+		<-d.drained
+	}
 	var err error
 	if !d.readOnly {
 		if err = d.flushShards(context.Background()); err == nil {

@@ -96,7 +96,7 @@ func (s *shard) finish(desc *dma.Descriptor, o *opening, err error) error {
 func (s *shard) idle() {
 	cutoff := time.Now().Add(-s.e.opts.IdleFlush)
 	for _, d := range *s.e.live.Load() {
-		if d.closed.Load() {
+		if d.closing() {
 			continue
 		}
 		p := d.parts[s.id]
