@@ -19,13 +19,27 @@ import (
 var (
 	chipOnce sync.Once
 	chip     *psp.ChipCert
+	keysDir  string // this test process's vendor/chip/provider keys, removed by TestMain
 )
 
-// testChip makes one vendor/chip/provider for the package's tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if keysDir != "" {
+		os.RemoveAll(keysDir)
+	}
+	os.Exit(code)
+}
+
+// testChip makes one vendor/chip/provider for the package's tests, in a directory of this
+// process's own: a fixed path was removed and rewritten by every test process, so two at once
+// (a race run beside a plain one) failed each other's tests.
 func testChip(t testing.TB) (*psp.ChipCert, string) {
-	dir := filepath.Join(os.TempDir(), "sealdisk-engine-test-keys")
 	chipOnce.Do(func() {
-		os.RemoveAll(dir)
+		dir, err := os.MkdirTemp("", "sealdisk-engine-test-keys-")
+		if err != nil {
+			panic(err)
+		}
+		keysDir = dir
 		if err := psp.InitVendor(filepath.Join(dir, "v"), ""); err != nil {
 			panic(err)
 		}
@@ -39,7 +53,7 @@ func testChip(t testing.TB) (*psp.ChipCert, string) {
 		b, _ := os.ReadFile(filepath.Join(dir, "p", psp.ChipCrtFile))
 		chip, _ = psp.ParseChipCert(b)
 	})
-	return chip, filepath.Join(dir, "k", "provider.key")
+	return chip, filepath.Join(keysDir, "k", "provider.key")
 }
 
 // image is a fresh sealed image: its header, key and binding.
