@@ -334,8 +334,8 @@ func (p *part) loadRun(a, b uint64) error {
 }
 
 // readDirect decrypts the uncached sectors i..j-1 of a read descriptor, at least one of them
-// partial, into the guest buffer through p.ct, under the shard (unaligned reads only). Runs of whole sectors are
-// opened after the shard is released instead (opening).
+// partial (an unaligned read), into the guest buffer through p.ct, under the shard. Runs of
+// whole sectors are opened after the shard is released instead (opening).
 func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	d := p.d
 	ss := d.ss
@@ -402,10 +402,10 @@ type openRun struct {
 
 var openingPool = sync.Pool{New: func() any { return new(opening) }}
 
-// detach records sectors i..j-1 of desc, all whole and uncached (guest buffer bytes
+// addOpening records sectors i..j-1 of desc, all whole and uncached (guest buffer bytes
 // [bLo, bHi)), for opening after the shard is released; o is nil for the descriptor's first
 // run. On failure o is released. The shard is held.
-func (p *part) detach(o *opening, desc *dma.Descriptor, i, j int64, bLo, bHi int64) (*opening, error) {
+func (p *part) addOpening(o *opening, desc *dma.Descriptor, i, j int64, bLo, bHi int64) (*opening, error) {
 	a := desc.LBA + uint64(i)
 	p.d.e.Stats.CacheMisses.Add(uint64(j - i))
 	if o == nil {

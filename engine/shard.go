@@ -197,7 +197,7 @@ func (s *shard) read(p *part, desc *dma.Descriptor) (*opening, error) {
 		bLo, _, _ := span(desc, i, ss)
 		_, bHi, _ := span(desc, j-1, ss)
 		if bHi-bLo == (j-i)*ss {
-			o, err = p.detach(o, desc, i, j, bLo, bHi)
+			o, err = p.addOpening(o, desc, i, j, bLo, bHi)
 		} else {
 			err = p.readDirect(desc, i, j) // a partial sector: through p.ct, under the shard
 		}
