@@ -61,6 +61,8 @@ func newMetrics(d *Daemon) *metrics {
 	}
 	reg.MustRegister(&ringCollector{d: d, desc: prometheus.NewDesc("sealdisk_engine_ring_occupancy",
 		"Descriptors waiting in each shard's submission ring.", []string{"shard"}, nil)})
+	reg.MustRegister(&mappedCollector{d: d, desc: prometheus.NewDesc("sealdisk_vm_image_mapped_bytes",
+		"Bytes of the VM's image file that reads copy from a mapping; 0: every read is a pread.", []string{"vm"}, nil)})
 	m.nbd = newNBDMetrics(reg)
 	return m
 }
@@ -79,6 +81,21 @@ func (c *ringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c *ringCollector) Collect(ch chan<- prometheus.Metric) {
 	for i, n := range c.d.eng.RingOccupancy() {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), strconv.Itoa(i))
+	}
+}
+
+type mappedCollector struct {
+	d    *Daemon
+	desc *prometheus.Desc
+}
+
+func (c *mappedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *mappedCollector) Collect(ch chan<- prometheus.Metric) {
+	c.d.mu.Lock()
+	defer c.d.mu.Unlock()
+	for name, vm := range c.d.vms {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(vm.Disk.Mapped()), name)
 	}
 }
 

@@ -94,6 +94,16 @@ func (d *Disk) Caps() Caps {
 	}
 }
 
+// Mapped is how many bytes of the image file reads copy from its mapping (store.File); 0
+// when every read is a pread: the mapping is off (engine.mmap), the image cannot be mapped
+// (over 4 TiB, or mmap refused by its filesystem), or the store has no mapping.
+func (d *Disk) Mapped() int64 {
+	if m, ok := d.st.(interface{ Mapped() int64 }); ok {
+		return m.Mapped()
+	}
+	return 0
+}
+
 // Header is the image header in use.
 func (d *Disk) Header() *format.Header { return d.h }
 

@@ -60,8 +60,8 @@ func memoryBounded(t *testing.T, noMap bool) {
 	e := New(Options{Shards: 2, CacheBytes: cache, MetaPages: 256, NoMap: noMap})
 	defer e.Close()
 	d := im.attach(t, e, 1, st)
-	if mapped := st.Mapped() > 0; mapped == noMap {
-		t.Fatalf("NoMap %v but %d bytes mapped", noMap, st.Mapped())
+	if mapped := d.Mapped() > 0; mapped == noMap || d.Mapped() != st.Mapped() {
+		t.Fatalf("NoMap %v but %d bytes mapped (store: %d)", noMap, d.Mapped(), st.Mapped())
 	}
 	anon0, file0 := rss(t)
 	r := rand.New(rand.NewSource(1))

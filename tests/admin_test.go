@@ -93,6 +93,8 @@ type statusJSON struct {
 		Name, Export, Source string
 		ASID                 int
 		File                 string `json:"fuse_file"`
+		Image                string
+		MappedBytes          int64 `json:"mapped_bytes"`
 	}
 	NotAttached map[string]string `json:"not_attached"`
 }
@@ -229,6 +231,15 @@ func TestAdminAttachDetachReload(t *testing.T) {
 	if len(st.VMs) != 2 || st.VMs[0].Source != "config" || st.VMs[1].Source != "config" {
 		t.Errorf("after reload: %+v", st.VMs)
 	}
+	// engine.mmap defaults to on: each image file is mapped whole
+	for _, v := range st.VMs {
+		if fi, err := os.Stat(v.Image); err != nil || v.MappedBytes != fi.Size() {
+			t.Errorf("%s: %d bytes mapped of its image (%v)", v.Name, v.MappedBytes, err)
+		}
+	}
+	if out := s.adminRun(t, "status"); !strings.Contains(out, "READS") || !strings.Contains(out, " mapped ") {
+		t.Errorf("status table does not say reads are mapped:\n%s", out)
+	}
 	s.checkServed(t, vm1)
 	s.checkServed(t, vm2)
 
@@ -244,7 +255,8 @@ func TestAdminAttachDetachReload(t *testing.T) {
 	// Metrics: through the admin socket and the metrics listener.
 	m := s.adminRun(t, "metrics")
 	for _, want := range []string{`sealdisk_vms_attached 2`, `sealdisk_nbd_requests_total{export="vm2",op="read",result="ok"}`,
-		`sealdisk_engine_read_bytes_total`, `sealdisk_vm_attach_failures_total 3`, `sealdisk_engine_ring_occupancy{shard="0"}`} {
+		`sealdisk_engine_read_bytes_total`, `sealdisk_vm_attach_failures_total 3`, `sealdisk_engine_ring_occupancy{shard="0"}`,
+		`sealdisk_vm_image_mapped_bytes{vm="vm1"} `} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s", want)
 		}

@@ -127,13 +127,17 @@ func adminStatusCmd() *cobra.Command {
 				fmt.Fprintf(w, "FUSE: %s\n", st.FUSE)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "VM\tASID\tSIZE\tMODE\tEXPORT\tSOURCE\tIMAGE")
+			fmt.Fprintln(tw, "VM\tASID\tSIZE\tMODE\tREADS\tEXPORT\tSOURCE\tIMAGE")
 			for _, v := range st.VMs {
 				mode := "rw"
 				if v.ReadOnly {
 					mode = "ro"
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\n", v.Name, v.ASID, v.Size, mode, v.Export, v.Source, v.Image)
+				reads := "pread"
+				if v.MappedBytes > 0 {
+					reads = "mapped"
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.ASID, v.Size, mode, reads, v.Export, v.Source, v.Image)
 			}
 			tw.Flush()
 			for name, why := range st.NotServing {
