@@ -56,9 +56,10 @@ demo: build
 bench: build
 	scripts/bench-seal.sh
 
-# Engine 4K/64K random I/O beside raw AES-256-GCM, same run (BENCHMARKS.md).
+# Engine 4K/64K random I/O beside raw AES-256-GCM, same run (BENCHMARKS.md). Five runs of
+# each case: single runs on a shared machine vary by several points; read the medians.
 bench-engine:
-	$(GO) test -run='^$$' -bench='Engine|RawAESGCM' -benchtime=3s ./engine
+	$(GO) test -run='^$$' -bench='Engine|RawAESGCM' -benchtime=3s -count=5 ./engine
 
 # FUSE file vs qemu-storage-daemon's LUKS FUSE export and gocryptfs, same run (BENCHMARKS.md).
 bench-fuse:
