@@ -445,14 +445,8 @@ func (d *Disk) BlockStatus(ctx context.Context, off, n int64) ([]Extent, error) 
 // Close writes back and checkpoints (unless read-only), then zeroises the cache and detaches.
 // Requests admitted before Close finish first; later ones fail with ErrDetached.
 func (d *Disk) Close() error {
-	for {
-		old := d.state.Load()
-		if old&stateClosed != 0 {
-			return nil
-		}
-		if d.state.CompareAndSwap(old, old|stateClosed) {
-			break
-		}
+	if d.state.Or(stateClosed)&stateClosed != 0 {
+		return nil // another Close is under way or done
 	}
 	for d.state.Load() != stateClosed {
 		<-d.drained
