@@ -60,10 +60,44 @@ func fileErr(op string, err error) error {
 	return fmt.Errorf("%s: %w (%v)", op, s, err)
 }
 
+// The file's system calls are made again while the kernel interrupts them, as QEMU and Go's
+// os package do: the test's threads get signals (Go's preemption sends SIGURG), the kernel
+// then interrupts the FUSE request, and the server may answer it with EINTR.
+func eintr[T any](call func() (T, error)) (T, error) {
+	for {
+		v, err := call()
+		if !errors.Is(err, unix.EINTR) {
+			return v, err
+		}
+	}
+}
+
+func pread(fd int, p []byte, off int64) (int, error) {
+	return eintr(func() (int, error) { return unix.Pread(fd, p, off) })
+}
+
+func pwrite(fd int, p []byte, off int64) (int, error) {
+	return eintr(func() (int, error) { return unix.Pwrite(fd, p, off) })
+}
+
+func seek(fd int, off int64, whence int) (int64, error) {
+	return eintr(func() (int64, error) { return unix.Seek(fd, off, whence) })
+}
+
+func fdatasync(fd int) error {
+	_, err := eintr(func() (struct{}, error) { return struct{}{}, unix.Fdatasync(fd) })
+	return err
+}
+
+func fallocate(fd int, mode uint32, off, n int64) error {
+	_, err := eintr(func() (struct{}, error) { return struct{}{}, unix.Fallocate(fd, mode, off, n) })
+	return err
+}
+
 // ReadAt: a read that reaches end of file comes back short; past the end it is out of range.
 func (d *fileDevice) ReadAt(_ context.Context, p []byte, off int64) error {
 	for len(p) > 0 {
-		n, err := unix.Pread(d.fd, p, off)
+		n, err := pread(d.fd, p, off)
 		if err != nil {
 			return fileErr("pread", err)
 		}
@@ -90,7 +124,7 @@ func (d *fileDevice) WriteAt(_ context.Context, p []byte, off int64, fua bool) e
 		return fmt.Errorf("pwrite [%d,+%d) past the end of a %d-byte disk: %w", off, len(p), d.size, engine.ErrOutOfRange)
 	}
 	for len(p) > 0 {
-		n, err := unix.Pwrite(d.fd, p, off)
+		n, err := pwrite(d.fd, p, off)
 		if err != nil {
 			return fileErr("pwrite", err)
 		}
@@ -100,12 +134,12 @@ func (d *fileDevice) WriteAt(_ context.Context, p []byte, off int64, fua bool) e
 		p, off = p[n:], off+int64(n)
 	}
 	if fua {
-		return fileErr("fdatasync", unix.Fdatasync(d.fd))
+		return fileErr("fdatasync", fdatasync(d.fd))
 	}
 	return nil
 }
 
-func (d *fileDevice) Flush(context.Context) error { return fileErr("fdatasync", unix.Fdatasync(d.fd)) }
+func (d *fileDevice) Flush(context.Context) error { return fileErr("fdatasync", fdatasync(d.fd)) }
 
 // Trim punches a hole. fallocate(2) clips a hole punched past end of file (a file's rule,
 // which fusefs keeps), where a block device refuses it; the adapter refuses such a range
@@ -117,7 +151,7 @@ func (d *fileDevice) Trim(_ context.Context, off, n int64) error {
 	if n == 0 {
 		return nil
 	}
-	return fileErr("fallocate(PUNCH_HOLE)", unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n))
+	return fileErr("fallocate(PUNCH_HOLE)", fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n))
 }
 
 // WriteZeroes is fallocate(ZERO_RANGE), as QEMU's raw-posix driver issues it. A file has no
@@ -126,7 +160,7 @@ func (d *fileDevice) WriteZeroes(_ context.Context, off, n int64, z engine.ZeroF
 	if z.FastZero {
 		return fmt.Errorf("fallocate has no fast-zero mode: %w", engine.ErrNotFast)
 	}
-	return fileErr("fallocate(ZERO_RANGE)", unix.Fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE, off, n))
+	return fileErr("fallocate(ZERO_RANGE)", fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE, off, n))
 }
 
 // BlockStatus walks SEEK_DATA/SEEK_HOLE from off; lseek has no length, so n <= 0 is refused
@@ -138,7 +172,7 @@ func (d *fileDevice) BlockStatus(_ context.Context, off, n int64) ([]engine.Exte
 	end := off + n
 	var ext []engine.Extent
 	for pos := off; pos < end && (pos < d.size || pos == off); {
-		data, err := unix.Seek(d.fd, pos, unix.SEEK_DATA)
+		data, err := seek(d.fd, pos, unix.SEEK_DATA)
 		switch {
 		case errors.Is(err, unix.ENXIO) && pos >= 0 && pos < d.size:
 			data = d.size // no data up to the end
@@ -151,7 +185,7 @@ func (d *fileDevice) BlockStatus(_ context.Context, off, n int64) ([]engine.Exte
 			pos = next
 			continue
 		}
-		hole, err := unix.Seek(d.fd, pos, unix.SEEK_HOLE)
+		hole, err := seek(d.fd, pos, unix.SEEK_HOLE)
 		if err != nil {
 			return nil, fileErr("lseek(SEEK_HOLE)", err)
 		}
@@ -292,38 +326,38 @@ func TestFUSEFileEdges(t *testing.T) {
 					t.Fatalf("%s: %v", what, err)
 				}
 			}
-			_, err := unix.Pwrite(d.fd, last, s-4096)
+			_, err := pwrite(d.fd, last, s-4096)
 			must("pwrite last block", err)
 			checkLast := func(what string, want []byte) {
 				t.Helper()
 				got := make([]byte, 4096)
-				if n, err := unix.Pread(d.fd, got, s-4096); err != nil || n != 4096 || string(got) != string(want) {
+				if n, err := pread(d.fd, got, s-4096); err != nil || n != 4096 || string(got) != string(want) {
 					t.Fatalf("%s: last block reads differently (%d, %v)", what, n, err)
 				}
 			}
-			if n, err := unix.Pwrite(d.fd, make([]byte, 8192), s-4096); !errors.Is(err, unix.ENOSPC) {
+			if n, err := pwrite(d.fd, make([]byte, 8192), s-4096); !errors.Is(err, unix.ENOSPC) {
 				t.Errorf("pwrite crossing the end: %d, %v, want ENOSPC", n, err)
 			}
 			checkLast("after a refused write", last)
-			if n, err := unix.Pread(d.fd, make([]byte, 10), s); n != 0 || err != nil {
+			if n, err := pread(d.fd, make([]byte, 10), s); n != 0 || err != nil {
 				t.Errorf("pread at the end: %d, %v, want 0, nil", n, err)
 			}
 			if err := unix.Ftruncate(d.fd, s+4096); !errors.Is(err, unix.EPERM) {
 				t.Errorf("ftruncate to grow: %v, want EPERM", err)
 			}
 			must("ftruncate to the same size", unix.Ftruncate(d.fd, s))
-			must("fallocate(0) inside", unix.Fallocate(d.fd, 0, 0, s))
-			if err := unix.Fallocate(d.fd, 0, s-4096, 8192); !errors.Is(err, unix.ENOSPC) {
+			must("fallocate(0) inside", fallocate(d.fd, 0, 0, s))
+			if err := fallocate(d.fd, 0, s-4096, 8192); !errors.Is(err, unix.ENOSPC) {
 				t.Errorf("fallocate(0) past the end: %v, want ENOSPC", err)
 			}
-			if err := unix.Fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, s-4096, 8192); !errors.Is(err, unix.ENOSPC) {
+			if err := fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, s-4096, 8192); !errors.Is(err, unix.ENOSPC) {
 				t.Errorf("fallocate(ZERO_RANGE|KEEP_SIZE) past the end: %v, want ENOSPC", err)
 			}
 			checkLast("after refused fallocates", last)
-			if err := unix.Fallocate(d.fd, unix.FALLOC_FL_COLLAPSE_RANGE, 0, 4096); !errors.Is(err, unix.EOPNOTSUPP) {
+			if err := fallocate(d.fd, unix.FALLOC_FL_COLLAPSE_RANGE, 0, 4096); !errors.Is(err, unix.EOPNOTSUPP) {
 				t.Errorf("fallocate(COLLAPSE_RANGE): %v, want EOPNOTSUPP", err)
 			}
-			must("punch past the end", unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s-4096+100, 1<<20))
+			must("punch past the end", fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s-4096+100, 1<<20))
 			checkLast("after a punch clipped at the end", append(append([]byte{}, last[:100]...), make([]byte, 4096-100)...))
 			// Every open is direct I/O: a shared writable mapping is refused, a private one
 			// reads the disk.

@@ -14,14 +14,14 @@ func dataExtents(t testing.TB, f *os.File, size int64) [][2]int64 {
 	var out [][2]int64
 	fd := int(f.Fd())
 	for off := int64(0); off < size; {
-		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		d, err := seek(fd, off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
 			break
 		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		h, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+		h, err := seek(fd, d, unix.SEEK_HOLE)
 		if err != nil {
 			t.Fatal(err)
 		}
