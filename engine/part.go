@@ -313,8 +313,8 @@ func (p *part) loadRun(a, b uint64) error {
 		return err
 	}
 	if any {
-		if _, err := d.st.ReadAt(ct, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("failed to read sectors %d-%d: %w", a, b-1, err)
+		if err := d.readSectors(ct, a); err != nil {
+			return err
 		}
 	}
 	for lba := a; lba < b; lba++ {
@@ -351,9 +351,9 @@ func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	_, bHi, _ := span(desc, j-1, ss)
 	run := p.ct[:n*ss]
 	if any {
-		if _, err := d.st.ReadAt(run, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
+		if err := d.readSectors(run, a); err != nil {
 			clear(run)
-			return fmt.Errorf("failed to read sectors %d-%d: %w", a, a+uint64(n)-1, err)
+			return err
 		}
 	}
 	err = d.c.OpenSectors(a, run, ents)
@@ -363,6 +363,16 @@ func (p *part) readDirect(desc *dma.Descriptor, i, j int64) error {
 	clear(run)
 	if err != nil {
 		return p.openFailed(desc.Buf, err)
+	}
+	return nil
+}
+
+// readSectors reads the ciphertext of the len(buf)/ss sectors from a on. A file that ends
+// inside them (never-written sectors at the end of a sparse image) is not an error: those
+// sectors' zero entries make them read as zeros whatever buf holds.
+func (d *Disk) readSectors(buf []byte, a uint64) error {
+	if _, err := d.st.ReadAt(buf, d.h.DataPos(a)); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("failed to read sectors %d-%d: %w", a, a+uint64(int64(len(buf))/d.ss)-1, err)
 	}
 	return nil
 }
@@ -435,9 +445,9 @@ func (o *opening) run() error {
 		buf := o.buf[r.lo:r.hi:len(o.buf)]
 		n := (r.hi - r.lo) / d.ss
 		if r.stored {
-			if _, err := d.st.ReadAt(buf, d.h.DataPos(r.lba)); err != nil && !errors.Is(err, io.EOF) {
+			if err := d.readSectors(buf, r.lba); err != nil {
 				clear(o.buf)
-				return fmt.Errorf("failed to read sectors %d-%d: %w", r.lba, r.lba+uint64(n)-1, err)
+				return err
 			}
 		}
 		if err := d.c.OpenSectors(r.lba, buf, ents[:n]); err != nil {
