@@ -63,7 +63,7 @@ type part struct {
 	ct, recs, pagebuf []byte // scratch
 	jrecs             []sector.JournalRecord
 	ents              []sector.Entry
-	wb                []*line
+	wb, victims       []*line
 
 	// gate orders reads that open sectors after the shard is released (opening) against
 	// changes to those sectors' bytes in the store. Such a read holds it shared from taking the
@@ -778,10 +778,9 @@ func (p *part) zeroInPlace(batch []uint64) error {
 // shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
 func (p *part) shrink() error {
 	for len(p.lines) > p.maxLines {
-		p.wb = p.wb[:0]
-		var victims []*line
-		for l := p.lineLRU.tail; l != nil && len(victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
-			victims = append(victims, l)
+		p.wb, p.victims = p.wb[:0], p.victims[:0]
+		for l := p.lineLRU.tail; l != nil && len(p.victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
+			p.victims = append(p.victims, l)
 			if l.dirty {
 				p.wb = append(p.wb, l)
 			}
@@ -789,7 +788,7 @@ func (p *part) shrink() error {
 		if err := p.writeback(p.wb); err != nil {
 			return err
 		}
-		for _, l := range victims {
+		for _, l := range p.victims {
 			p.drop(l)
 		}
 	}
@@ -823,7 +822,7 @@ func (p *part) zeroise() {
 	for _, l := range p.spare {
 		clear(l.data[:cap(l.data)])
 	}
-	p.spare = nil
+	p.spare, p.victims, p.wb = nil, nil, nil
 	p.d.noteUnsettled(-int64(len(p.unsettled)), nil)
 	p.unsettled = nil
 	clear(p.ct)

@@ -223,7 +223,7 @@ func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
 		bLo, bHi, sLo := span(desc, i, ss)
 		var l *line
 		if bHi-bLo == ss {
-			if l = p.lines[lba]; l == nil {
+			if l = p.cached(lba); l == nil {
 				l = p.insert(p.newLine(lba))
 			} else {
 				p.lineLRU.touch(l)
