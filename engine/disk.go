@@ -43,6 +43,16 @@ type Disk struct {
 	unsettled      atomic.Int64
 	unsettledCause atomic.Pointer[error]
 
+	// syncLost is the first failed sync of the image since the last checkpoint, nil while
+	// none has failed; syncFails counts every failure. On Linux a failed fdatasync may drop
+	// the writes it could not write, and a later sync that succeeds does not write them again.
+	// So the next checkpoint first writes every sector of the journal's current epoch again,
+	// as reads see it, and syncs (journal.rewriteLocked): only then may it retire the records.
+	// A detach whose checkpoint cannot do that leaves them for recovery, which writes every
+	// journaled sector again too (journal.recover).
+	syncLost  atomic.Pointer[error]
+	syncFails atomic.Uint64
+
 	// state admits requests without a lock: its low bits count the requests between
 	// admission and completion, and stateClosed is set once Close begins, after which none is
 	// admitted. A completion that leaves stateClosed alone (the last one after Close began)
@@ -352,6 +362,17 @@ func (d *Disk) onShards(op dma.Op) error {
 func (d *Disk) checkpoint() error {
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
+	if lost := d.syncLost.Load(); lost != nil {
+		fails := d.syncFails.Load()
+		if err := d.jr.rewriteLocked(); err != nil {
+			return fmt.Errorf("journal kept: an earlier sync of the image failed (%w), and writing the journaled sectors again failed: %w", *lost, err)
+		}
+		if d.syncFails.Load() != fails {
+			return fmt.Errorf("journal kept: a sync of the image failed while the journaled sectors were written again: %w", *d.syncLost.Load())
+		}
+		d.syncLost.CompareAndSwap(lost, nil)
+		d.e.opts.Logger.Info("journaled sectors written again and synced after a failed sync", "asid", d.asid)
+	}
 	// Checked before the sync: settling needs no ckpt, so one that ends after this check
 	// is not covered by the sync, and sectors only become unsettled under ckpt shared.
 	if n := d.unsettled.Load(); n > 0 {
@@ -362,6 +383,20 @@ func (d *Disk) checkpoint() error {
 		return fmt.Errorf("journal kept: %d sectors not yet rewritten after a failed write-back: %w", n, cause)
 	}
 	return d.jr.checkpointLocked()
+}
+
+// sync makes the image's writes durable. Failures are counted, and the first since the last
+// checkpoint is kept in syncLost and logged: see there.
+func (d *Disk) sync() error {
+	err := d.st.Sync()
+	if err != nil {
+		d.syncFails.Add(1)
+		if d.syncLost.CompareAndSwap(nil, &err) {
+			d.e.opts.Logger.Error("sync of the image failed; writes before it may be missing on disk, so the next checkpoint writes the journaled sectors again first",
+				"asid", d.asid, "error", err)
+		}
+	}
+	return err
 }
 
 // noteUnsettled adds n to the unsettled count; cause, when set, is the store error behind it.

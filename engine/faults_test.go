@@ -3,9 +3,12 @@ package engine
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -172,7 +175,16 @@ func TestRandomStoreFaults(t *testing.T) {
 				defined[i] = false
 			}
 		}
-		es.SetInjector(store.FailRandomly(rand.New(rand.NewSource(int64(round))), 0.05))
+		// A failed sync also loses what it would have synced, as Linux may
+		// (TestFailedSyncWritesJournaledSectorsAgain).
+		inject := store.FailRandomly(rand.New(rand.NewSource(int64(round))), 0.05)
+		es.SetInjector(func(op store.Op, off, n int64) error {
+			err := inject(op, off, n)
+			if err != nil && op == store.OpSync {
+				cs.LoseUnsynced()
+			}
+			return err
+		})
 		failed := 0
 		for i := 0; i < 200; i++ {
 			off := r.Int63n(size)
@@ -224,9 +236,11 @@ func TestRandomStoreFaults(t *testing.T) {
 		must(t, ec.Close())
 		es.SetInjector(nil)
 		must(t, d.Flush(ctx))
+		// the flush made everything durable: a crash that keeps nothing unsynced loses nothing
+		durable := cs.Crash(r, 0)
 		must(t, e.Close())
 		e = New(Options{Shards: 2, StripeSectors: 64, Logger: quietLog})
-		d = im.attach(t, e, 1, es)
+		d = im.attach(t, e, 1, durable)
 		if err := d.ReadAt(ctx, got, 0); err != nil {
 			t.Fatalf("round %d: after faults (%d failed ops): %v", round, failed, err)
 		}
@@ -352,4 +366,110 @@ func TestFailedTrimOfUnsettledSector(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFailedSyncWritesJournaledSectorsAgain: a failed sync may drop the writes it could not
+// write, and a later sync that succeeds does not write them (Linux fdatasync; modelled by
+// store.Crash.LoseUnsynced). A checkpoint after one must first write every journaled sector
+// again, and a recovery after a detach that could not do so must too: otherwise a sector's new
+// entry reaches the disk with a metadata page written later while its data never does, and
+// it fails authentication.
+func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
+	const ss = 4096
+	im := newTestImage(t, 4<<20, ss, 0)
+	cs := store.NewCrash()
+	cs.Units = units(im.h)
+	es := store.NewErrStore(cs, nil)
+	im.create(t, es)
+	must(t, cs.Sync())
+	opts := Options{Shards: 1, CacheBytes: 256 << 10, IdleFlush: time.Hour, Logger: quietLog}
+	e := New(opts)
+	defer e.Close()
+	d := im.attach(t, e, 1, es)
+	fill := func(b byte) []byte { return bytes.Repeat([]byte{b}, ss) }
+	old, a, b, c := fill(0x11), fill(0xaa), fill(0xbb), fill(0xcc)
+	got := make([]byte, ss)
+	// check reads sectors 0 and 1 (which share a metadata page): each must hold one of its
+	// allowed contents.
+	check := func(d *Disk, what string, want0, want1 [][]byte) {
+		t.Helper()
+		for lba, wants := range [][][]byte{want0, want1} {
+			if err := d.ReadAt(ctx, got, int64(lba)*ss); err != nil {
+				t.Fatalf("%s: sector %d: %v", what, lba, err)
+			}
+			if !slices.ContainsFunc(wants, func(w []byte) bool { return bytes.Equal(got, w) }) {
+				t.Fatalf("%s: sector %d holds %#x…, none of its allowed contents", what, lba, got[0])
+			}
+		}
+	}
+	crashes := func(what string, want0, want1 [][]byte) {
+		t.Helper()
+		for seed := int64(0); seed < 20; seed++ {
+			r := rand.New(rand.NewSource(seed))
+			e2 := New(Options{Shards: 1, Logger: quietLog})
+			check(im.attach(t, e2, 1, cs.Crash(r, float64(seed%4)/3)), fmt.Sprintf("%s, crash %d", what, seed), want0, want1)
+			must(t, e2.Close())
+		}
+	}
+	// loseSyncAfter fails, and loses what it would have synced, the first sync after a
+	// write of sector lba's data (every sync when lba < 0).
+	loseSyncAfter := func(lba int64) {
+		armed := lba < 0
+		es.SetInjector(func(op store.Op, off, n int64) error {
+			switch {
+			case op == store.OpWrite && lba >= 0 && off == im.h.DataPos(uint64(lba)):
+				armed = true
+			case op == store.OpSync && armed:
+				armed = lba < 0
+				cs.LoseUnsynced()
+				return store.ErrInjected
+			}
+			return nil
+		})
+	}
+	must(t, d.WriteAt(ctx, old, 0, false))
+	must(t, d.WriteAt(ctx, old, ss, false))
+	must(t, d.Flush(ctx))
+
+	// 1. Sector 0's write-back: journal synced, data and entry written in place; the
+	// flush's sync fails and loses them on disk, though reads still see them.
+	must(t, d.WriteAt(ctx, a, 0, false))
+	loseSyncAfter(0)
+	if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+		t.Fatalf("flush with its sync failing: %v", err)
+	}
+	es.SetInjector(nil)
+	check(d, "after the failed sync", [][]byte{a}, [][]byte{old})
+	crashes("after the failed sync", [][]byte{old, a}, [][]byte{old})
+
+	// 2. Every sync fails from now on, so the detach's checkpoint cannot write sector 0
+	// again and keeps the journal; recovery at the next attach must.
+	loseSyncAfter(-1)
+	if err := d.Close(); !errors.Is(err, store.ErrInjected) || !strings.Contains(err.Error(), "journal kept") {
+		t.Fatalf("detach while syncs fail: %v, want the kept journal and the store error", err)
+	}
+	es.SetInjector(nil)
+	must(t, e.ClearKey(1))
+	crashes("after the failed detach", [][]byte{old, a}, [][]byte{old})
+	d = im.attach(t, e, 1, es)
+	check(d, "reattached", [][]byte{a}, [][]byte{old})
+	crashes("reattached", [][]byte{a}, [][]byte{old})
+
+	// 3. Sector 1's write-back is lost by a failed sync; then sector 0's write-back rewrites
+	// the shared metadata page, sector 1's new entry with it, and its sync succeeds. The
+	// flush must write sector 1's data again before it retires the record.
+	must(t, d.WriteAt(ctx, b, ss, false))
+	loseSyncAfter(1)
+	if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+		t.Fatalf("flush with its sync failing: %v", err)
+	}
+	es.SetInjector(nil)
+	crashes("after the second failed sync", [][]byte{a}, [][]byte{old, b})
+	must(t, d.WriteAt(ctx, c, 0, false))
+	must(t, d.Flush(ctx))
+	if d.syncLost.Load() != nil {
+		t.Fatal("the failed sync is still recorded after a checkpoint wrote the journaled sectors again")
+	}
+	check(d, "after the next flush", [][]byte{c}, [][]byte{b})
+	crashes("after the next flush", [][]byte{c}, [][]byte{b})
 }

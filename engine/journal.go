@@ -23,6 +23,9 @@ type journal struct {
 	// records (applied unconditionally) would punch sectors that later records rewrote.
 	// (Found by TestCrashInsideOperations.)
 	fresh bool
+	// healedAt is the count of failed syncs (Disk.syncFails) when the journal's header and
+	// records were last written again and synced (append): a failed sync may have lost them.
+	healedAt uint64
 }
 
 func (j *journal) recordPos(i uint64) int64 {
@@ -47,8 +50,12 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 		j.mu.Unlock()
 		return false, nil
 	}
+	if err := j.healLocked(); err != nil {
+		j.mu.Unlock()
+		return false, err
+	}
 	if j.fresh {
-		if err := j.d.st.Sync(); err != nil {
+		if err := j.d.sync(); err != nil {
 			j.mu.Unlock()
 			return false, fmt.Errorf("failed to sync journal header: %w", err)
 		}
@@ -62,17 +69,41 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 	}
 	j.next += n
 	j.mu.Unlock()
-	if err := j.d.st.Sync(); err != nil {
+	if err := j.d.sync(); err != nil {
 		return false, fmt.Errorf("failed to sync journal: %w", err)
 	}
 	j.d.e.Stats.JournalSyncs.Add(1)
 	return true, nil
 }
 
+// healLocked, after a failed sync (Disk.syncLost) not yet healed, writes the journal's header
+// and this epoch's records again, as reads see them, and syncs: the failed sync may have lost
+// them on disk, and a record appended behind a lost one, or under a lost header, would be
+// invisible to recovery. The caller holds mu.
+func (j *journal) healLocked() error {
+	fails := j.d.syncFails.Load()
+	if j.d.syncLost.Load() == nil || j.healedAt == fails {
+		return nil
+	}
+	start := int64(j.d.h.JournalOffset)
+	buf := make([]byte, j.recordPos(j.next)-start)
+	if _, err := j.d.st.ReadAt(buf, start); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("failed to read the journal to write it again: %w", err)
+	}
+	if _, err := j.d.st.WriteAt(buf, start); err != nil {
+		return fmt.Errorf("failed to write the journal again: %w", err)
+	}
+	if err := j.d.sync(); err != nil {
+		return fmt.Errorf("failed to sync the journal written again: %w", err)
+	}
+	j.healedAt, j.fresh = fails, false
+	return nil
+}
+
 // checkpointLocked syncs every in-place update and starts a new epoch. The caller holds
 // d.ckpt exclusively, so no writeback is between its journal append and its in-place writes.
 func (j *journal) checkpointLocked() error {
-	if err := j.d.st.Sync(); err != nil {
+	if err := j.d.sync(); err != nil {
 		return fmt.Errorf("failed to sync image: %w", err)
 	}
 	j.mu.Lock()
@@ -81,6 +112,63 @@ func (j *journal) checkpointLocked() error {
 		return nil // nothing journaled since the last checkpoint
 	}
 	return j.newEpochLocked(j.epoch + 1)
+}
+
+// rewriteLocked writes every sector of the current epoch's records again, entry and data, as
+// reads see them now, and syncs: after a failed sync (Disk.syncLost), the page cache may hold
+// writes that reads see but the disk never got, and only writing them again makes a later
+// sync write them. A sector with a zero entry is punched again instead. The caller holds
+// d.ckpt exclusively, so no write-back or zeroing is between its journal append and its
+// in-place writes, and nothing else changes these bytes: a read opening the same sectors
+// reads the same bytes either way.
+func (j *journal) rewriteLocked() error {
+	d := j.d
+	j.mu.Lock()
+	n, epoch := j.next, j.epoch
+	j.mu.Unlock()
+	buf := make([]byte, sector.JournalRecordSize)
+	ct := make([]byte, d.ss)
+	var e sector.Entry
+	done := map[uint64]bool{}
+	for i := range n {
+		if _, err := d.st.ReadAt(buf, j.recordPos(i)); err != nil {
+			return fmt.Errorf("failed to read journal record %d: %w", i, err)
+		}
+		r, err := d.c.ParseJournalRecord(buf)
+		if err == nil && (r.Epoch != epoch || r.Seq != i || r.LBA >= d.sectors) {
+			err = fmt.Errorf("%w: epoch %d, seq %d, sector %d in the slot of record %d of epoch %d", sector.ErrJournal, r.Epoch, r.Seq, r.LBA, i, epoch)
+		}
+		if err != nil {
+			return fmt.Errorf("journal record %d: %w", i, err)
+		}
+		if done[r.LBA] {
+			continue
+		}
+		done[r.LBA] = true
+		if _, err := d.st.ReadAt(e[:], d.h.EntryPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read the entry of sector %d: %w", r.LBA, err)
+		}
+		if _, err := d.st.WriteAt(e[:], d.h.EntryPos(r.LBA)); err != nil {
+			return fmt.Errorf("failed to write the entry of sector %d: %w", r.LBA, err)
+		}
+		if e.IsZero() {
+			if err := punch(d.st, d.h.DataPos(r.LBA), d.ss); err != nil {
+				return err
+			}
+			continue
+		}
+		k, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA))
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read sector %d: %w", r.LBA, err)
+		}
+		if _, err := d.st.WriteAt(ct[:k], d.h.DataPos(r.LBA)); err != nil {
+			return fmt.Errorf("failed to write sector %d: %w", r.LBA, err)
+		}
+	}
+	if err := d.sync(); err != nil {
+		return fmt.Errorf("failed to sync the sectors written again: %w", err)
+	}
+	return nil
 }
 
 // newEpochLocked writes the journal header for epoch. It needs no sync of its own: the first
@@ -133,9 +221,11 @@ func (j *journal) recover() error {
 				final[r.LBA] = sector.Entry{}
 				continue
 			}
-			if _, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
+			n, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA))
+			if err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("failed to read sector %d for recovery: %w", r.LBA, err)
 			}
+			clear(ct[n:]) // past the end of a sparse file: zeros
 			if e, ok := d.authentic(r.LBA, pt, ct, &r.Old, &r.New); ok {
 				final[r.LBA] = e
 			} else if _, decided := final[r.LBA]; !decided {
@@ -146,6 +236,11 @@ func (j *journal) recover() error {
 		}
 		clear(pt)
 	}
+	// Each decided sector's data is written again too, as read: after a failed sync, the
+	// page cache can hold data that reads see but that never reached the disk, and no later
+	// sync writes it unless it is written again (Disk.syncLost). The sync below then makes
+	// entry and data durable together, before the new epoch retires their records.
+	ct := make([]byte, d.ss)
 	for _, lba := range order {
 		e, ok := final[lba]
 		if !ok {
@@ -158,6 +253,14 @@ func (j *journal) recover() error {
 			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
 				return err
 			}
+			continue
+		}
+		n, err := d.st.ReadAt(ct, d.h.DataPos(lba))
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read sector %d for recovery: %w", lba, err)
+		}
+		if _, err := d.st.WriteAt(ct[:n], d.h.DataPos(lba)); err != nil {
+			return fmt.Errorf("failed to rewrite sector %d in recovery: %w", lba, err)
 		}
 	}
 	applied := len(order)

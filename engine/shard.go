@@ -248,7 +248,7 @@ func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
 		if err := p.writeback(touched); err != nil {
 			return err
 		}
-		if err := p.d.st.Sync(); err != nil {
+		if err := p.d.sync(); err != nil {
 			return fmt.Errorf("failed to sync FUA write: %w", err)
 		}
 	}

@@ -180,6 +180,16 @@ func (c *Crash) Crash(r *rand.Rand, keep float64) *Crash {
 	return out
 }
 
+// LoseUnsynced is what Linux may do when fdatasync fails: the writes since the last Sync stay
+// visible to reads but are no longer pending, so no later Sync makes them durable and no
+// crash keeps them. Tests call it from an injector that fails a sync (ErrStore).
+func (c *Crash) LoseUnsynced() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.init()
+	c.pending = c.pending[:0]
+}
+
 // Pending is the number of unsynced writes.
 func (c *Crash) Pending() int {
 	c.mu.Lock()
