@@ -43,15 +43,19 @@ type Disk struct {
 	unsettled      atomic.Int64
 	unsettledCause atomic.Pointer[error]
 
-	// syncLost is the first failed sync of the image since the last checkpoint, nil while
-	// none has failed; syncFails counts every failure. On Linux a failed fdatasync may drop
-	// the writes it could not write, and a later sync that succeeds does not write them again.
-	// So the next checkpoint first writes every sector of the journal's current epoch again,
-	// as reads see it, and syncs (journal.rewriteLocked): only then may it retire the records.
-	// A detach whose checkpoint cannot do that leaves them for recovery, which writes every
-	// journaled sector again too (journal.recover).
-	syncLost  atomic.Pointer[error]
+	// Syncs of the image, and what a failed one may have cost. On Linux a failed fdatasync may
+	// drop the writes it could not write: reads still see them, a later sync that succeeds
+	// does not write them, and only one caller of concurrent syncs of a file learns of the
+	// failure. So syncs are serialised (syncMu), every failure is counted (syncFails), and a
+	// sync vouches only for writes made since a count read before them (syncSince). A failure
+	// makes the next journal append write the journal again (journal.append) and the next
+	// checkpoint write every journaled sector again (journal.rewriteLocked) before either
+	// trusts a sync; recovery writes every journaled sector again too. syncLost is the first
+	// failure since the last checkpoint, for errors and the log.
+	syncMu    sync.Mutex
 	syncFails atomic.Uint64
+	syncLost  atomic.Pointer[error]
+	lastFail  atomic.Pointer[error] // the latest failed sync, for errors
 
 	// state admits requests without a lock: its low bits count the requests between
 	// admission and completion, and stateClosed is set once Close begins, after which none is
@@ -362,17 +366,6 @@ func (d *Disk) onShards(op dma.Op) error {
 func (d *Disk) checkpoint() error {
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
-	if lost := d.syncLost.Load(); lost != nil {
-		fails := d.syncFails.Load()
-		if err := d.jr.rewriteLocked(); err != nil {
-			return fmt.Errorf("journal kept: an earlier sync of the image failed (%w), and writing the journaled sectors again failed: %w", *lost, err)
-		}
-		if d.syncFails.Load() != fails {
-			return fmt.Errorf("journal kept: a sync of the image failed while the journaled sectors were written again: %w", *d.syncLost.Load())
-		}
-		d.syncLost.CompareAndSwap(lost, nil)
-		d.e.opts.Logger.Info("journaled sectors written again and synced after a failed sync", "asid", d.asid)
-	}
 	// Checked before the sync: settling needs no ckpt, so one that ends after this check
 	// is not covered by the sync, and sectors only become unsettled under ckpt shared.
 	if n := d.unsettled.Load(); n > 0 {
@@ -385,18 +378,33 @@ func (d *Disk) checkpoint() error {
 	return d.jr.checkpointLocked()
 }
 
-// sync makes the image's writes durable. Failures are counted, and the first since the last
-// checkpoint is kept in syncLost and logged: see there.
-func (d *Disk) sync() error {
-	err := d.st.Sync()
-	if err != nil {
+// syncSince syncs the image, vouching for the writes made since fails was read from
+// syncFails: it fails when this sync fails or another one failed since, for that one may have
+// dropped those writes. See syncMu.
+func (d *Disk) syncSince(fails uint64) error {
+	d.syncMu.Lock()
+	defer d.syncMu.Unlock()
+	if err := d.st.Sync(); err != nil {
+		d.lastFail.Store(&err)
 		d.syncFails.Add(1)
 		if d.syncLost.CompareAndSwap(nil, &err) {
-			d.e.opts.Logger.Error("sync of the image failed; writes before it may be missing on disk, so the next checkpoint writes the journaled sectors again first",
+			d.e.opts.Logger.Error("sync of the image failed; writes before it may be missing on disk, so the journal and the journaled sectors are written again before a sync is trusted",
 				"asid", d.asid, "error", err)
 		}
+		return err
 	}
-	return err
+	if d.syncFails.Load() != fails {
+		return fmt.Errorf("a sync of the image failed after these writes were made: %w", *d.lastFail.Load())
+	}
+	return nil
+}
+
+// lostCause is the first failed sync since the last checkpoint, for error messages.
+func (d *Disk) lostCause() error {
+	if c := d.syncLost.Load(); c != nil {
+		return *c
+	}
+	return errors.New("sync failed")
 }
 
 // noteUnsettled adds n to the unsettled count; cause, when set, is the store error behind it.

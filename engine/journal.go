@@ -23,9 +23,11 @@ type journal struct {
 	// records (applied unconditionally) would punch sectors that later records rewrote.
 	// (Found by TestCrashInsideOperations.)
 	fresh bool
-	// healedAt is the count of failed syncs (Disk.syncFails) when the journal's header and
-	// records were last written again and synced (append): a failed sync may have lost them.
-	healedAt uint64
+	// goodFails is the count of failed syncs (Disk.syncFails) as of which the journal's
+	// header and records are known durable; when more syncs have failed, the next append
+	// writes them again first. epochFails: the same for every write made before this epoch
+	// began; when more have failed, the next checkpoint writes this epoch's sectors again.
+	goodFails, epochFails uint64
 }
 
 func (j *journal) recordPos(i uint64) int64 {
@@ -50,12 +52,17 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 		j.mu.Unlock()
 		return false, nil
 	}
-	if err := j.healLocked(); err != nil {
-		j.mu.Unlock()
-		return false, err
+	fails := j.d.syncFails.Load()
+	if fails != j.goodFails {
+		// A failed sync may have lost the header or records of this epoch: a record behind
+		// a lost one, or under a lost header, is invisible to recovery.
+		if err := j.rewriteJournalLocked(fails); err != nil {
+			j.mu.Unlock()
+			return false, err
+		}
 	}
 	if j.fresh {
-		if err := j.d.sync(); err != nil {
+		if err := j.d.syncSince(fails); err != nil {
 			j.mu.Unlock()
 			return false, fmt.Errorf("failed to sync journal header: %w", err)
 		}
@@ -69,22 +76,16 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 	}
 	j.next += n
 	j.mu.Unlock()
-	if err := j.d.sync(); err != nil {
+	if err := j.d.syncSince(fails); err != nil {
 		return false, fmt.Errorf("failed to sync journal: %w", err)
 	}
 	j.d.e.Stats.JournalSyncs.Add(1)
 	return true, nil
 }
 
-// healLocked, after a failed sync (Disk.syncLost) not yet healed, writes the journal's header
-// and this epoch's records again, as reads see them, and syncs: the failed sync may have lost
-// them on disk, and a record appended behind a lost one, or under a lost header, would be
-// invisible to recovery. The caller holds mu.
-func (j *journal) healLocked() error {
-	fails := j.d.syncFails.Load()
-	if j.d.syncLost.Load() == nil || j.healedAt == fails {
-		return nil
-	}
+// rewriteJournalLocked writes the journal's header and this epoch's records again, as reads
+// see them, and syncs. The caller holds mu and read fails from Disk.syncFails.
+func (j *journal) rewriteJournalLocked(fails uint64) error {
 	start := int64(j.d.h.JournalOffset)
 	buf := make([]byte, j.recordPos(j.next)-start)
 	if _, err := j.d.st.ReadAt(buf, start); err != nil && !errors.Is(err, io.EOF) {
@@ -93,21 +94,38 @@ func (j *journal) healLocked() error {
 	if _, err := j.d.st.WriteAt(buf, start); err != nil {
 		return fmt.Errorf("failed to write the journal again: %w", err)
 	}
-	if err := j.d.sync(); err != nil {
+	if err := j.d.syncSince(fails); err != nil {
 		return fmt.Errorf("failed to sync the journal written again: %w", err)
 	}
-	j.healedAt, j.fresh = fails, false
+	j.goodFails, j.fresh = fails, false
 	return nil
 }
 
 // checkpointLocked syncs every in-place update and starts a new epoch. The caller holds
 // d.ckpt exclusively, so no writeback is between its journal append and its in-place writes.
+// After a failed sync it first writes every journaled sector again (rewriteLocked); when that
+// or its sync fails, the records stay and the error says the journal is kept.
 func (j *journal) checkpointLocked() error {
-	if err := j.d.sync(); err != nil {
+	d := j.d
+	fails := d.syncFails.Load()
+	if fails != j.epochFails {
+		err := j.rewriteLocked()
+		if err == nil {
+			err = d.syncSince(fails)
+		}
+		if err != nil {
+			return fmt.Errorf("journal kept: a sync of the image failed (%w), and writing the journaled sectors again and syncing them failed: %w", d.lostCause(), err)
+		}
+		d.e.opts.Logger.Info("journaled sectors written again and synced after a failed sync", "asid", d.asid)
+	} else if err := d.syncSince(fails); err != nil {
 		return fmt.Errorf("failed to sync image: %w", err)
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	if d.syncFails.Load() == fails {
+		d.syncLost.Store(nil)
+	}
+	j.epochFails = fails
 	if j.next == 0 {
 		return nil // nothing journaled since the last checkpoint
 	}
@@ -115,9 +133,9 @@ func (j *journal) checkpointLocked() error {
 }
 
 // rewriteLocked writes every sector of the current epoch's records again, entry and data, as
-// reads see them now, and syncs: after a failed sync (Disk.syncLost), the page cache may hold
-// writes that reads see but the disk never got, and only writing them again makes a later
-// sync write them. A sector with a zero entry is punched again instead. The caller holds
+// reads see them now: after a failed sync (Disk.syncMu), the page cache may hold writes that
+// reads see but the disk never got, and only writing them again makes a later sync write
+// them. The caller syncs. A sector with a zero entry is punched again instead. The caller holds
 // d.ckpt exclusively, so no write-back or zeroing is between its journal append and its
 // in-place writes, and nothing else changes these bytes: a read opening the same sectors
 // reads the same bytes either way.
@@ -164,9 +182,6 @@ func (j *journal) rewriteLocked() error {
 		if _, err := d.st.WriteAt(ct[:k], d.h.DataPos(r.LBA)); err != nil {
 			return fmt.Errorf("failed to write sector %d: %w", r.LBA, err)
 		}
-	}
-	if err := d.sync(); err != nil {
-		return fmt.Errorf("failed to sync the sectors written again: %w", err)
 	}
 	return nil
 }
@@ -238,7 +253,7 @@ func (j *journal) recover() error {
 	}
 	// Each decided sector's data is written again too, as read: after a failed sync, the
 	// page cache can hold data that reads see but that never reached the disk, and no later
-	// sync writes it unless it is written again (Disk.syncLost). The sync below then makes
+	// sync writes it unless it is written again (Disk.syncMu). The sync below then makes
 	// entry and data durable together, before the new epoch retires their records.
 	ct := make([]byte, d.ss)
 	for _, lba := range order {

@@ -245,10 +245,11 @@ func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
 		}
 	}
 	if len(touched) > 0 {
+		fails := p.d.syncFails.Load()
 		if err := p.writeback(touched); err != nil {
 			return err
 		}
-		if err := p.d.sync(); err != nil {
+		if err := p.d.syncSince(fails); err != nil {
 			return fmt.Errorf("failed to sync FUA write: %w", err)
 		}
 	}
