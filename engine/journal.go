@@ -108,7 +108,10 @@ func (j *journal) rewriteJournalLocked(fails uint64) error {
 func (j *journal) checkpointLocked() error {
 	d := j.d
 	fails := d.syncFails.Load()
-	if fails != j.epochFails {
+	j.mu.Lock()
+	lost := fails != j.epochFails
+	j.mu.Unlock()
+	if lost {
 		err := j.rewriteLocked()
 		if err == nil {
 			err = d.syncSince(fails)
@@ -133,9 +136,9 @@ func (j *journal) checkpointLocked() error {
 }
 
 // rewriteLocked writes every sector of the current epoch's records again, entry and data, as
-// reads see them now: after a failed sync (Disk.syncMu), the page cache may hold writes that
-// reads see but the disk never got, and only writing them again makes a later sync write
-// them. The caller syncs. A sector with a zero entry is punched again instead. The caller holds
+// reads see them now (a sector with a zero entry: punched again): after a failed sync
+// (Disk.syncMu), the page cache may hold writes that reads see but the disk never got, and
+// only writing them again makes a later sync write them. The caller syncs, and holds
 // d.ckpt exclusively, so no write-back or zeroing is between its journal append and its
 // in-place writes, and nothing else changes these bytes: a read opening the same sectors
 // reads the same bytes either way.
