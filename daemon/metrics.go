@@ -54,6 +54,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"sealdisk_engine_journal_syncs_total", "Metadata journal syncs.", &st.JournalSyncs},
 		{"sealdisk_engine_auth_failures_total", "Sectors that failed authentication (tampered or corrupt); each is an I/O error to the guest.", &st.AuthFailures},
 		{"sealdisk_engine_permission_denials_total", "Descriptors refused because no key was bound to their ASID.", &st.PermissionDenials},
+		{"sealdisk_engine_sync_failures_total", "Failed syncs of an image: each may have lost recent writes on disk, so the journal and the journaled sectors are written again before a sync is trusted.", &st.SyncFailures},
 	} {
 		v := c.v
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help},

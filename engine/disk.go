@@ -387,6 +387,7 @@ func (d *Disk) syncSince(fails uint64) error {
 	if err := d.st.Sync(); err != nil {
 		d.lastFail.Store(&err)
 		d.syncFails.Add(1)
+		d.e.Stats.SyncFailures.Add(1)
 		if d.syncLost.CompareAndSwap(nil, &err) {
 			d.e.opts.Logger.Error("sync of the image failed; writes before it may be missing on disk, so the journal and the journaled sectors are written again before a sync is trusted",
 				"asid", d.asid, "error", err)

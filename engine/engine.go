@@ -80,6 +80,7 @@ type Stats struct {
 	CacheHits, CacheMisses          atomic.Uint64
 	Writebacks, JournalSyncs        atomic.Uint64
 	AuthFailures, PermissionDenials atomic.Uint64
+	SyncFailures                    atomic.Uint64 // failed syncs of an image (Disk.syncMu)
 }
 
 // keySlot is one ASID's loaded key.

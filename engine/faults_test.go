@@ -440,6 +440,9 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 		t.Fatalf("flush with its sync failing: %v", err)
 	}
 	es.SetInjector(nil)
+	if n := e.Stats.SyncFailures.Load(); n != 1 {
+		t.Fatalf("failed syncs counted: %d, want 1", n)
+	}
 	check(d, "after the failed sync", [][]byte{a}, [][]byte{old})
 	crashes("after the failed sync", [][]byte{old, a}, [][]byte{old})
 
