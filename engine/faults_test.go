@@ -263,11 +263,7 @@ func TestRandomStoreFaults(t *testing.T) {
 func TestFailedWritebackKeepsJournal(t *testing.T) {
 	const ss = 4096
 	im := newTestImage(t, 4<<20, ss, 0)
-	cs := store.NewCrash()
-	cs.Units = units(im.h)
-	es := store.NewErrStore(cs, nil)
-	im.create(t, es)
-	must(t, cs.Sync())
+	cs, es := faultyImage(t, im)
 	opts := Options{Shards: 2, StripeSectors: 64, CacheBytes: 256 << 10, IdleFlush: time.Hour, Logger: quietLog, journalRecords: 8}
 	e := New(opts)
 	defer e.Close()
@@ -378,11 +374,7 @@ func TestFailedTrimOfUnsettledSector(t *testing.T) {
 func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	const ss = 4096
 	im := newTestImage(t, 4<<20, ss, 0)
-	cs := store.NewCrash()
-	cs.Units = units(im.h)
-	es := store.NewErrStore(cs, nil)
-	im.create(t, es)
-	must(t, cs.Sync())
+	cs, es := faultyImage(t, im)
 	opts := Options{Shards: 1, CacheBytes: 256 << 10, IdleFlush: time.Hour, Logger: quietLog}
 	e := New(opts)
 	defer e.Close()
@@ -486,11 +478,7 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 func TestConcurrentFailedSyncs(t *testing.T) {
 	const ss, writers, perWriter = 4096, 4, 24
 	im := newTestImage(t, 2<<20, ss, 0)
-	cs := store.NewCrash()
-	cs.Units = units(im.h)
-	es := store.NewErrStore(cs, nil)
-	im.create(t, es)
-	must(t, cs.Sync())
+	cs, es := faultyImage(t, im)
 	e := New(Options{Shards: 2, StripeSectors: 64, CacheBytes: 64 << 10, IdleFlush: 5 * time.Millisecond, Logger: quietLog, journalRecords: 16})
 	defer e.Close()
 	d := im.attach(t, e, 1, es)
@@ -561,9 +549,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 // before another sync failed, since that one may have dropped them (Disk.syncMu).
 func TestSyncSinceDistrustsEarlierFailures(t *testing.T) {
 	im := newTestImage(t, 1<<20, 4096, 0)
-	cs := store.NewCrash()
-	es := store.NewErrStore(cs, nil)
-	im.create(t, es)
+	_, es := faultyImage(t, im)
 	e := New(Options{Shards: 1, Logger: quietLog})
 	defer e.Close()
 	d := im.attach(t, e, 1, es)
@@ -577,4 +563,15 @@ func TestSyncSinceDistrustsEarlierFailures(t *testing.T) {
 		t.Fatalf("sync after another failed: %v, want the other's error", err)
 	}
 	must(t, d.syncSince(d.syncFails.Load()))
+}
+
+// faultyImage creates im on a crashable store (store.Crash, crashing in the units of
+// FORMAT.md §6) behind an error-injecting one (store.ErrStore), and syncs it.
+func faultyImage(t testing.TB, im *testImage) (*store.Crash, *store.ErrStore) {
+	cs := store.NewCrash()
+	cs.Units = units(im.h)
+	es := store.NewErrStore(cs, nil)
+	im.create(t, es)
+	must(t, cs.Sync())
+	return cs, es
 }
