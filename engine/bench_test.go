@@ -149,7 +149,12 @@ func BenchmarkEngineFloor(b *testing.B) {
 			}
 		}
 		b.Run(op+"-64k", func(b *testing.B) {
+			var next atomic.Int64
 			runShare(b, bs, 1, func(r *rand.Rand) func() error {
+				// one goroutine per core; each has its own share of the lines and of mem
+				n, k := int64(runtime.GOMAXPROCS(0)), next.Add(1)-1
+				lines := lines[k*int64(len(lines))/n : (k+1)*int64(len(lines))/n]
+				memBase := k * (size / n)
 				g, _ := cipher.NewGCM(blk)
 				p, ct := make([]byte, bs), make([]byte, bs)
 				r.Read(p)
@@ -176,7 +181,7 @@ func BenchmarkEngineFloor(b *testing.B) {
 						g.Seal(ct[i*ss:i*ss], nonce, lines[out+i][:ss-g.Overhead()], nil)
 					}
 					if op == "write-memstore" {
-						copy(mem[off:], ct)
+						copy(mem[memBase+off%(size/n):], ct)
 						return nil
 					}
 					_, err := f.WriteAt(ct, off)
