@@ -169,22 +169,29 @@ func (j *journal) rewriteLocked() error {
 		if _, err := d.st.ReadAt(e[:], d.h.EntryPos(r.LBA)); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("failed to read the entry of sector %d: %w", r.LBA, err)
 		}
-		if _, err := d.st.WriteAt(e[:], d.h.EntryPos(r.LBA)); err != nil {
-			return fmt.Errorf("failed to write the entry of sector %d: %w", r.LBA, err)
+		if err := d.writeSector(r.LBA, &e, ct); err != nil {
+			return err
 		}
-		if e.IsZero() {
-			if err := punch(d.st, d.h.DataPos(r.LBA), d.ss); err != nil {
-				return err
-			}
-			continue
-		}
-		k, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA))
-		if err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("failed to read sector %d: %w", r.LBA, err)
-		}
-		if _, err := d.st.WriteAt(ct[:k], d.h.DataPos(r.LBA)); err != nil {
-			return fmt.Errorf("failed to write sector %d: %w", r.LBA, err)
-		}
+	}
+	return nil
+}
+
+// writeSector writes sector lba's entry e, then its data again as read (ct is scratch of a
+// sector), or punches it when e is zero: after a failed sync, the page cache may hold what
+// reads see but the disk never got, and no later sync writes it unless it is written again.
+func (d *Disk) writeSector(lba uint64, e *sector.Entry, ct []byte) error {
+	if _, err := d.st.WriteAt(e[:], d.h.EntryPos(lba)); err != nil {
+		return fmt.Errorf("failed to write the entry of sector %d: %w", lba, err)
+	}
+	if e.IsZero() {
+		return punch(d.st, d.h.DataPos(lba), d.ss)
+	}
+	n, err := d.st.ReadAt(ct, d.h.DataPos(lba))
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("failed to read sector %d: %w", lba, err)
+	}
+	if _, err := d.st.WriteAt(ct[:n], d.h.DataPos(lba)); err != nil {
+		return fmt.Errorf("failed to write sector %d: %w", lba, err)
 	}
 	return nil
 }
@@ -264,21 +271,8 @@ func (j *journal) recover() error {
 		if !ok {
 			continue
 		}
-		if _, err := d.st.WriteAt(e[:], d.h.EntryPos(lba)); err != nil {
-			return fmt.Errorf("failed to write recovered entry: %w", err)
-		}
-		if e.IsZero() {
-			if err := punch(d.st, d.h.DataPos(lba), d.ss); err != nil {
-				return err
-			}
-			continue
-		}
-		n, err := d.st.ReadAt(ct, d.h.DataPos(lba))
-		if err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("failed to read sector %d for recovery: %w", lba, err)
-		}
-		if _, err := d.st.WriteAt(ct[:n], d.h.DataPos(lba)); err != nil {
-			return fmt.Errorf("failed to rewrite sector %d in recovery: %w", lba, err)
+		if err := d.writeSector(lba, &e, ct); err != nil {
+			return fmt.Errorf("recovery: %w", err)
 		}
 	}
 	applied := len(order)
