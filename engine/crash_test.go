@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store"
@@ -164,7 +165,7 @@ func TestCrashConsistency(t *testing.T) {
 			}
 			if !ok[s][string(got)] {
 				violations++
-				t.Errorf("iteration %d: sector %d holds content it never had since its last flush (zero=%v, %d acceptable, ops %v)", it, s, allZero(got), len(ok[s]), oplog)
+				t.Errorf("iteration %d: sector %d holds content it never had since its last flush (zero=%v, %d acceptable, ops %v)", it, s, zeros.All(got), len(ok[s]), oplog)
 			}
 		}
 		// keep writing after recovery: a new session must not reuse a nonce

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -38,24 +37,8 @@ type Disk struct {
 	// in-place writes) holds it shared; a checkpoint (sync, new journal epoch) exclusively.
 	ckpt sync.RWMutex
 
-	// unsettled counts sectors whose write-back failed part-way (part.unsettled, all shards);
-	// unsettledCause is the store error that left the most recent of them.
-	unsettled      atomic.Int64
-	unsettledCause atomic.Pointer[error]
-
-	// Syncs of the image, and what a failed one may have cost. On Linux a failed fdatasync may
-	// drop the writes it could not write: reads still see them, a later sync that succeeds
-	// does not write them, and only one caller of concurrent syncs of a file learns of the
-	// failure. So syncs are serialised (syncMu), every failure is counted (syncFails), and a
-	// sync vouches only for writes made since a count read before them (syncSince). A failure
-	// makes the next journal append write the journal again (journal.append) and the next
-	// checkpoint write every journaled sector again (journal.rewriteLocked) before either
-	// trusts a sync; recovery writes every journaled sector again too. syncLost is the first
-	// failure since the last checkpoint, for errors and the log.
-	syncMu    sync.Mutex
-	syncFails atomic.Uint64
-	syncLost  atomic.Pointer[error]
-	lastFail  atomic.Pointer[error] // the latest failed sync, for errors
+	syncs     syncer         // the image's syncs and their failures (syncs.go)
+	unsettled unsettledCount // sectors of failed write-backs not yet settled (unsettled.go)
 
 	// state admits requests without a lock: its low bits count the requests between
 	// admission and completion, and stateClosed is set once Close begins, after which none is
@@ -72,7 +55,8 @@ var _ BlockDevice = (*Disk)(nil)
 func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, ro bool) (*Disk, error) {
 	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro,
 		drained: make(chan struct{}, 1)}
-	d.jr = &journal{d: d, capacity: (h.JournalSize - sector.JournalHeaderSize) / sector.JournalRecordSize}
+	d.syncs = syncer{st: st, stats: &e.Stats, log: e.opts.Logger, asid: asid}
+	d.jr = &journal{d: d, capacity: sector.JournalCapacity(h)}
 	if l := e.opts.journalRecords; l > 0 && l < d.jr.capacity {
 		d.jr.capacity = l
 	}
@@ -154,126 +138,6 @@ func (d *Disk) done() {
 // closing reports that Close has begun.
 func (d *Disk) closing() bool { return d.state.Load()&stateClosed != 0 }
 
-// request gathers the descriptors of one frontend call. Requests are pooled with their
-// descriptors: a read or write then allocates nothing of its own.
-type request struct {
-	wg    sync.WaitGroup
-	mu    sync.Mutex // guards err
-	err   error
-	descs []dma.Descriptor      // owned by the submitter, except from Push to Complete (dma)
-	done  func(*dma.Descriptor) // complete, as the descriptors' Complete (made once, not per call)
-}
-
-var requestPool = sync.Pool{New: func() any {
-	r := new(request)
-	r.done = r.complete
-	return r
-}}
-
-// getRequest returns an empty request with n zero descriptors.
-func getRequest(n int) *request {
-	r := requestPool.Get().(*request)
-	if cap(r.descs) < n {
-		r.descs = make([]dma.Descriptor, n)
-	}
-	r.descs = r.descs[:n]
-	return r
-}
-
-// put returns r to the pool once every descriptor has completed; nothing it held (guest
-// buffers, the disk) stays reachable from the pool.
-func (r *request) put() {
-	clear(r.descs)
-	r.descs = r.descs[:0]
-	r.err = nil
-	requestPool.Put(r)
-}
-
-func (r *request) complete(desc *dma.Descriptor) {
-	if desc.Status != nil {
-		r.mu.Lock()
-		if r.err == nil {
-			r.err = desc.Status
-		}
-		r.mu.Unlock()
-	}
-	r.wg.Done()
-}
-
-// submit splits [off, off+len) — or the sector range of a buffer-less op — into one
-// descriptor per stripe, pushes them to their shards and waits for all completions.
-func (d *Disk) submit(ctx context.Context, op dma.Op, buf []byte, off, n int64, flags dma.Flags) error {
-	if err := d.admit(); err != nil {
-		return err
-	}
-	defer d.done()
-	stripe := int64(d.e.opts.StripeSectors) * d.ss
-	// With the memory-encryption stage the payload lives in (simulated) guest memory: buf
-	// becomes a buffer encrypted under the VM's VEK, and caller keeps the caller's buffer.
-	var caller []byte
-	if d.e.mem != nil && (op == dma.OpRead || op == dma.OpWrite) {
-		caller, buf = buf, make([]byte, n)
-		if op == dma.OpWrite {
-			copy(buf, caller)
-		}
-		defer clear(buf)
-	}
-	req := getRequest(int((off+n-1)/stripe - off/stripe + 1))
-	defer req.put()
-	for i, pos := 0, off; pos < off+n; i++ {
-		end := min((pos/stripe+1)*stripe, off+n)
-		lba := uint64(pos / d.ss)
-		head := pos - int64(lba)*d.ss
-		desc := &req.descs[i]
-		*desc = dma.Descriptor{
-			Op: op, ASID: uint32(d.asid), LBA: lba, Count: uint32((head + end - pos + d.ss - 1) / d.ss),
-			Head: uint32(head), Len: uint32(end - pos), Flags: flags, Target: d, Complete: req.done,
-		}
-		switch {
-		case op == dma.OpStatus:
-			desc.Buf = buf[(pos-off)/d.ss : (end-off)/d.ss]
-		case buf != nil:
-			desc.Buf = buf[pos-off : end-off]
-		}
-		if caller != nil && op == dma.OpWrite {
-			if err := d.e.mem.Seal(desc); err != nil {
-				return fmt.Errorf("%w: %v", ErrPermission, err)
-			}
-		}
-		pos = end
-	}
-	descs := req.descs
-	req.wg.Add(len(descs))
-	for i := range descs {
-		desc := &descs[i]
-		if err := ctx.Err(); err != nil {
-			req.wg.Add(-(len(descs) - i))
-			req.wg.Wait()
-			return err
-		}
-		s := d.e.shards[d.shardOf(desc.LBA)]
-		// The last descriptor may run here while the shards work on the others.
-		if i == len(descs)-1 && s.inline(desc) {
-			continue
-		}
-		if err := s.sq.Push(desc); err != nil {
-			req.wg.Add(-(len(descs) - i))
-			req.wg.Wait()
-			return ErrDetached
-		}
-	}
-	req.wg.Wait()
-	if req.err == nil && caller != nil && op == dma.OpRead {
-		for i := range descs {
-			if err := d.e.mem.Open(&descs[i]); err != nil {
-				return fmt.Errorf("%w: %v", ErrPermission, err)
-			}
-		}
-		copy(caller, buf)
-	}
-	return req.err
-}
-
 func (d *Disk) shardOf(lba uint64) int {
 	return int(lba / d.e.opts.StripeSectors % uint64(len(d.e.shards)))
 }
@@ -335,28 +199,12 @@ func (d *Disk) Flush(ctx context.Context) error {
 // flushShards has every shard write back everything dirty. Unsettled sectors are settled on
 // every shard first: one shard's write-back may need a checkpoint, which waits for all.
 func (d *Disk) flushShards(ctx context.Context) error {
-	if d.unsettled.Load() > 0 {
+	if d.unsettled.count() > 0 {
 		if err := d.onShards(opSettle); err != nil {
 			return err
 		}
 	}
 	return d.onShards(dma.OpFlush)
-}
-
-// onShards performs a buffer-less op on every shard and waits for all of them.
-func (d *Disk) onShards(op dma.Op) error {
-	req := &request{}
-	req.wg.Add(len(d.e.shards))
-	for i, s := range d.e.shards {
-		desc := &dma.Descriptor{Op: op, ASID: uint32(d.asid), Target: d, Complete: req.complete}
-		if err := s.sq.Push(desc); err != nil {
-			req.wg.Add(-(len(d.e.shards) - i))
-			req.wg.Wait()
-			return ErrDetached
-		}
-	}
-	req.wg.Wait()
-	return req.err
 }
 
 // checkpoint makes every in-place update durable and starts a new journal epoch. It refuses
@@ -368,52 +216,10 @@ func (d *Disk) checkpoint() error {
 	defer d.ckpt.Unlock()
 	// Checked before the sync: settling needs no ckpt, so one that ends after this check
 	// is not covered by the sync, and sectors only become unsettled under ckpt shared.
-	if n := d.unsettled.Load(); n > 0 {
-		cause := errors.New("a write-back failed")
-		if c := d.unsettledCause.Load(); c != nil {
-			cause = *c
-		}
-		return fmt.Errorf("journal kept: %d sectors not yet rewritten after a failed write-back: %w", n, cause)
-	}
-	return d.jr.checkpointLocked()
-}
-
-// syncSince syncs the image, vouching for the writes made since fails was read from
-// syncFails: it fails when this sync fails or another one failed since, for that one may have
-// dropped those writes. See syncMu.
-func (d *Disk) syncSince(fails uint64) error {
-	d.syncMu.Lock()
-	defer d.syncMu.Unlock()
-	if err := d.st.Sync(); err != nil {
-		d.lastFail.Store(&err)
-		d.syncFails.Add(1)
-		d.e.Stats.SyncFailures.Add(1)
-		if d.syncLost.CompareAndSwap(nil, &err) {
-			d.e.opts.Logger.Error("sync of the image failed; writes before it may be missing on disk, so the journal and the journaled sectors are written again before a sync is trusted",
-				"asid", d.asid, "error", err)
-		}
+	if err := d.unsettled.refusal(); err != nil {
 		return err
 	}
-	if d.syncFails.Load() != fails {
-		return fmt.Errorf("a sync of the image failed after these writes were made: %w", *d.lastFail.Load())
-	}
-	return nil
-}
-
-// lostCause is the first failed sync since the last checkpoint, for error messages.
-func (d *Disk) lostCause() error {
-	if c := d.syncLost.Load(); c != nil {
-		return *c
-	}
-	return errors.New("sync failed")
-}
-
-// noteUnsettled adds n to the unsettled count; cause, when set, is the store error behind it.
-func (d *Disk) noteUnsettled(n int64, cause error) {
-	if cause != nil {
-		d.unsettledCause.Store(&cause)
-	}
-	d.unsettled.Add(n)
+	return d.jr.checkpointLocked()
 }
 
 // Trim discards [off, off+n).

@@ -278,8 +278,8 @@ func TestFailedWritebackKeepsJournal(t *testing.T) {
 		t.Fatalf("flush with the entry write failing: %v", err)
 	}
 	es.SetInjector(nil)
-	if d.unsettled.Load() != 1 {
-		t.Fatalf("unsettled sectors: %d, want 1", d.unsettled.Load())
+	if d.unsettled.count() != 1 {
+		t.Fatalf("unsettled sectors: %d, want 1", d.unsettled.count())
 	}
 	// shard 1 (sector 64 on) fills the journal: its checkpoint must be refused
 	var refused error
@@ -304,8 +304,8 @@ func TestFailedWritebackKeepsJournal(t *testing.T) {
 	}
 
 	must(t, d.Flush(ctx)) // settles sector 0
-	if d.unsettled.Load() != 0 {
-		t.Fatalf("unsettled after a flush: %d", d.unsettled.Load())
+	if d.unsettled.count() != 0 {
+		t.Fatalf("unsettled after a flush: %d", d.unsettled.count())
 	}
 	for i := 0; i < 32; i++ {
 		must(t, d.WriteAt(ctx, a, int64(64+i)*ss, true))
@@ -463,7 +463,7 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	crashes("after the second failed sync", [][]byte{a}, [][]byte{old, b})
 	must(t, d.WriteAt(ctx, c, 0, false))
 	must(t, d.Flush(ctx))
-	if d.syncLost.Load() != nil {
+	if d.syncs.lost.Load() != nil {
 		t.Fatal("the failed sync is still recorded after a checkpoint wrote the journaled sectors again")
 	}
 	check(d, "after the next flush", [][]byte{c}, [][]byte{b})
@@ -553,16 +553,16 @@ func TestSyncSinceDistrustsEarlierFailures(t *testing.T) {
 	e := New(Options{Shards: 1, Logger: quietLog})
 	defer e.Close()
 	d := im.attach(t, e, 1, es)
-	fails := d.syncFails.Load()
+	fails := d.syncs.mark()
 	es.SetInjector(store.FailAfter(store.OpSync, 0))
-	if err := d.syncSince(d.syncFails.Load()); !errors.Is(err, store.ErrInjected) {
+	if err := d.syncs.since(d.syncs.mark()); !errors.Is(err, store.ErrInjected) {
 		t.Fatalf("failing sync: %v", err)
 	}
 	es.SetInjector(nil)
-	if err := d.syncSince(fails); !errors.Is(err, store.ErrInjected) {
+	if err := d.syncs.since(fails); !errors.Is(err, store.ErrInjected) {
 		t.Fatalf("sync after another failed: %v, want the other's error", err)
 	}
-	must(t, d.syncSince(d.syncFails.Load()))
+	must(t, d.syncs.since(d.syncs.mark()))
 }
 
 // faultyImage creates im on a crashable store (store.Crash, crashing in the units of

@@ -9,30 +9,29 @@ import (
 	"github.com/sealdisk/sealdisk/sector"
 )
 
-// journal is the disk's metadata journal (FORMAT.md §6).
+// journal is the disk's metadata journal (FORMAT.md §6): its bytes and its recovery rule
+// belong to package sector; this is the writer (append, checkpoint) and recovery's writes
+// (recover.go).
 type journal struct {
 	d        *Disk
 	capacity uint64
 
-	mu    sync.Mutex // guards epoch, next, fresh
+	mu    sync.Mutex // guards epoch, next, fresh, journalMark, epochMark
 	epoch uint64
 	next  uint64 // next free record slot in this epoch
 	// fresh: the header of this epoch is written but maybe not durable. The first append of
 	// the epoch syncs it before its records overwrite the old epoch's first slots: were the
 	// header lost after that, recovery would replay a truncated old epoch, and its zero
 	// records (applied unconditionally) would punch sectors that later records rewrote.
-	// (Found by TestCrashInsideOperations.)
 	fresh bool
-	// goodFails is the count of failed syncs (Disk.syncFails) as of which the journal's
-	// header and records are known durable; when more syncs have failed, the next append
-	// writes them again first. epochFails: the same for every write made before this epoch
-	// began; when more have failed, the next checkpoint writes this epoch's sectors again.
-	goodFails, epochFails uint64
+	// Marks of the disk's syncer (syncs.go): journalMark as of which the journal's header and
+	// records are durable, epochMark as of which every write made before this epoch began is.
+	// When a sync failed since, the next append writes the journal again first
+	// (rewriteJournalLocked), the next checkpoint every journaled sector (rewriteSectors).
+	journalMark, epochMark uint64
 }
 
-func (j *journal) recordPos(i uint64) int64 {
-	return int64(j.d.h.JournalOffset) + sector.JournalHeaderSize + int64(i)*sector.JournalRecordSize
-}
+func (j *journal) recordPos(i uint64) int64 { return sector.JournalRecordPos(j.d.h, i) }
 
 // append claims the next len(recs)/JournalRecordSize record slots, has fill marshal the
 // records into recs for them (it gets the first slot, its seq, and the epoch), writes them and
@@ -41,28 +40,25 @@ func (j *journal) recordPos(i uint64) int64 {
 //
 // Slots are claimed and written under mu, so no slot is claimed before every earlier slot
 // holds its records: any later sync — whichever shard issues it — covers every earlier record.
-// Recovery scans records in slot order and stops at the first invalid one (FORMAT.md §6), so
-// a hole before a record whose in-place writes landed would lose that record. (Found by
-// TestCrashInsideOperations: two shards claimed slots, the later one synced and wrote in place
-// first, the crash lost the earlier one's unsynced records.) A failed write claims nothing.
+// Recovery stops at the first invalid slot (FORMAT.md §6), so a hole before a record whose
+// in-place writes landed would lose that record. A failed write claims nothing.
 func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, err error) {
 	n := uint64(len(recs) / sector.JournalRecordSize)
+	syncs := &j.d.syncs
 	j.mu.Lock()
 	if j.next+n > j.capacity {
 		j.mu.Unlock()
 		return false, nil
 	}
-	fails := j.d.syncFails.Load()
-	if fails != j.goodFails {
-		// A failed sync may have lost the header or records of this epoch: a record behind
-		// a lost one, or under a lost header, is invisible to recovery.
-		if err := j.rewriteJournalLocked(fails); err != nil {
+	mark := syncs.mark()
+	if mark != j.journalMark {
+		if err := j.rewriteJournalLocked(mark); err != nil {
 			j.mu.Unlock()
 			return false, err
 		}
 	}
 	if j.fresh {
-		if err := j.d.syncSince(fails); err != nil {
+		if err := syncs.since(mark); err != nil {
 			j.mu.Unlock()
 			return false, fmt.Errorf("failed to sync journal header: %w", err)
 		}
@@ -76,7 +72,7 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 	}
 	j.next += n
 	j.mu.Unlock()
-	if err := j.d.syncSince(fails); err != nil {
+	if err := syncs.since(mark); err != nil {
 		return false, fmt.Errorf("failed to sync journal: %w", err)
 	}
 	j.d.e.Stats.JournalSyncs.Add(1)
@@ -84,8 +80,9 @@ func (j *journal) append(recs []byte, fill func(start, epoch uint64)) (ok bool, 
 }
 
 // rewriteJournalLocked writes the journal's header and this epoch's records again, as reads
-// see them, and syncs. The caller holds mu and read fails from Disk.syncFails.
-func (j *journal) rewriteJournalLocked(fails uint64) error {
+// see them, and syncs: a record appended behind one a failed sync lost, or under a lost
+// header, would be invisible to recovery. The caller holds mu; mark is the syncer's.
+func (j *journal) rewriteJournalLocked(mark uint64) error {
 	start := int64(j.d.h.JournalOffset)
 	buf := make([]byte, j.recordPos(j.next)-start)
 	if _, err := j.d.st.ReadAt(buf, start); err != nil && !errors.Is(err, io.EOF) {
@@ -94,74 +91,68 @@ func (j *journal) rewriteJournalLocked(fails uint64) error {
 	if _, err := j.d.st.WriteAt(buf, start); err != nil {
 		return fmt.Errorf("failed to write the journal again: %w", err)
 	}
-	if err := j.d.syncSince(fails); err != nil {
+	if err := j.d.syncs.since(mark); err != nil {
 		return fmt.Errorf("failed to sync the journal written again: %w", err)
 	}
-	j.goodFails, j.fresh = fails, false
+	j.journalMark, j.fresh = mark, false
 	return nil
 }
 
 // checkpointLocked syncs every in-place update and starts a new epoch. The caller holds
 // d.ckpt exclusively, so no writeback is between its journal append and its in-place writes.
-// After a failed sync it first writes every journaled sector again (rewriteLocked); when that
+// After a failed sync it first writes every journaled sector again (rewriteSectors); when that
 // or its sync fails, the records stay and the error says the journal is kept.
 func (j *journal) checkpointLocked() error {
 	d := j.d
-	fails := d.syncFails.Load()
+	syncs := &d.syncs
+	mark := syncs.mark()
 	j.mu.Lock()
-	lost := fails != j.epochFails
+	lost := mark != j.epochMark
 	j.mu.Unlock()
 	if lost {
-		err := j.rewriteLocked()
+		err := j.rewriteSectors()
 		if err == nil {
-			err = d.syncSince(fails)
+			err = syncs.since(mark)
 		}
 		if err != nil {
-			return fmt.Errorf("journal kept: a sync of the image failed (%w), and writing the journaled sectors again and syncing them failed: %w", d.lostCause(), err)
+			return fmt.Errorf("journal kept: a sync of the image failed (%w), and writing the journaled sectors again and syncing them failed: %w", syncs.lostCause(), err)
 		}
 		d.e.opts.Logger.Info("journaled sectors written again and synced after a failed sync", "asid", d.asid)
-	} else if err := d.syncSince(fails); err != nil {
+	} else if err := syncs.since(mark); err != nil {
 		return fmt.Errorf("failed to sync image: %w", err)
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if d.syncFails.Load() == fails {
-		d.syncLost.Store(nil)
-	}
-	j.epochFails = fails
+	syncs.checkpointed(mark)
+	j.epochMark = mark
 	if j.next == 0 {
 		return nil // nothing journaled since the last checkpoint
 	}
 	return j.newEpochLocked(j.epoch + 1)
 }
 
-// rewriteLocked writes every sector of the current epoch's records again, entry and data, as
-// reads see them now (a sector with a zero entry: punched again): after a failed sync
-// (Disk.syncMu), the page cache may hold writes that reads see but the disk never got, and
-// only writing them again makes a later sync write them. The caller syncs, and holds
-// d.ckpt exclusively, so no write-back or zeroing is between its journal append and its
-// in-place writes, and nothing else changes these bytes: a read opening the same sectors
-// reads the same bytes either way.
-func (j *journal) rewriteLocked() error {
+// rewriteSectors writes every sector of the current epoch's records again, entry and data, as
+// reads see them now (a sector with a zero entry: punched again): after a failed sync, the
+// page cache may hold writes that reads see but the disk never got, and only writing them
+// again makes a later sync write them. The caller syncs, and holds d.ckpt exclusively, so no
+// write-back or zeroing is between its journal append and its in-place writes, and nothing
+// else changes these bytes: a read opening the same sectors reads the same bytes either way.
+func (j *journal) rewriteSectors() error {
 	d := j.d
 	j.mu.Lock()
 	n, epoch := j.next, j.epoch
 	j.mu.Unlock()
-	buf := make([]byte, sector.JournalRecordSize)
+	_, recs, err := d.c.ReadJournal(d.st, d.h, n)
+	if err != nil {
+		return fmt.Errorf("failed to read the journal: %w", err)
+	}
+	if uint64(len(recs)) != n || n > 0 && recs[0].Epoch != epoch {
+		return fmt.Errorf("%w: %d valid records of epoch %d where %d were written", sector.ErrJournal, len(recs), epoch, n)
+	}
 	ct := make([]byte, d.ss)
 	var e sector.Entry
 	done := map[uint64]bool{}
-	for i := range n {
-		if _, err := d.st.ReadAt(buf, j.recordPos(i)); err != nil {
-			return fmt.Errorf("failed to read journal record %d: %w", i, err)
-		}
-		r, err := d.c.ParseJournalRecord(buf)
-		if err == nil && (r.Epoch != epoch || r.Seq != i || r.LBA >= d.sectors) {
-			err = fmt.Errorf("%w: epoch %d, seq %d, sector %d in the slot of record %d of epoch %d", sector.ErrJournal, r.Epoch, r.Seq, r.LBA, i, epoch)
-		}
-		if err != nil {
-			return fmt.Errorf("journal record %d: %w", i, err)
-		}
+	for _, r := range recs {
 		if done[r.LBA] {
 			continue
 		}
@@ -184,7 +175,7 @@ func (d *Disk) writeSector(lba uint64, e *sector.Entry, ct []byte) error {
 		return fmt.Errorf("failed to write the entry of sector %d: %w", lba, err)
 	}
 	if e.IsZero() {
-		return punch(d.st, d.h.DataPos(lba), d.ss)
+		return d.punch(d.h.DataPos(lba), d.ss)
 	}
 	n, err := d.st.ReadAt(ct, d.h.DataPos(lba))
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -206,114 +197,4 @@ func (j *journal) newEpochLocked(epoch uint64) error {
 	}
 	j.epoch, j.next, j.fresh = epoch, 0, true
 	return nil
-}
-
-// recover replays the journal (FORMAT.md §6): per record, the entry that authenticates the
-// data on disk becomes the sector's entry; zero records complete. Then a new epoch starts.
-func (j *journal) recover() error {
-	d := j.d
-	hdr := make([]byte, sector.JournalHeaderSize)
-	if _, err := d.st.ReadAt(hdr, int64(d.h.JournalOffset)); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("failed to read journal header: %w", err)
-	}
-	epoch, err := d.c.ParseJournalHeader(hdr)
-	if err != nil {
-		// A header that fails its MAC never covered an in-place write: start afresh.
-		d.e.opts.Logger.Warn("journal header invalid; starting a new journal", "error", err)
-		epoch = 0
-	}
-	// Decide every journaled sector's entry in memory first, in record order, and only then
-	// write: applying a zero record (punching data) before a later write record of the same
-	// sector is checked would destroy the data that record made durable.
-	final := map[uint64]sector.Entry{}
-	var order []uint64
-	if epoch > 0 {
-		buf := make([]byte, sector.JournalRecordSize)
-		ct := make([]byte, d.ss, d.ss+sector.TagSize)
-		pt := make([]byte, d.ss, d.ss+sector.TagSize)
-		for i := uint64(0); i < j.capacity; i++ {
-			if _, err := d.st.ReadAt(buf, j.recordPos(i)); err != nil && !errors.Is(err, io.EOF) {
-				return fmt.Errorf("failed to read journal record %d: %w", i, err)
-			}
-			r, err := d.c.ParseJournalRecord(buf)
-			if err != nil || r.Epoch != epoch || r.Seq != i || r.LBA >= d.sectors {
-				break
-			}
-			if _, seen := final[r.LBA]; !seen {
-				order = append(order, r.LBA)
-			}
-			if r.Kind == sector.RecordZero {
-				final[r.LBA] = sector.Entry{}
-				continue
-			}
-			n, err := d.st.ReadAt(ct, d.h.DataPos(r.LBA))
-			if err != nil && !errors.Is(err, io.EOF) {
-				return fmt.Errorf("failed to read sector %d for recovery: %w", r.LBA, err)
-			}
-			clear(ct[n:]) // past the end of a sparse file: zeros
-			if e, ok := d.authentic(r.LBA, pt, ct, &r.Old, &r.New); ok {
-				final[r.LBA] = e
-			} else if _, decided := final[r.LBA]; !decided {
-				// Neither authenticates: keep an earlier record's decision; with none, the
-				// sector was damaged by something other than a crash and fails its reads.
-				order = order[:len(order)-1]
-			}
-		}
-		clear(pt)
-	}
-	// Each decided sector's data is written again too, as read: after a failed sync, the
-	// page cache can hold data that reads see but that never reached the disk, and no later
-	// sync writes it unless it is written again (Disk.syncMu). The sync below then makes
-	// entry and data durable together, before the new epoch retires their records.
-	ct := make([]byte, d.ss)
-	for _, lba := range order {
-		e, ok := final[lba]
-		if !ok {
-			continue
-		}
-		if err := d.writeSector(lba, &e, ct); err != nil {
-			return fmt.Errorf("recovery: %w", err)
-		}
-	}
-	applied := len(order)
-	if err := d.st.Sync(); err != nil {
-		return fmt.Errorf("failed to sync recovery: %w", err)
-	}
-	if applied > 0 {
-		d.e.opts.Logger.Info("recovered journal", "epoch", epoch, "records", applied)
-	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if err := j.newEpochLocked(epoch + 1); err != nil {
-		return err
-	}
-	if err := d.st.Sync(); err != nil {
-		return fmt.Errorf("failed to sync journal header: %w", err)
-	}
-	j.fresh = false
-	return nil
-}
-
-// authentic is a write record's verdict on ct, the data on disk of sector lba: its new entry
-// if that authenticates ct, else its old one (an all-zero old entry matches all-zero data);
-// ok is false when neither does. pt is scratch for the plaintext.
-func (d *Disk) authentic(lba uint64, pt, ct []byte, old, new *sector.Entry) (e sector.Entry, ok bool) {
-	switch {
-	case d.c.Open(lba, pt, ct, new) == nil:
-		return *new, true
-	case old.IsZero() && allZero(ct):
-		return sector.Entry{}, true
-	case !old.IsZero() && d.c.Open(lba, pt, ct, old) == nil:
-		return *old, true
-	}
-	return sector.Entry{}, false
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

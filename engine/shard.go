@@ -107,8 +107,7 @@ func (s *shard) idle() {
 }
 
 // do performs one descriptor under the shard, all but a read's opening, which it returns for
-// finish (nil, unless err is nil). The operation runs only when the descriptor's ASID has a
-// key loaded, the key is this disk's, and the operation is valid for the disk.
+// finish (nil, unless err is nil). It runs only descriptors check admits.
 func (s *shard) do(desc *dma.Descriptor) (*opening, error) {
 	d, ok := desc.Target.(*Disk)
 	if !ok {
@@ -122,207 +121,47 @@ func (s *shard) do(desc *dma.Descriptor) (*opening, error) {
 	if s.e.observe != nil {
 		s.e.observe(desc)
 	}
+	if err := s.check(d, desc); err != nil {
+		return nil, err
+	}
+	switch desc.Op {
+	case dma.OpRead:
+		return p.read(desc)
+	case dma.OpWrite:
+		return nil, p.write(desc, desc.Buf)
+	case dma.OpTrim, dma.OpZero:
+		return nil, p.zero(desc)
+	case dma.OpStatus:
+		return nil, p.status(desc)
+	case dma.OpFlush:
+		return nil, p.flushDirty(time.Time{})
+	case opSettle:
+		return nil, p.settle()
+	}
+	panic(fmt.Sprintf("BUG: engine: unknown op %d", desc.Op))
+}
+
+// check is the coprocessor's admission of a descriptor: its ASID has a key loaded and the key
+// is this disk's (else ErrPermission: it is never processed with another key), its sectors
+// are on the disk, a write-class op is on a writable disk; with the memory-encryption stage,
+// a write's payload is decrypted from guest memory here, as the coprocessor reads it.
+func (s *shard) check(d *Disk, desc *dma.Descriptor) error {
 	ks := s.e.slot(desc.ASID)
 	if ks == nil || ks.cipher != d.c {
 		s.e.Stats.PermissionDenials.Add(1)
-		return nil, fmt.Errorf("%w (ASID %d)", ErrPermission, desc.ASID)
+		return fmt.Errorf("%w (ASID %d)", ErrPermission, desc.ASID)
 	}
 	end := desc.LBA + uint64(desc.Count)
 	if end > d.sectors || end < desc.LBA {
-		return nil, fmt.Errorf("sectors %d+%d on a %d-sector disk: %w", desc.LBA, desc.Count, d.sectors, ErrOutOfRange)
+		return fmt.Errorf("sectors %d+%d on a %d-sector disk: %w", desc.LBA, desc.Count, d.sectors, ErrOutOfRange)
 	}
-	write := desc.Op == dma.OpWrite || desc.Op == dma.OpTrim || desc.Op == dma.OpZero
-	if write && d.readOnly {
-		return nil, ErrReadOnly
+	if (desc.Op == dma.OpWrite || desc.Op == dma.OpTrim || desc.Op == dma.OpZero) && d.readOnly {
+		return ErrReadOnly
 	}
-	mem := s.e.mem != nil && (desc.Op == dma.OpRead || desc.Op == dma.OpWrite)
-	if mem && desc.Op == dma.OpWrite {
-		// the memory controller decrypts the payload as the coprocessor reads guest memory
+	if s.e.mem != nil && desc.Op == dma.OpWrite {
 		if err := s.e.mem.Open(desc); err != nil {
 			s.e.Stats.PermissionDenials.Add(1)
-			return nil, fmt.Errorf("%w: %v", ErrPermission, err)
-		}
-	}
-	var o *opening
-	var err error
-	switch desc.Op {
-	case dma.OpRead:
-		o, err = s.read(p, desc)
-	case dma.OpWrite:
-		err = s.write(p, desc, desc.Buf)
-	case dma.OpFlush:
-		err = p.flushDirty(time.Time{})
-	case opSettle:
-		err = p.settle()
-	case dma.OpTrim, dma.OpZero:
-		err = s.zero(p, desc)
-	case dma.OpStatus:
-		err = s.status(p, desc)
-	default:
-		panic(fmt.Sprintf("BUG: engine: unknown op %d", desc.Op))
-	}
-	if err == nil && write {
-		err = p.shrink()
-	}
-	return o, err
-}
-
-// span is the part of sector i (0-based in the descriptor) covered by the guest buffer:
-// buf[bLo:bHi] maps to sector bytes [sLo, sLo+bHi-bLo).
-func span(desc *dma.Descriptor, i int64, ss int64) (bLo, bHi, sLo int64) {
-	start := i*ss - int64(desc.Head) // sector i's first byte, relative to the buffer
-	bLo = max(0, start)
-	bHi = min(int64(desc.Len), start+ss)
-	return bLo, bHi, bLo - start
-}
-
-// read serves cached sectors from the cache and decrypts the rest straight into the guest
-// buffer: reads do not allocate cache lines (the cache is write-back, not read-allocate), so a
-// large scan does not evict the dirty and recently written sectors that matter. Runs of whole
-// uncached sectors are returned as an opening, performed after the shard is released.
-func (s *shard) read(p *part, desc *dma.Descriptor) (*opening, error) {
-	ss := p.d.ss
-	var o *opening
-	for i := int64(0); i < int64(desc.Count); {
-		if l := p.cached(desc.LBA + uint64(i)); l != nil {
-			p.d.e.Stats.CacheHits.Add(1)
-			p.lineLRU.touch(l)
-			bLo, bHi, sLo := span(desc, i, ss)
-			copy(desc.Buf[bLo:bHi], l.data[sLo:])
-			i++
-			continue
-		}
-		j := i + 1 + p.uncached(desc.LBA+uint64(i+1), int64(desc.Count)-i-1)
-		var err error
-		bLo, _, _ := span(desc, i, ss)
-		_, bHi, _ := span(desc, j-1, ss)
-		if bHi-bLo == (j-i)*ss {
-			o, err = p.addOpening(o, desc, i, j, bLo, bHi)
-		} else {
-			err = p.readDirect(desc, i, j) // a partial sector: through p.ct, under the shard
-		}
-		if err != nil {
-			if o != nil {
-				o.release()
-			}
-			return nil, err
-		}
-		i = j
-	}
-	return o, nil
-}
-
-// write copies buf (nil: zeros) into cached sectors: whole sectors without reading,
-// partial ones read-modify-write. With FUA the touched sectors are written back and synced.
-func (s *shard) write(p *part, desc *dma.Descriptor, buf []byte) error {
-	ss := p.d.ss
-	var touched []*line
-	now := time.Now()
-	for i := int64(0); i < int64(desc.Count); i++ {
-		lba := desc.LBA + uint64(i)
-		bLo, bHi, sLo := span(desc, i, ss)
-		var l *line
-		if bHi-bLo == ss {
-			if l = p.cached(lba); l == nil {
-				l = p.insert(p.newLine(lba))
-			} else {
-				p.lineLRU.touch(l)
-			}
-		} else {
-			var err error
-			if l, err = p.load(lba); err != nil {
-				return err
-			}
-		}
-		if buf != nil {
-			copy(l.data[sLo:], buf[bLo:bHi])
-		} else {
-			clear(l.data[sLo : sLo+bHi-bLo])
-		}
-		p.markDirty(l, now)
-		if desc.Flags&dma.FUA != 0 {
-			touched = append(touched, l)
-		}
-	}
-	if len(touched) > 0 {
-		fails := p.d.syncFails.Load()
-		if err := p.writeback(touched); err != nil {
-			return err
-		}
-		if err := p.d.syncSince(fails); err != nil {
-			return fmt.Errorf("failed to sync FUA write: %w", err)
-		}
-	}
-	return nil
-}
-
-// zero handles trim and write-zeroes: whole sectors become holes (or, with NoHole, written
-// zeros); partial sectors are zeroed by read-modify-write. Cached lines of whole sectors are
-// dropped only once their holes are in place: a dirty line may be the only thing that can
-// still repair its sector (a write-back that failed part-way), and a failed trim leaves its
-// range as it was or zero, never unreadable.
-func (s *shard) zero(p *part, desc *dma.Descriptor) error {
-	ss := p.d.ss
-	if desc.Flags&dma.NoHole != 0 {
-		return s.write(p, desc, nil) // Buf is nil: zeros
-	}
-	// Settled first, like a write-back: an unsettled sector's entry is then the one on disk,
-	// so the entries below say which sectors need a hole, and at most one failed batch is
-	// ever unsettled per part however long the store keeps failing.
-	if err := p.settle(); err != nil {
-		return err
-	}
-	var holes []uint64
-	for i := int64(0); i < int64(desc.Count); i++ {
-		lba := desc.LBA + uint64(i)
-		bLo, bHi, sLo := span(desc, i, ss)
-		if bHi-bLo < ss {
-			l, err := p.load(lba)
-			if err != nil {
-				return err
-			}
-			clear(l.data[sLo : sLo+bHi-bLo])
-			p.markDirty(l, time.Now())
-			continue
-		}
-		e, err := p.entry(lba)
-		if err != nil {
-			return err
-		}
-		if !e.IsZero() {
-			holes = append(holes, lba)
-		}
-	}
-	if err := p.zeroSectors(holes); err != nil {
-		return err
-	}
-	for i := int64(0); i < int64(desc.Count); i++ {
-		if bLo, bHi, _ := span(desc, i, ss); bHi-bLo == ss {
-			if l := p.lines[desc.LBA+uint64(i)]; l != nil {
-				p.drop(l)
-			}
-		}
-	}
-	return nil
-}
-
-func (s *shard) status(p *part, desc *dma.Descriptor) error {
-	for i := int64(0); i < int64(desc.Count); i++ {
-		lba := desc.LBA + uint64(i)
-		allocated := false
-		if l := p.cached(lba); l != nil && l.dirty {
-			allocated = true
-		} else {
-			e, err := p.entry(lba)
-			if err != nil {
-				return err
-			}
-			allocated = !e.IsZero()
-		}
-		if allocated {
-			desc.Buf[i] = 1
-		} else {
-			desc.Buf[i] = 0
+			return fmt.Errorf("%w: %v", ErrPermission, err)
 		}
 	}
 	return nil

@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 
+	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store"
 )
@@ -21,7 +22,7 @@ func dumpSector(im *testImage, st *store.Crash, lba uint64) string {
 	ct := make([]byte, ss)
 	st.ReadAt(ct, im.h.DataPos(lba))
 	pt := make([]byte, ss, ss+16)
-	out += fmt.Sprintf("entry ctr %d zero %v; data zero %v; open %v\n", e.Counter(), e.IsZero(), allZero(ct), c.Open(lba, pt, ct, &e))
+	out += fmt.Sprintf("entry ctr %d zero %v; data zero %v; open %v\n", e.Counter(), e.IsZero(), zeros.All(ct), c.Open(lba, pt, ct, &e))
 	buf := make([]byte, sector.JournalRecordSize)
 	for i := uint64(0); i < 300; i++ {
 		st.ReadAt(buf, int64(im.h.JournalOffset)+sector.JournalHeaderSize+int64(i)*sector.JournalRecordSize)

@@ -63,15 +63,6 @@ func (w *writer) u64(v uint64) { w.b = binary.BigEndian.AppendUint64(w.b, v) }
 func (w *writer) raw(v []byte) { w.b = append(w.b, v...) }
 func (w *writer) str(s string) { w.b = append(w.b, s...) }
 
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
 // check records reason against field unless an earlier field already failed; "" means the
 // value passed. Parsers and Validate methods share it so the same rule yields the same error.
 func (r *reader) check(field, reason string) {

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 // Header copy layout (FORMAT.md §2), big-endian. Each copy sits in its own 64 KiB slot; the
@@ -280,7 +282,7 @@ func ParseHeader(slot []byte, copy int) (*Header, error) {
 	if cl != hl-HeaderFixedSize {
 		r.check("cert_len", fmt.Sprintf("%d disagrees with header_len %d (want %d)", cl, hl, hl-HeaderFixedSize))
 	}
-	if res := r.take("reserved", 24); !allZero(res) {
+	if res := r.take("reserved", 24); !zeros.All(res) {
 		r.check("reserved", "is not zero")
 	}
 	h.Cert = clone(r.take("certificate", cl))

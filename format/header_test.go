@@ -9,6 +9,8 @@ import (
 	"io"
 	"strings"
 	"testing"
+
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 // memFile is an in-memory image file: ReaderAt and SyncWriterAt. It logs operations and can
@@ -383,7 +385,7 @@ func TestWriteHeadersOrderAndSlots(t *testing.T) {
 	for c := 0; c < 2; c++ {
 		slot := f.b[c*HeaderSlotSize : (c+1)*HeaderSlotSize]
 		b := mustMarshal(t, h, c)
-		if !bytes.Equal(slot[:len(b)], b) || !allZero(slot[len(b):]) {
+		if !bytes.Equal(slot[:len(b)], b) || !zeros.All(slot[len(b):]) {
 			t.Errorf("slot %d: not the copy followed by zeros", c)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/sector"
 )
 
@@ -86,21 +87,6 @@ func parallel(ctx context.Context, jobs [][2]int64, fn func(w int, job [2]int64)
 	return first
 }
 
-func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
 // writeEntries writes the chunk's entries, skipping 4 KiB metadata pages that are all zero
 // so never-written sectors cost no metadata space.
 func writeEntries(img *Image, first int64, ents []byte) error {
@@ -108,7 +94,7 @@ func writeEntries(img *Image, first int64, ents []byte) error {
 	pos := img.Header.EntryPos(uint64(first))
 	for off := 0; off < len(ents); {
 		end := min(off+page-int((pos+int64(off))%page), len(ents))
-		if !isZero(ents[off:end]) {
+		if !zeros.All(ents[off:end]) {
 			if _, err := img.Store.WriteAt(ents[off:end], pos+int64(off)); err != nil {
 				return fmt.Errorf("failed to write metadata: %w", err)
 			}
@@ -172,7 +158,7 @@ func Seal(ctx context.Context, src *os.File, img *Image, sess *sector.Session, p
 		}
 		for i := int64(0); i < j[1]-j[0]; i++ {
 			pt := in[i*ss : (i+1)*ss]
-			if isZero(pt) {
+			if zeros.All(pt) {
 				if err := flush(i); err != nil {
 					return err
 				}
@@ -252,7 +238,7 @@ func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst *
 				}
 			}
 		}
-		if isZero(ents) {
+		if zeros.All(ents) {
 			return nil
 		}
 		ct := b.ct[:cnt*ss]
@@ -277,7 +263,7 @@ func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst *
 			if err := c.Open(uint64(j[0]+i), out, ct[i*ss:(i+1)*ss], &e); err != nil {
 				return err
 			}
-			if e.IsZero() || isZero(out) {
+			if e.IsZero() || zeros.All(out) {
 				if err := flush(i); err != nil {
 					return err
 				}

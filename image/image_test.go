@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
 )
@@ -100,7 +101,7 @@ func TestSparseStaysSparse(t *testing.T) {
 	for off, b := range pieces {
 		_, err := src.WriteAt(b, off)
 		must(t, err)
-		if !isZero(b) {
+		if !zeros.All(b) {
 			written += len(b)
 		}
 	}

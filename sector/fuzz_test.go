@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 // FuzzOpen: no entry and data but the authentic ones open, failures name the LBA, and no
@@ -30,7 +31,7 @@ func FuzzOpen(f *testing.F) {
 		err := c.Open(lba, out, data, &fe)
 		switch {
 		case fe.IsZero():
-			if err != nil || !allZero(out) {
+			if err != nil || !zeros.All(out) {
 				t.Fatalf("zero entry: %v", err)
 			}
 		case err == nil:
@@ -39,7 +40,7 @@ func FuzzOpen(f *testing.F) {
 			}
 		default:
 			var ae *AuthError
-			if !errors.As(err, &ae) || ae.LBA != lba || !allZero(out[:cap(out)]) {
+			if !errors.As(err, &ae) || ae.LBA != lba || !zeros.All(out[:cap(out)]) {
 				t.Fatalf("failure %v", err)
 			}
 		}

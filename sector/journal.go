@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"hash"
 	"sync"
+
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 // Journal bytes (FORMAT.md §6).
@@ -134,7 +136,7 @@ func (c *Cipher) ParseJournalHeader(b []byte) (uint64, error) {
 	if len(b) != JournalHeaderSize {
 		panic("BUG: sector: journal header buffer size")
 	}
-	if allZero(b) {
+	if zeros.All(b) {
 		return 0, nil
 	}
 	if string(b[:8]) != journalMagic {
@@ -149,7 +151,7 @@ func (c *Cipher) ParseJournalHeader(b []byte) (uint64, error) {
 	if !hmac.Equal(want[:], b[16:32]) {
 		return 0, fmt.Errorf("%w: journal header MAC does not verify", ErrJournal)
 	}
-	if !allZero(b[32:]) {
+	if !zeros.All(b[32:]) {
 		return 0, fmt.Errorf("%w: journal header padding is not zero", ErrJournal)
 	}
 	return binary.BigEndian.Uint64(b[8:16]), nil
@@ -201,7 +203,7 @@ func (c *Cipher) ParseJournalRecord(b []byte) (JournalRecord, error) {
 	if r.Kind != RecordWrite && r.Kind != RecordZero {
 		return r, fmt.Errorf("%w: record kind %d", ErrJournal, r.Kind)
 	}
-	if !allZero(b[5:8]) || !allZero(b[160:240]) {
+	if !zeros.All(b[5:8]) || !zeros.All(b[160:240]) {
 		return r, fmt.Errorf("%w: record padding is not zero", ErrJournal)
 	}
 	r.Epoch = binary.BigEndian.Uint64(b[8:])

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 func TestJournalHeader(t *testing.T) {
@@ -19,7 +20,7 @@ func TestJournalHeader(t *testing.T) {
 	}
 	for _, epoch := range []uint64{1, 2, 1 << 40, ^uint64(0)} {
 		c.MarshalJournalHeader(epoch, h)
-		if string(h[:8]) != "SDJOURN1" || !allZero(h[32:]) {
+		if string(h[:8]) != "SDJOURN1" || !zeros.All(h[32:]) {
 			t.Fatalf("epoch %d: layout %x", epoch, h[:40])
 		}
 		if ep, err := c.ParseJournalHeader(h); err != nil || ep != epoch {
@@ -27,7 +28,7 @@ func TestJournalHeader(t *testing.T) {
 		}
 	}
 	c.MarshalJournalHeader(0, h)
-	if !allZero(h) {
+	if !zeros.All(h) {
 		t.Fatal("epoch 0 is not the all-zero empty journal")
 	}
 	c.MarshalJournalHeader(9, h)
@@ -67,7 +68,7 @@ func TestJournalRecord(t *testing.T) {
 		{Kind: RecordZero, Epoch: ^uint64(0), Seq: 16367, LBA: ^uint64(0), Old: e},
 	} {
 		c.MarshalJournalRecord(&r, b)
-		if string(b[:4]) != "SDJR" || b[4] != r.Kind || !allZero(b[5:8]) || !allZero(b[160:240]) {
+		if string(b[:4]) != "SDJR" || b[4] != r.Kind || !zeros.All(b[5:8]) || !zeros.All(b[160:240]) {
 			t.Fatalf("layout %x", b)
 		}
 		got, err := c.ParseJournalRecord(b)

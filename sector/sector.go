@@ -27,6 +27,7 @@ import (
 	"github.com/klauspost/cpuid/v2"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 const (
@@ -211,7 +212,7 @@ func checkEntry(lba uint64, dst []byte, e *Entry) (done bool, err error) {
 	case e.IsZero():
 		clear(dst)
 		return true, nil
-	case !allZero(e[40:]):
+	case !zeros.All(e[40:]):
 		clear(dst)
 		return true, &AuthError{LBA: lba, Reason: "reserved entry bytes are not zero"}
 	case e.Counter() == 0:
@@ -347,13 +348,4 @@ func (c *Cipher) Destroy() {
 	clear(c.jinner)
 	clear(c.jouter)
 	c.destroyed = true
-}
-
-func allZero(b []byte) bool {
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 var (
@@ -127,7 +128,7 @@ func TestRoundTrip(t *testing.T) {
 				pt := vecPlain(ss)
 				for i, lba := range []uint64{0, 1, 9, math.MaxUint64} {
 					ct, e := sealed(t, sess, lba)
-					if bytes.Equal(ct, pt) || e.Counter() != uint64(i+1) || e.Salt() != sess.Salt() || !allZero(e[40:]) {
+					if bytes.Equal(ct, pt) || e.Counter() != uint64(i+1) || e.Salt() != sess.Salt() || !zeros.All(e[40:]) {
 						t.Fatalf("lba %d: entry %x", lba, e)
 					}
 					out := buf(ss)
@@ -180,7 +181,7 @@ func TestTamperFailsNamingLBA(t *testing.T) {
 					!strings.Contains(err.Error(), fmt.Sprintf("sector %d ", lba)) {
 					t.Fatalf("%s: got %v", name, err)
 				}
-				if !allZero(out[:cap(out)]) {
+				if !zeros.All(out[:cap(out)]) {
 					t.Fatalf("%s: plaintext released on failure", name)
 				}
 			}
@@ -217,7 +218,7 @@ func TestZeroEntryReadsZeros(t *testing.T) {
 	c := newCipher(t, format.SuiteAES256GCM, 4096)
 	out := buf(4096)
 	copy(out, vecPlain(4096))
-	if err := c.Open(1, out, vecPlain(4096), &Entry{}); err != nil || !allZero(out) {
+	if err := c.Open(1, out, vecPlain(4096), &Entry{}); err != nil || !zeros.All(out) {
 		t.Fatalf("zero entry: %v", err)
 	}
 }
@@ -488,7 +489,7 @@ func TestDestroy(t *testing.T) {
 					t.Fatalf("%d key bytes survive Destroy", n)
 				}
 			}
-			if !allZero(key) || !allZero(inner) || !allZero(outer) || len(c.keys.bySalt) != 0 {
+			if !zeros.All(key) || !zeros.All(inner) || !zeros.All(outer) || len(c.keys.bySalt) != 0 {
 				t.Fatal("image or journal key not zeroised")
 			}
 			if err := c.Open(1, buf(4096), ct, &e); !errors.Is(err, ErrDestroyed) {
@@ -731,7 +732,7 @@ func TestOpenSectors(t *testing.T) {
 				bad := bytes.Clone(run)
 				bad[3*ss+9] ^= 1
 				var ae *AuthError
-				if err := c.OpenSectors(lba, bad, ents); !errors.As(err, &ae) || ae.LBA != lba+3 || !allZero(bad[3*ss:4*ss]) {
+				if err := c.OpenSectors(lba, bad, ents); !errors.As(err, &ae) || ae.LBA != lba+3 || !zeros.All(bad[3*ss:4*ss]) {
 					t.Fatalf("tampered sector 3: %v", err)
 				}
 				mustPanic(t, "BUG: sector: OpenSectors buffer", func() { _ = c.OpenSectors(lba, run[:ss], ents) })

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 func mappedFile(t *testing.T, size int64) (*File, string) {
@@ -76,21 +78,12 @@ func TestMappedCoherentWithSyscalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = make([]byte, 64<<10)
-	if _, err := f.ReadAt(got, 0); err != nil || !allZeros(got) {
-		t.Fatalf("mapped read after a punch: %v, zeros %v", err, allZeros(got))
+	if _, err := f.ReadAt(got, 0); err != nil || !zeros.All(got) {
+		t.Fatalf("mapped read after a punch: %v, zeros %v", err, zeros.All(got))
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func allZeros(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // A file truncated underneath its mapping turns the access into SIGBUS; the call must fail with

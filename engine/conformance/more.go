@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/engine"
+	"github.com/sealdisk/sealdisk/internal/zeros"
 )
 
 // runMore adds the cases that check a device against a byte model under random and
@@ -285,21 +286,12 @@ func (f *fixture) extents(off, n int64) []engine.Extent {
 		if pos+e.Length > off+n {
 			f.t.Fatalf("block status [%d,+%d): extents cover more than asked", off, n)
 		}
-		if e.Zero && !allZero(f.m[pos:pos+e.Length]) {
+		if e.Zero && !zeros.All(f.m[pos:pos+e.Length]) {
 			f.t.Fatalf("block status [%d,+%d): [%d,+%d) reported zero but holds data", off, n, pos, e.Length)
 		}
 		pos += e.Length
 	}
 	return ext
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func testBlockStatus(t *testing.T, f *fixture) {

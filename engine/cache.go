@@ -1,0 +1,154 @@
+package engine
+
+import (
+	"math/bits"
+	"time"
+
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+// The plaintext write-back cache of a part: one line per cached sector, in an LRU list, with
+// a bit mask per metadata page's worth of sectors saying which have a line. Reads do not
+// allocate lines (read.go); writes do (write.go); shrink evicts beyond the bound, writing dirty
+// lines back first (writeback.go).
+
+// line is one cached plaintext sector.
+type line struct {
+	prev, next *line // LRU list, most recent at head
+	lba        uint64
+	data       []byte // sector bytes; cap sector+TagSize
+	dirty      bool
+	dirtyAt    time.Time
+}
+
+// lineList is the intrusive doubly linked LRU list of a part's lines, most recently used at
+// head.
+type lineList struct{ head, tail *line }
+
+func (q *lineList) touch(x *line) {
+	if q.head == x {
+		return
+	}
+	q.unlink(x)
+	x.next = q.head
+	if q.head != nil {
+		q.head.prev = x
+	}
+	q.head = x
+	if q.tail == nil {
+		q.tail = x
+	}
+}
+
+func (q *lineList) unlink(x *line) {
+	if x.prev != nil {
+		x.prev.next = x.next
+	} else if q.head == x {
+		q.head = x.next
+	}
+	if x.next != nil {
+		x.next.prev = x.prev
+	} else if q.tail == x {
+		q.tail = x.prev
+	}
+	x.prev, x.next = nil, nil
+}
+
+// newLine returns an unused line for lba, not yet in the cache: a spare one with its buffer
+// when there is one. Its data is whatever the buffer last held; the caller overwrites it.
+func (p *part) newLine(lba uint64) *line {
+	if n := len(p.spare); n > 0 {
+		l := p.spare[n-1]
+		p.spare = p.spare[:n-1]
+		l.lba = lba
+		return l
+	}
+	return &line{lba: lba, data: make([]byte, p.d.ss, p.d.ss+sector.TagSize)}
+}
+
+// drop removes a line from the cache and keeps it spare. Its plaintext is not cleared here:
+// the next newLine overwrites it, and zeroise clears every spare buffer at detach, so a spare
+// line holds nothing the cache could not hold.
+func (p *part) drop(l *line) {
+	p.lineLRU.unlink(l)
+	delete(p.lines, l.lba)
+	if pg, m := l.lba/entriesPerPage, p.lineMask[l.lba/entriesPerPage]&^lineBit(l.lba); m == 0 {
+		delete(p.lineMask, pg)
+	} else {
+		p.lineMask[pg] = m
+	}
+	if l.dirty {
+		l.dirty = false
+		p.dirty--
+	}
+	p.spare = append(p.spare, l)
+}
+
+// insert caches l (from newLine) as most recently used.
+func (p *part) insert(l *line) *line {
+	p.lines[l.lba] = l
+	p.lineMask[l.lba/entriesPerPage] |= lineBit(l.lba)
+	p.lineLRU.touch(l)
+	return l
+}
+
+// lineBit is lba's bit in its page's lineMask.
+func lineBit(lba uint64) uint64 { return 1 << (lba % entriesPerPage) }
+
+// cached returns lba's line, or nil. Most sectors have none, and their page's mask says so
+// without a lookup in lines.
+func (p *part) cached(lba uint64) *line {
+	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
+		return nil
+	}
+	return p.lines[lba]
+}
+
+// uncached is how many sectors from lba on, at most n, have no line: one mask per metadata
+// page's worth of sectors.
+func (p *part) uncached(lba uint64, n int64) int64 {
+	for k := int64(0); k < n; {
+		a := lba + uint64(k)
+		if m := p.lineMask[a/entriesPerPage] >> (a % entriesPerPage); m != 0 {
+			return min(n, k+int64(bits.TrailingZeros64(m)))
+		}
+		k += int64(entriesPerPage - a%entriesPerPage)
+	}
+	return n
+}
+
+func (p *part) markDirty(l *line, now time.Time) {
+	if !l.dirty {
+		l.dirty = true
+		p.dirty++
+	}
+	l.dirtyAt = now
+}
+
+// markClean records that l's content is on disk.
+func (p *part) markClean(l *line) {
+	if l.dirty {
+		l.dirty = false
+		p.dirty--
+	}
+}
+
+// shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
+func (p *part) shrink() error {
+	for len(p.lines) > p.maxLines {
+		p.wb, p.victims = p.wb[:0], p.victims[:0]
+		for l := p.lineLRU.tail; l != nil && len(p.victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
+			p.victims = append(p.victims, l)
+			if l.dirty {
+				p.wb = append(p.wb, l)
+			}
+		}
+		if err := p.writeback(p.wb); err != nil {
+			return err
+		}
+		for _, l := range p.victims {
+			p.drop(l)
+		}
+	}
+	return nil
+}
