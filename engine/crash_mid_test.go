@@ -171,7 +171,7 @@ func TestCrashInsideOperations(t *testing.T) {
 			case k < 9:
 				o.kind, o.isTrim, o.noHole = 2, k == 7, r.Intn(2) == 0
 				if o.isTrim {
-					must(t, d.Trim(ctx, off, n))
+					must(t, d.Trim(ctx, off, n, false))
 				} else {
 					must(t, d.WriteZeroes(ctx, off, n, ZeroFlags{NoHole: o.noHole}))
 				}

@@ -137,15 +137,19 @@ func TestCrashConsistency(t *testing.T) {
 				must(t, d.Flush(ctx))
 				durable(0, sectors)
 			case k < 9:
+				fua := r.Intn(3) == 0
 				if k == 7 {
-					must(t, d.Trim(ctx, off, n))
+					must(t, d.Trim(ctx, off, n, fua))
 				} else {
-					must(t, d.WriteZeroes(ctx, off, n, ZeroFlags{NoHole: r.Intn(2) == 0}))
+					must(t, d.WriteZeroes(ctx, off, n, ZeroFlags{NoHole: r.Intn(2) == 0, FUA: fua}))
 				}
 				for i := int64(0); i < n; i++ {
 					cur[(off+i)/ss][(off+i)%ss] = 0
 				}
 				changed(lo, hi)
+				if fua {
+					durable(lo, hi)
+				}
 			default:
 				buf := make([]byte, n)
 				must(t, d.ReadAt(ctx, buf, off))

@@ -22,10 +22,12 @@ type BlockDevice interface {
 	WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 	// Flush makes every write acknowledged before the call durable, whichever caller made it.
 	Flush(ctx context.Context) error
-	// Trim discards [off, off+n): it reads back as zeros and takes no space.
-	Trim(ctx context.Context, off, n int64) error
-	// WriteZeroes makes [off, off+n) read as zeros; with NoHole the space stays allocated.
-	// With FastZero it fails with ErrNotFast instead of doing slow work.
+	// Trim discards [off, off+n) (any length within the device): it reads back as zeros and
+	// takes no space; with fua that is durable when it returns.
+	Trim(ctx context.Context, off, n int64, fua bool) error
+	// WriteZeroes makes [off, off+n) (any length within the device) read as zeros; with
+	// NoHole the space stays allocated. With FastZero it fails with ErrNotFast instead of
+	// doing slow work; with FUA it is durable when it returns.
 	WriteZeroes(ctx context.Context, off, n int64, flags ZeroFlags) error
 	// BlockStatus describes [off, off+n) as a list of extents, in order, covering at least
 	// the first byte and at most n bytes.
@@ -51,6 +53,7 @@ type Caps struct {
 type ZeroFlags struct {
 	NoHole   bool
 	FastZero bool
+	FUA      bool
 }
 
 // Extent is one run of BlockStatus.

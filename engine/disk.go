@@ -222,8 +222,8 @@ func (d *Disk) checkpoint() error {
 	return d.jr.checkpointLocked()
 }
 
-// Trim discards [off, off+n).
-func (d *Disk) Trim(ctx context.Context, off, n int64) error {
+// Trim discards [off, off+n); with fua it is durable on return.
+func (d *Disk) Trim(ctx context.Context, off, n int64, fua bool) error {
 	if err := d.check(off, n, true); err != nil {
 		return err
 	}
@@ -231,7 +231,11 @@ func (d *Disk) Trim(ctx context.Context, off, n int64) error {
 		return nil
 	}
 	d.e.Stats.Trims.Add(1)
-	return d.submitLarge(ctx, dma.OpTrim, off, n, 0)
+	var fl dma.Flags
+	if fua {
+		fl = dma.FUA
+	}
+	return d.submitLarge(ctx, dma.OpTrim, off, n, fl)
 }
 
 // WriteZeroes makes [off, off+n) read as zeros: holes, or with NoHole, written zeros.
@@ -247,7 +251,10 @@ func (d *Disk) WriteZeroes(ctx context.Context, off, n int64, f ZeroFlags) error
 	}
 	var fl dma.Flags
 	if f.NoHole {
-		fl = dma.NoHole
+		fl |= dma.NoHole
+	}
+	if f.FUA {
+		fl |= dma.FUA
 	}
 	return d.submitLarge(ctx, dma.OpZero, off, n, fl)
 }

@@ -40,8 +40,8 @@ func TestRandomOpsAgainstModel(t *testing.T) {
 					t.Fatalf("ss %d op %d: read [%d,+%d) differs", ss, i, off, n)
 				}
 			case op == 7:
-				must(t, d.Trim(ctx, off, n))
-				must(t, model.Trim(ctx, off, n))
+				must(t, d.Trim(ctx, off, n, false))
+				must(t, model.Trim(ctx, off, n, false))
 			case op == 8:
 				must(t, d.WriteZeroes(ctx, off, n, ZeroFlags{NoHole: r.Intn(2) == 0}))
 				must(t, model.WriteZeroes(ctx, off, n, ZeroFlags{}))
@@ -217,7 +217,7 @@ func TestBlockStatus(t *testing.T) {
 		}
 	}
 	must(t, d.Flush(ctx))
-	must(t, d.Trim(ctx, 2<<20, 8192))
+	must(t, d.Trim(ctx, 2<<20, 8192, false))
 	ext, _ = d.BlockStatus(ctx, 2<<20, 8192)
 	if len(ext) != 1 || !ext[0].Hole {
 		t.Fatalf("after trim: %v", ext)

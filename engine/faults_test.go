@@ -104,7 +104,7 @@ func TestStoreErrorsSurface(t *testing.T) {
 		{"punch fails on trim", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, true))
 			es.SetInjector(store.FailAfter(store.OpPunch, 0))
-			if err := d.Trim(ctx, 0, 8*ss); !errors.Is(err, store.ErrInjected) {
+			if err := d.Trim(ctx, 0, 8*ss, false); !errors.Is(err, store.ErrInjected) {
 				t.Fatalf("trim: %v", err)
 			}
 			es.SetInjector(nil)
@@ -213,7 +213,7 @@ func TestRandomStoreFaults(t *testing.T) {
 					}
 				}
 			case k == 7:
-				if err = d.Trim(ctx, off, n); err == nil {
+				if err = d.Trim(ctx, off, n, false); err == nil {
 					clear(model[off : off+n])
 				} else {
 					undefine(off, n)
@@ -342,7 +342,7 @@ func TestFailedTrimOfUnsettledSector(t *testing.T) {
 				t.Fatalf("flush: %v", err)
 			}
 			es.SetInjector(store.FailAfter(failTrim, 0))
-			err := d.Trim(ctx, 0, ss)
+			err := d.Trim(ctx, 0, ss, false)
 			es.SetInjector(nil)
 			got := make([]byte, ss)
 			if rerr := d.ReadAt(ctx, got, 0); rerr != nil {

@@ -55,8 +55,8 @@ func TestMemoryEncryptionStage(t *testing.T) {
 				t.Fatalf("op %d: read [%d,+%d) differs", i, off, n)
 			}
 		default:
-			must(t, d.Trim(ctx, off, n))
-			must(t, model.Trim(ctx, off, n))
+			must(t, d.Trim(ctx, off, n, false))
+			must(t, model.Trim(ctx, off, n, false))
 		}
 	}
 	mu.Lock()

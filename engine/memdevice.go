@@ -115,7 +115,7 @@ func (d *MemDevice) zero(off, n int64, keep bool) {
 	}
 }
 
-func (d *MemDevice) Trim(_ context.Context, off, n int64) error {
+func (d *MemDevice) Trim(_ context.Context, off, n int64, _ bool) error {
 	if err := d.check(off, 0, true); err != nil {
 		return err
 	}

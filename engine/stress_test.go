@@ -100,7 +100,7 @@ func TestConcurrentStressAgainstModel(t *testing.T) {
 						locks.lock(off, n)
 						var err error
 						if k == 15 {
-							err = d.Trim(ctx, off, n)
+							err = d.Trim(ctx, off, n, false)
 						} else {
 							err = d.WriteZeroes(ctx, off, n, ZeroFlags{NoHole: r.Intn(2) == 0})
 						}
@@ -175,7 +175,7 @@ func TestReadsRaceWriteBacks(t *testing.T) {
 				lba := int64(i % sectors)
 				var err error
 				if i%7 == 0 {
-					err = d.Trim(ctx, lba*ss, ss)
+					err = d.Trim(ctx, lba*ss, ss, false)
 				} else {
 					fill(buf, uint64(i)<<1|uint64(w))
 					err = d.WriteAt(ctx, buf, lba*ss, i%3 == 0)

@@ -170,35 +170,13 @@ func (d *diskNode) Allocate(ctx context.Context, _ fs.FileHandle, off, size uint
 	}
 	switch {
 	case mode == unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE:
-		return errno(d.trimOrZero(ctx, int64(off), int64(size), true))
+		return errno(d.dev.Trim(ctx, int64(off), int64(size), false))
 	case mode&^unix.FALLOC_FL_KEEP_SIZE == unix.FALLOC_FL_ZERO_RANGE:
-		return errno(d.trimOrZero(ctx, int64(off), int64(size), false))
+		return errno(d.dev.WriteZeroes(ctx, int64(off), int64(size), engine.ZeroFlags{}))
 	case mode == 0 || mode == unix.FALLOC_FL_KEEP_SIZE:
 		return 0
 	}
 	return syscall.EOPNOTSUPP
-}
-
-// trimOrZero splits large ranges into requests the device accepts.
-func (d *diskNode) trimOrZero(ctx context.Context, off, n int64, trim bool) error {
-	max := int64(d.dev.Caps().MaxBlock)
-	if max <= 0 {
-		max = 32 << 20
-	}
-	for n > 0 {
-		k := min(n, max)
-		var err error
-		if trim {
-			err = d.dev.Trim(ctx, off, k)
-		} else {
-			err = d.dev.WriteZeroes(ctx, off, k, engine.ZeroFlags{})
-		}
-		if err != nil {
-			return err
-		}
-		off, n = off+k, n-k
-	}
-	return nil
 }
 
 // Lseek implements SEEK_DATA and SEEK_HOLE from the device's block status.

@@ -110,8 +110,12 @@ func (d *wireDevice) Flush(context.Context) error {
 	return err
 }
 
-func (d *wireDevice) Trim(_ context.Context, off, n int64) error {
-	_, err := d.do(cmdTrim, 0, off, n, nil)
+func (d *wireDevice) Trim(_ context.Context, off, n int64, fua bool) error {
+	var f uint16
+	if fua {
+		f = cflagFUA
+	}
+	_, err := d.do(cmdTrim, f, off, n, nil)
 	return err
 }
 
@@ -122,6 +126,9 @@ func (d *wireDevice) WriteZeroes(_ context.Context, off, n int64, z engine.ZeroF
 	}
 	if z.FastZero {
 		f |= cflagFastZero
+	}
+	if z.FUA {
+		f |= cflagFUA
 	}
 	_, err := d.do(cmdWriteZeroes, f, off, n, nil)
 	return err

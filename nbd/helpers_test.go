@@ -33,6 +33,7 @@ type testDevice struct {
 
 	active, maxActive atomic.Int64
 	flushes           atomic.Int64
+	fuaTrims, fuaZero atomic.Int64 // trims and write-zeroes that asked for FUA
 	zeroCalls         atomic.Int64
 }
 
@@ -107,10 +108,20 @@ func (d *testDevice) WriteAt(ctx context.Context, p []byte, off int64, fua bool)
 
 func (d *testDevice) WriteZeroes(ctx context.Context, off, n int64, f engine.ZeroFlags) error {
 	d.zeroCalls.Add(1)
+	if f.FUA {
+		d.fuaZero.Add(1)
+	}
 	if f.FastZero && !d.caps.FastZero {
 		return engine.ErrNotFast
 	}
 	return d.MemDevice.WriteZeroes(ctx, off, n, f)
+}
+
+func (d *testDevice) Trim(ctx context.Context, off, n int64, fua bool) error {
+	if fua {
+		d.fuaTrims.Add(1)
+	}
+	return d.MemDevice.Trim(ctx, off, n, fua)
 }
 
 func (d *testDevice) Flush(ctx context.Context) error {

@@ -250,17 +250,11 @@ func (c *conn) do(j *job) Errno {
 		err = dev.Flush(ctx)
 
 	case cmdTrim:
-		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.Trim(ctx, o, k) })
-		if err == nil && fua && n > 0 {
-			err = dev.Flush(ctx) // Trim has no FUA of its own
-		}
+		err = dev.Trim(ctx, off, n, fua)
 
 	case cmdWriteZeroes:
-		zf := engine.ZeroFlags{NoHole: r.flags&cflagNoHole != 0, FastZero: r.flags&cflagFastZero != 0}
-		err = split(off, n, int64(x.maxBlock), func(o, k int64) error { return dev.WriteZeroes(ctx, o, k, zf) })
-		if err == nil && fua && n > 0 {
-			err = dev.Flush(ctx)
-		}
+		zf := engine.ZeroFlags{NoHole: r.flags&cflagNoHole != 0, FastZero: r.flags&cflagFastZero != 0, FUA: fua}
+		err = dev.WriteZeroes(ctx, off, n, zf)
 
 	case cmdCache:
 		// There is no cache API: reading pulls the range through the engine (and verifies
@@ -298,8 +292,8 @@ func (c *conn) do(j *job) Errno {
 	return 0
 }
 
-// split calls fn over [off, off+n) in pieces of at most step (the maximum block size), so
-// device calls stay within Caps.MaxBlock whatever the client's length.
+// split calls fn over [off, off+n) in pieces of at most step (the maximum block size): CACHE
+// reads through a bounded buffer whatever the client's length.
 func split(off, n, step int64, fn func(off, n int64) error) error {
 	for n > 0 {
 		k := min(n, step)

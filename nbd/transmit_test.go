@@ -72,8 +72,8 @@ func TestReadWrite(t *testing.T) {
 			if r := c.do(cmdCache, 0, 0, 1<<20, nil); r.errno != 0 {
 				t.Fatalf("cache: %v", r.errno)
 			}
-			if dev.flushes.Load() < 2 {
-				t.Fatalf("flushes %d: FUA on write zeroes and FLUSH must reach the device", dev.flushes.Load())
+			if dev.flushes.Load() != 1 || dev.fuaZero.Load() != 1 {
+				t.Fatalf("flushes %d, FUA write-zeroes %d: FLUSH and the FUA flag of write zeroes must reach the device", dev.flushes.Load(), dev.fuaZero.Load())
 			}
 		})
 	}

@@ -144,23 +144,29 @@ func (d *fileDevice) Flush(context.Context) error { return fileErr("fdatasync", 
 // Trim punches a hole. fallocate(2) clips a hole punched past end of file (a file's rule,
 // which fusefs keeps), where a block device refuses it; the adapter refuses such a range
 // itself, as a block-layer caller would, and TestFUSEFileEdges checks the clipping.
-func (d *fileDevice) Trim(_ context.Context, off, n int64) error {
+func (d *fileDevice) Trim(ctx context.Context, off, n int64, fua bool) error {
 	if off < 0 || n < 0 || off+n > d.size {
 		return fmt.Errorf("trim [%d,+%d) past the end of a %d-byte disk: %w", off, n, d.size, engine.ErrOutOfRange)
 	}
 	if n == 0 {
 		return nil
 	}
-	return fileErr("fallocate(PUNCH_HOLE)", fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n))
+	if err := fileErr("fallocate(PUNCH_HOLE)", fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)); err != nil || !fua {
+		return err
+	}
+	return d.Flush(ctx)
 }
 
 // WriteZeroes is fallocate(ZERO_RANGE), as QEMU's raw-posix driver issues it. A file has no
 // "fast only" zeroing, so FastZero is refused here (Caps says so).
-func (d *fileDevice) WriteZeroes(_ context.Context, off, n int64, z engine.ZeroFlags) error {
+func (d *fileDevice) WriteZeroes(ctx context.Context, off, n int64, z engine.ZeroFlags) error {
 	if z.FastZero {
 		return fmt.Errorf("fallocate has no fast-zero mode: %w", engine.ErrNotFast)
 	}
-	return fileErr("fallocate(ZERO_RANGE)", fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE, off, n))
+	if err := fileErr("fallocate(ZERO_RANGE)", fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE, off, n)); err != nil || !z.FUA {
+		return err
+	}
+	return d.Flush(ctx)
 }
 
 // BlockStatus walks SEEK_DATA/SEEK_HOLE from off; lseek has no length, so n <= 0 is refused

@@ -95,7 +95,7 @@ func Run(t *testing.T, bs int64, newDev New) {
 			if err := d.WriteAt(ctx, make([]byte, c[1]), c[0], false); !errors.Is(err, engine.ErrOutOfRange) {
 				t.Errorf("write %v: %v", c, err)
 			}
-			if err := d.Trim(ctx, c[0], c[1]); !errors.Is(err, engine.ErrOutOfRange) {
+			if err := d.Trim(ctx, c[0], c[1], false); !errors.Is(err, engine.ErrOutOfRange) {
 				t.Errorf("trim %v: %v", c, err)
 			}
 		}
@@ -118,7 +118,7 @@ func Run(t *testing.T, bs int64, newDev New) {
 		model := make([]byte, Size)
 		copy(model, fill)
 		for _, c := range [][2]int64{{bs + 1, bs - 2}, {2 * bs, 5 * bs}, {1<<20 - 3, 1<<20 + 9}, {0, 1}} {
-			if err := d.Trim(ctx, c[0], c[1]); err != nil {
+			if err := d.Trim(ctx, c[0], c[1], false); err != nil {
 				t.Fatal(err)
 			}
 			clear(model[c[0] : c[0]+c[1]])

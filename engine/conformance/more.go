@@ -52,7 +52,7 @@ func RunReadOnly(t *testing.T, bs int64, newDev New) {
 	for name, err := range map[string]error{
 		"write":     d.WriteAt(ctx, []byte{1, 2, 3}, 1, false),
 		"fua write": d.WriteAt(ctx, make([]byte, bs), bs, true),
-		"trim":      d.Trim(ctx, 0, bs),
+		"trim":      d.Trim(ctx, 0, bs, false),
 		"zeroes":    d.WriteZeroes(ctx, 0, 2*bs, engine.ZeroFlags{}),
 	} {
 		if !errors.Is(err, engine.ErrReadOnly) {
@@ -214,7 +214,7 @@ func testLast(t *testing.T, f *fixture) {
 	must(t, f.d.Flush(bg))
 	f.compare(s-3*f.bs, s)
 	if f.d.Caps().Trim {
-		must(t, f.d.Trim(bg, s-f.bs+1, f.bs-1))
+		must(t, f.d.Trim(bg, s-f.bs+1, f.bs-1, false))
 		clear(f.m[s-f.bs+1:])
 		f.compare(s-3*f.bs, s)
 	}
@@ -234,7 +234,7 @@ func testOutOfRange(t *testing.T, f *fixture) {
 			wantRange("read", off, n, f.d.ReadAt(bg, make([]byte, n), off))
 			wantRange("write", off, n, f.d.WriteAt(bg, make([]byte, n), off, false))
 		}
-		wantRange("trim", off, n, f.d.Trim(bg, off, n))
+		wantRange("trim", off, n, f.d.Trim(bg, off, n, false))
 		wantRange("write-zeroes", off, n, f.d.WriteZeroes(bg, off, n, engine.ZeroFlags{}))
 		if off >= s || off < 0 || n <= 0 {
 			_, err := f.d.BlockStatus(bg, off, n)
@@ -319,7 +319,7 @@ func testBlockStatus(t *testing.T, f *fixture) {
 	// after a flush and a trim, the promises still hold
 	must(t, f.d.Flush(bg))
 	if f.d.Caps().Trim {
-		must(t, f.d.Trim(bg, f.stripe-f.bs, 3*bs))
+		must(t, f.d.Trim(bg, f.stripe-f.bs, 3*bs, false))
 		clear(f.m[f.stripe-f.bs : f.stripe+2*bs])
 		f.extents(f.stripe-2*bs, 5*bs)
 	}
