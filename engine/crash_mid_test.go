@@ -10,7 +10,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/psp"
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 // crashPoint wraps a crashable store and, just before its n-th mutating call (write, sync or
@@ -18,14 +18,14 @@ import (
 // operations, this lands inside one: between a journal append and its sync, between the sync
 // and the in-place writes, inside a checkpoint, inside recovery.
 type crashPoint struct {
-	*store.Crash
+	*storetest.Crash
 	op *atomic.Int64 // the workload operation in flight (set by the test)
 
 	mu   sync.Mutex // guards left, rng, snap, at
 	left int        // mutating calls until the crash; ≤ 0 once taken or disarmed
 	rng  *rand.Rand
 	keep float64
-	snap *store.Crash
+	snap *storetest.Crash
 	at   int64 // op in flight when the crash was taken
 }
 
@@ -57,7 +57,7 @@ func (c *crashPoint) Punch(off, n int64) error {
 }
 
 // taken returns the crash image and the op in flight, or nil.
-func (c *crashPoint) taken() (*store.Crash, int64) {
+func (c *crashPoint) taken() (*storetest.Crash, int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.snap, c.at
@@ -142,7 +142,7 @@ func TestCrashInsideOperations(t *testing.T) {
 	for it := 0; it < iterations && !t.Failed(); it++ {
 		journal := uint64(24 + r.Intn(200)) // fills within the workload: checkpoints from a full journal
 		opts := Options{Shards: 2, CacheBytes: 8 * ss * 2, StripeSectors: 64, Logger: quietLog, journalRecords: journal}
-		base := &store.Crash{Units: units(im.h)}
+		base := &storetest.Crash{Units: units(im.h)}
 		im.create(t, base)
 		base.Sync()
 		nl := &nonceLog{t: t, h: im.h, seen: map[[24]byte][2]uint64{}}
@@ -196,8 +196,8 @@ func TestCrashInsideOperations(t *testing.T) {
 		for _, o := range ops {
 			log = append(log, o.logLine)
 		}
-		var pre *store.Crash
-		check := func(what string, st *store.Crash, asid psp.ASID) {
+		var pre *storetest.Crash
+		check := func(what string, st *storetest.Crash, asid psp.ASID) {
 			st.OnWrite = nl.onWrite
 			e := New(opts)
 			defer e.Close()

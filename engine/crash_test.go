@@ -12,7 +12,7 @@ import (
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 // units are FORMAT.md §6's atomic units for a header: the crash model of the engine's proof.
@@ -88,7 +88,7 @@ func TestCrashConsistency(t *testing.T) {
 	im := newTestImage(t, sectors*ss, ss, 1<<20)
 	violations := 0
 	for it := 0; it < iterations; it++ {
-		st := &store.Crash{Units: units(im.h)}
+		st := &storetest.Crash{Units: units(im.h)}
 		im.create(t, st)
 		st.Sync()
 		nl := &nonceLog{t: t, h: im.h, seen: map[[24]byte][2]uint64{}}

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -23,18 +23,18 @@ var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 // nothing acknowledged was lost: dirty sectors stay dirty until a write-back succeeds.
 func TestStoreErrorsSurface(t *testing.T) {
 	const ss = 4096
-	type step func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage)
+	type step func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage)
 	fill := bytes.Repeat([]byte{0x5a}, 8*ss)
 	cases := []struct {
 		name string
 		run  step
 	}{
-		{"read of data fails", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
+		{"read of data fails", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, true))
 			d.e.ClearKey(1) // drop the cache so the read goes to the store
 			d = im.attach(t, d.e, 1, es)
-			es.SetInjector(store.FailRange(store.OpRead, im.h.DataPos(3), ss))
-			if err := d.ReadAt(ctx, make([]byte, ss), 3*ss); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailRange(storetest.OpRead, im.h.DataPos(3), ss))
+			if err := d.ReadAt(ctx, make([]byte, ss), 3*ss); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("read: %v", err)
 			}
 			got := make([]byte, ss)
@@ -46,65 +46,65 @@ func TestStoreErrorsSurface(t *testing.T) {
 				t.Fatalf("after recovery: %v", err)
 			}
 		}},
-		{"read of metadata fails", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
-			es.SetInjector(store.FailRange(store.OpRead, im.h.EntryPos(0), 64))
-			if err := d.ReadAt(ctx, make([]byte, 10), 5); !errors.Is(err, store.ErrInjected) {
+		{"read of metadata fails", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
+			es.SetInjector(storetest.FailRange(storetest.OpRead, im.h.EntryPos(0), 64))
+			if err := d.ReadAt(ctx, make([]byte, 10), 5); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("read: %v", err)
 			}
-			if err := d.WriteAt(ctx, []byte{1}, 5, false); !errors.Is(err, store.ErrInjected) {
+			if err := d.WriteAt(ctx, []byte{1}, 5, false); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("read-modify-write: %v", err)
 			}
 			es.SetInjector(nil)
 		}},
-		{"journal sync fails on flush", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
+		{"journal sync fails on flush", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, false))
-			es.SetInjector(store.FailAfter(store.OpSync, 0))
-			if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailAfter(storetest.OpSync, 0))
+			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
-			if err := d.WriteAt(ctx, fill[:ss], 0, true); !errors.Is(err, store.ErrInjected) {
+			if err := d.WriteAt(ctx, fill[:ss], 0, true); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("FUA write: %v", err)
 			}
 			es.SetInjector(nil)
 			must(t, d.Flush(ctx))
 		}},
-		{"data write fails on flush", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
+		{"data write fails on flush", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, false))
-			es.SetInjector(store.FailRange(store.OpWrite, im.h.DataPos(0), 8*ss))
-			if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.DataPos(0), 8*ss))
+			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
 			es.SetInjector(nil)
 			must(t, d.Flush(ctx))
 		}},
-		{"metadata write fails on flush", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
+		{"metadata write fails on flush", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, false))
-			es.SetInjector(store.FailRange(store.OpWrite, im.h.EntryPos(0), 4096))
-			if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.EntryPos(0), 4096))
+			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
 			es.SetInjector(nil)
 			must(t, d.Flush(ctx))
 		}},
-		{"eviction write-back fails", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
-			es.SetInjector(store.FailAfter(store.OpSync, 0))
+		{"eviction write-back fails", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
+			es.SetInjector(storetest.FailAfter(storetest.OpSync, 0))
 			// far more than the cache holds: evictions must write back, and fail
 			big := bytes.Repeat([]byte{0x77}, 512<<10)
 			var err error
 			for off := int64(0); off < 2<<20 && err == nil; off += int64(len(big)) {
 				err = d.WriteAt(ctx, big, off, false)
 			}
-			if !errors.Is(err, store.ErrInjected) {
+			if !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("writes beyond the cache with failing write-back: %v", err)
 			}
 			es.SetInjector(nil)
 			must(t, d.WriteAt(ctx, fill, 0, false))
 			must(t, d.Flush(ctx))
 		}},
-		{"punch fails on trim", func(t *testing.T, d *Disk, es *store.ErrStore, im *testImage) {
+		{"punch fails on trim", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, true))
-			es.SetInjector(store.FailAfter(store.OpPunch, 0))
-			if err := d.Trim(ctx, 0, 8*ss, false); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailAfter(storetest.OpPunch, 0))
+			if err := d.Trim(ctx, 0, 8*ss, false); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("trim: %v", err)
 			}
 			es.SetInjector(nil)
@@ -119,7 +119,7 @@ func TestStoreErrorsSurface(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			im := newTestImage(t, 4<<20, ss, 0)
-			es := store.NewErrStore(store.NewMem(0), nil)
+			es := storetest.NewErrStore(storetest.NewMem(0), nil)
 			im.create(t, es)
 			e := New(Options{Shards: 2, CacheBytes: 256 << 10, StripeSectors: 64, Logger: quietLog})
 			defer e.Close()
@@ -160,9 +160,9 @@ func TestRandomStoreFaults(t *testing.T) {
 	r := rand.New(rand.NewSource(7))
 	for round := 0; round < rounds; round++ {
 		im := newTestImage(t, size, ss, 0)
-		cs := store.NewCrash()
+		cs := storetest.NewCrash()
 		cs.Units = units(im.h)
-		es := store.NewErrStore(cs, nil)
+		es := storetest.NewErrStore(cs, nil)
 		im.create(t, es)
 		e := New(Options{Shards: 2, CacheBytes: 64 << 10, StripeSectors: 64, Logger: quietLog})
 		d := im.attach(t, e, 1, es)
@@ -178,14 +178,7 @@ func TestRandomStoreFaults(t *testing.T) {
 		}
 		// A failed sync also loses what it would have synced, as Linux may
 		// (TestFailedSyncWritesJournaledSectorsAgain).
-		inject := store.FailRandomly(rand.New(rand.NewSource(int64(round))), 0.05)
-		es.SetInjector(func(op store.Op, off, n int64) error {
-			err := inject(op, off, n)
-			if err != nil && op == store.OpSync {
-				cs.LoseUnsynced()
-			}
-			return err
-		})
+		es.SetInjector(storetest.LosingSyncs(cs, storetest.FailRandomly(rand.New(rand.NewSource(int64(round))), 0.05)))
 		failed := 0
 		for i := 0; i < 200; i++ {
 			off := r.Int63n(size)
@@ -208,7 +201,7 @@ func TestRandomStoreFaults(t *testing.T) {
 				if err = d.ReadAt(ctx, got, off); err == nil {
 					for j := int64(0); j < n; j++ {
 						if defined[off+j] && got[j] != model[off+j] {
-							t.Fatalf("round %d op %d: read [%d,+%d) byte %d differs", round, i, off, n, j)
+							t.Fatalf("round %d op %d under %s: read [%d,+%d) byte %d differs", round, i, es, off, n, j)
 						}
 					}
 				}
@@ -223,8 +216,8 @@ func TestRandomStoreFaults(t *testing.T) {
 			}
 			if err != nil {
 				failed++
-				if !errors.Is(err, store.ErrInjected) {
-					t.Fatalf("round %d op %d: error not from the store: %v", round, i, err)
+				if !errors.Is(err, storetest.ErrInjected) {
+					t.Fatalf("round %d op %d under %s: error not from the store: %v", round, i, es, err)
 				}
 			}
 		}
@@ -232,7 +225,7 @@ func TestRandomStoreFaults(t *testing.T) {
 		ec := New(Options{Shards: 2, StripeSectors: 64, Logger: quietLog})
 		got := make([]byte, size)
 		if err := im.attach(t, ec, 1, crashed).ReadAt(ctx, got, 0); err != nil {
-			t.Fatalf("round %d: crash after faults (%d failed ops): %v", round, failed, err)
+			t.Fatalf("round %d: crash after faults (%d failed ops, %s): %v", round, failed, es, err)
 		}
 		must(t, ec.Close())
 		es.SetInjector(nil)
@@ -243,11 +236,11 @@ func TestRandomStoreFaults(t *testing.T) {
 		e = New(Options{Shards: 2, StripeSectors: 64, Logger: quietLog})
 		d = im.attach(t, e, 1, durable)
 		if err := d.ReadAt(ctx, got, 0); err != nil {
-			t.Fatalf("round %d: after faults (%d failed ops): %v", round, failed, err)
+			t.Fatalf("round %d: after faults (%d failed ops, %s): %v", round, failed, es, err)
 		}
 		for j := range got {
 			if defined[j] && got[j] != model[j] {
-				t.Fatalf("round %d: byte %d differs after faults (%d failed ops)", round, j, failed)
+				t.Fatalf("round %d: byte %d differs after faults (%d failed ops, %s)", round, j, failed, es)
 			}
 		}
 		must(t, e.Close())
@@ -273,8 +266,8 @@ func TestFailedWritebackKeepsJournal(t *testing.T) {
 	must(t, d.Flush(ctx))
 
 	must(t, d.WriteAt(ctx, b, 0, false))
-	es.SetInjector(store.FailRange(store.OpWrite, im.h.EntryPos(0), 4096))
-	if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+	es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.EntryPos(0), 4096))
+	if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 		t.Fatalf("flush with the entry write failing: %v", err)
 	}
 	es.SetInjector(nil)
@@ -286,7 +279,7 @@ func TestFailedWritebackKeepsJournal(t *testing.T) {
 	for i := 0; i < 32 && refused == nil; i++ {
 		refused = d.WriteAt(ctx, b, int64(64+i)*ss, true)
 	}
-	if refused == nil || !errors.Is(refused, store.ErrInjected) {
+	if refused == nil || !errors.Is(refused, storetest.ErrInjected) {
 		t.Fatalf("checkpoint with an unsettled sector: %v, want a refusal naming the store error", refused)
 	}
 	got := make([]byte, ss)
@@ -326,10 +319,10 @@ func TestFailedWritebackKeepsJournal(t *testing.T) {
 // and a fresh attach read every sector without an integrity error.
 func TestFailedTrimOfUnsettledSector(t *testing.T) {
 	const ss = 4096
-	for _, failTrim := range []store.Op{store.OpSync, store.OpWrite, store.OpPunch} {
+	for _, failTrim := range []storetest.Op{storetest.OpSync, storetest.OpWrite, storetest.OpPunch} {
 		t.Run(failTrim.String(), func(t *testing.T) {
 			im := newTestImage(t, 1<<20, ss, 0)
-			es := store.NewErrStore(store.NewMem(0), nil)
+			es := storetest.NewErrStore(storetest.NewMem(0), nil)
 			im.create(t, es)
 			e := New(Options{Shards: 1, CacheBytes: 256 << 10, IdleFlush: time.Hour, Logger: quietLog})
 			defer e.Close()
@@ -337,11 +330,11 @@ func TestFailedTrimOfUnsettledSector(t *testing.T) {
 			a, b := bytes.Repeat([]byte{0xaa}, ss), bytes.Repeat([]byte{0xbb}, ss)
 			must(t, d.WriteAt(ctx, a, 0, true))
 			must(t, d.WriteAt(ctx, b, 0, false))
-			es.SetInjector(store.FailRange(store.OpWrite, im.h.EntryPos(0), 4096))
-			if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.EntryPos(0), 4096))
+			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
-			es.SetInjector(store.FailAfter(failTrim, 0))
+			es.SetInjector(storetest.FailAfter(failTrim, 0))
 			err := d.Trim(ctx, 0, ss, false)
 			es.SetInjector(nil)
 			got := make([]byte, ss)
@@ -367,7 +360,7 @@ func TestFailedTrimOfUnsettledSector(t *testing.T) {
 
 // TestFailedSyncWritesJournaledSectorsAgain: a failed sync may drop the writes it could not
 // write, and a later sync that succeeds does not write them (Linux fdatasync; modelled by
-// store.Crash.LoseUnsynced). A checkpoint after one must first write every journaled sector
+// storetest.Crash.LoseUnsynced). A checkpoint after one must first write every journaled sector
 // again, and a recovery after a detach that could not do so must too: otherwise a sector's new
 // entry reaches the disk with a metadata page written later while its data never does, and
 // it fails authentication.
@@ -408,17 +401,17 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	// write of sector lba's data (every sync when lba < 0).
 	loseSyncAfter := func(lba int64) {
 		armed := lba < 0
-		es.SetInjector(func(op store.Op, off, n int64) error {
+		es.SetInjector(storetest.Func(fmt.Sprintf("fail and lose the first sync after a write of sector %d's data (every sync when negative)", lba), func(op storetest.Op, off, n int64) error {
 			switch {
-			case op == store.OpWrite && lba >= 0 && off == im.h.DataPos(uint64(lba)):
+			case op == storetest.OpWrite && lba >= 0 && off == im.h.DataPos(uint64(lba)):
 				armed = true
-			case op == store.OpSync && armed:
+			case op == storetest.OpSync && armed:
 				armed = lba < 0
 				cs.LoseUnsynced()
-				return store.ErrInjected
+				return storetest.ErrInjected
 			}
 			return nil
-		})
+		}))
 	}
 	must(t, d.WriteAt(ctx, old, 0, false))
 	must(t, d.WriteAt(ctx, old, ss, false))
@@ -428,7 +421,7 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	// flush's sync fails and loses them on disk, though reads still see them.
 	must(t, d.WriteAt(ctx, a, 0, false))
 	loseSyncAfter(0)
-	if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+	if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 		t.Fatalf("flush with its sync failing: %v", err)
 	}
 	es.SetInjector(nil)
@@ -441,7 +434,7 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	// 2. Every sync fails from now on, so the detach's checkpoint cannot write sector 0
 	// again and keeps the journal; recovery at the next attach must.
 	loseSyncAfter(-1)
-	if err := d.Close(); !errors.Is(err, store.ErrInjected) || !strings.Contains(err.Error(), "journal kept") {
+	if err := d.Close(); !errors.Is(err, storetest.ErrInjected) || !strings.Contains(err.Error(), "journal kept") {
 		t.Fatalf("detach while syncs fail: %v, want the kept journal and the store error", err)
 	}
 	es.SetInjector(nil)
@@ -456,7 +449,7 @@ func TestFailedSyncWritesJournaledSectorsAgain(t *testing.T) {
 	// flush must write sector 1's data again before it retires the record.
 	must(t, d.WriteAt(ctx, b, ss, false))
 	loseSyncAfter(1)
-	if err := d.Flush(ctx); !errors.Is(err, store.ErrInjected) {
+	if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 		t.Fatalf("flush with its sync failing: %v", err)
 	}
 	es.SetInjector(nil)
@@ -482,14 +475,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 	e := New(Options{Shards: 2, StripeSectors: 64, CacheBytes: 64 << 10, IdleFlush: 5 * time.Millisecond, Logger: quietLog, journalRecords: 16})
 	defer e.Close()
 	d := im.attach(t, e, 1, es)
-	inject := store.FailRandomly(rand.New(rand.NewSource(3)), 0.05, store.OpSync)
-	es.SetInjector(func(op store.Op, off, n int64) error {
-		err := inject(op, off, n)
-		if err != nil {
-			cs.LoseUnsynced()
-		}
-		return err
-	})
+	es.SetInjector(storetest.LosingSyncs(cs, storetest.FailRandomly(rand.New(rand.NewSource(3)), 0.05, storetest.OpSync)))
 	last := make([][]byte, writers*perWriter) // nil: no acknowledged write, or a failed one since
 	var wg sync.WaitGroup
 	for w := range writers {
@@ -501,7 +487,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 				// writer w's sectors are w, w+writers, …: spread over both shards' stripes
 				lba := int64(w + writers*r.Intn(perWriter))
 				if r.Intn(8) == 0 {
-					if err := d.Flush(ctx); err != nil && !errors.Is(err, store.ErrInjected) {
+					if err := d.Flush(ctx); err != nil && !errors.Is(err, storetest.ErrInjected) {
 						t.Errorf("flush: %v", err)
 					}
 					continue
@@ -512,7 +498,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 				switch {
 				case err == nil:
 					last[lba] = buf
-				case errors.Is(err, store.ErrInjected):
+				case errors.Is(err, storetest.ErrInjected):
 					last[lba] = nil
 				default:
 					t.Errorf("write of sector %d: %v", lba, err)
@@ -527,7 +513,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 		dc := im.attach(t, ec, 1, cs.Crash(rand.New(rand.NewSource(seed)), float64(seed)/4))
 		for lba := range last {
 			if err := dc.ReadAt(ctx, got, int64(lba)*ss); err != nil {
-				t.Fatalf("crash %d after the faults: sector %d: %v", seed, lba, err)
+				t.Fatalf("crash %d after the faults (%s): sector %d: %v", seed, es, lba, err)
 			}
 		}
 		must(t, ec.Close())
@@ -540,7 +526,7 @@ func TestConcurrentFailedSyncs(t *testing.T) {
 	for lba, want := range last {
 		must(t, dc.ReadAt(ctx, got, int64(lba)*ss))
 		if want != nil && !bytes.Equal(got, want) {
-			t.Fatalf("sector %d after a flush and a crash: not its last acknowledged write", lba)
+			t.Fatalf("sector %d after a flush and a crash (%s): not its last acknowledged write", lba, es)
 		}
 	}
 }
@@ -554,23 +540,23 @@ func TestSyncSinceDistrustsEarlierFailures(t *testing.T) {
 	defer e.Close()
 	d := im.attach(t, e, 1, es)
 	fails := d.syncs.mark()
-	es.SetInjector(store.FailAfter(store.OpSync, 0))
-	if err := d.syncs.since(d.syncs.mark()); !errors.Is(err, store.ErrInjected) {
+	es.SetInjector(storetest.FailAfter(storetest.OpSync, 0))
+	if err := d.syncs.since(d.syncs.mark()); !errors.Is(err, storetest.ErrInjected) {
 		t.Fatalf("failing sync: %v", err)
 	}
 	es.SetInjector(nil)
-	if err := d.syncs.since(fails); !errors.Is(err, store.ErrInjected) {
+	if err := d.syncs.since(fails); !errors.Is(err, storetest.ErrInjected) {
 		t.Fatalf("sync after another failed: %v, want the other's error", err)
 	}
 	must(t, d.syncs.since(d.syncs.mark()))
 }
 
-// faultyImage creates im on a crashable store (store.Crash, crashing in the units of
-// FORMAT.md §6) behind an error-injecting one (store.ErrStore), and syncs it.
-func faultyImage(t testing.TB, im *testImage) (*store.Crash, *store.ErrStore) {
-	cs := store.NewCrash()
+// faultyImage creates im on a crashable store (storetest.Crash, crashing in the units of
+// FORMAT.md §6) behind an error-injecting one (storetest.ErrStore), and syncs it.
+func faultyImage(t testing.TB, im *testImage) (*storetest.Crash, *storetest.ErrStore) {
+	cs := storetest.NewCrash()
 	cs.Units = units(im.h)
-	es := store.NewErrStore(cs, nil)
+	es := storetest.NewErrStore(cs, nil)
 	im.create(t, es)
 	must(t, cs.Sync())
 	return cs, es

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 // rss returns the process's resident anonymous memory (its heap, stacks and the engine's
@@ -112,7 +112,7 @@ func TestDetachReleasesDisk(t *testing.T) {
 	var heap0 uint64
 	var g0 int
 	for i := range 101 {
-		st := store.NewMem(0)
+		st := storetest.NewMem(0)
 		im.create(t, st)
 		d := im.attach(t, e, 1, st)
 		must(t, d.WriteAt(ctx, buf, int64(i%64)<<20, false)) // 1 MiB of dirty cache lines

@@ -42,13 +42,6 @@ func mappedFile(t *testing.T, size int64) (*File, string) {
 	return f, p
 }
 
-// The model test again with the mapping on: Truncate remaps, writes past the end extend the
-// file, reads straddling the mapping's end fall back to pread.
-func TestMappedFileAgainstModel(t *testing.T) {
-	f, _ := mappedFile(t, 0)
-	exercise(t, f, 3)
-}
-
 // Mapped reads see what pwrite and fallocate did, through another descriptor too.
 func TestMappedCoherentWithSyscalls(t *testing.T) {
 	const size = 1 << 20

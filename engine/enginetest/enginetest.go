@@ -17,6 +17,7 @@ import (
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 var (
@@ -115,7 +116,7 @@ func Disk(t testing.TB, size uint64, ss uint32, mem bool, opts engine.Options) *
 	im := NewImage(t, size, ss)
 	var st store.Store
 	if mem {
-		st = store.NewCrash()
+		st = storetest.NewCrash()
 	} else {
 		f, err := store.CreateFile(filepath.Join(t.TempDir(), "vm.img"))
 		if err != nil {

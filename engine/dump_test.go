@@ -5,10 +5,10 @@ import (
 
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/sector"
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
-func dumpSector(im *testImage, st *store.Crash, lba uint64) string {
+func dumpSector(im *testImage, st *storetest.Crash, lba uint64) string {
 	c, _ := sector.NewCipher(im.b.Suite, im.key, im.b.UUID, int(im.h.SectorSize))
 	defer c.Destroy()
 	out := ""

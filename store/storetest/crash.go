@@ -1,10 +1,12 @@
-package store
+package storetest
 
 import (
 	"fmt"
 	"io"
 	"math/rand"
 	"sync"
+
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // Crash is an in-memory Store that can simulate a crash: writes since the last Sync are
@@ -72,7 +74,7 @@ type pendingWrite struct {
 	data []byte
 }
 
-var _ Store = (*Crash)(nil)
+var _ store.Store = (*Crash)(nil)
 
 // NewCrash returns an empty crashable store.
 func NewCrash() *Crash { return &Crash{cur: pages{}, durable: pages{}} }

@@ -1,9 +1,11 @@
-package store
+package storetest
 
 import (
 	"fmt"
 	"io"
 	"sync"
+
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // memChunk is Mem's allocation unit: a chunk never written (or wholly punched) holds no
@@ -18,7 +20,7 @@ type Mem struct {
 	chunks map[int64][]byte // chunk index → memChunk bytes
 }
 
-var _ Store = (*Mem)(nil)
+var _ store.Store = (*Mem)(nil)
 
 // NewMem returns an empty store of size bytes (all a hole).
 func NewMem(size int64) *Mem { return &Mem{size: size, chunks: map[int64][]byte{}} }
