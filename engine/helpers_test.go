@@ -80,7 +80,7 @@ func newTestImage(t testing.TB, size uint64, ss uint32, journal uint64) *testIma
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := format.NewHeader(id, size, ss, format.SuiteAES256GCM, false, journal, cert.Bytes())
+	h, err := format.NewHeader(id, size, ss, format.SuiteAES256GCM, false, format.Layout{JournalSize: journal}, cert.Bytes())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -219,7 +219,7 @@ func (c *Certificate) MarshalBody() ([]byte, error) {
 func (c *Certificate) encodeBody() []byte {
 	var w writer
 	w.str(CertMagic)
-	w.u16(Version)
+	w.u16(CertVersion)
 	var flags uint16
 	if c.ReadOnly {
 		flags |= certFlagReadOnly
@@ -286,7 +286,7 @@ func ParseCertificate(b []byte) (*Certificate, error) {
 		r.fail("magic", fmt.Sprintf("is %q, not %q", m, CertMagic))
 	}
 	// A later version may lay out everything after this differently: stop here.
-	if v := r.u16("version"); r.err == nil && v != Version {
+	if v := r.u16("version"); r.err == nil && v != CertVersion {
 		r.fail("version", fmt.Sprintf("unsupported certificate version %d", v))
 	}
 	flags := r.u16("flags")

@@ -33,6 +33,13 @@ func (r *reader) take(field string, n int) []byte {
 	return s
 }
 
+func (r *reader) u8(field string) uint8 {
+	if s := r.take(field, 1); s != nil {
+		return s[0]
+	}
+	return 0
+}
+
 func (r *reader) u16(field string) uint16 {
 	if s := r.take(field, 2); s != nil {
 		return binary.BigEndian.Uint16(s)

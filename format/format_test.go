@@ -11,10 +11,10 @@ import (
 	"time"
 )
 
-// testUUID is 5ea1d15c-0000-4000-8000-000000000001 (FORMAT.md §8).
+// testUUID is 5ea1d15c-0000-4000-8000-000000000001 (FORMAT.md §10).
 var testUUID = [16]byte{0x5e, 0xa1, 0xd1, 0x5c, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 1}
 
-// testCert is the fixed, well-formed but unsigned certificate of FORMAT.md §8.1.
+// testCert is the fixed, well-formed but unsigned certificate of FORMAT.md §10.1.
 func testCert() *Certificate {
 	return &Certificate{
 		UUID: testUUID, VirtualSize: 1 << 30, SectorSize: 4096, Suite: SuiteAES256GCM,
@@ -51,7 +51,7 @@ func certFor(t testing.TB, uuid [16]byte, virtualSize uint64, sectorSize uint32,
 
 func testHeader(t testing.TB) *Header {
 	t.Helper()
-	h, err := NewHeader(testUUID, 1<<30, 4096, SuiteAES256GCM, false, 0, certBytes(t, testCert()))
+	h, err := NewHeader(testUUID, 1<<30, 4096, SuiteAES256GCM, false, Layout{Version: 1}, certBytes(t, testCert()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func wantField(t *testing.T, name string, err error, where, field string) {
 
 func TestLayoutWorkedExample(t *testing.T) {
 	// FORMAT.md §1: 20 GiB, 4096-byte sectors.
-	h, err := NewHeader(testUUID, 20<<30, 4096, SuiteAES256GCM, false, 0, certFor(t, testUUID, 20<<30, 4096, SuiteAES256GCM, false))
+	h, err := NewHeader(testUUID, 20<<30, 4096, SuiteAES256GCM, false, Layout{Version: 1}, certFor(t, testUUID, 20<<30, 4096, SuiteAES256GCM, false))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestLayoutSmallAnd512(t *testing.T) {
 		{16384 << 12, 4096, 8 << 20, 1 << 20, 10 << 20}, // exactly 1 MiB of entries
 		{16385 << 12, 4096, 8 << 20, 2 << 20, 11 << 20}, // one entry over
 	} {
-		h, err := NewHeader(testUUID, tc.vs, tc.ss, SuiteSM4GCM, true, tc.journal, certFor(t, testUUID, tc.vs, tc.ss, SuiteSM4GCM, true))
+		h, err := NewHeader(testUUID, tc.vs, tc.ss, SuiteSM4GCM, true, Layout{Version: 1, JournalSize: tc.journal}, certFor(t, testUUID, tc.vs, tc.ss, SuiteSM4GCM, true))
 		if err != nil {
 			t.Fatalf("%+v: %v", tc, err)
 		}
@@ -189,18 +189,18 @@ func TestNewHeaderRefusals(t *testing.T) {
 		{"cert for other size", testUUID, 2 << 30, 4096, 1, false, 0, good, "virtual_size"},
 		{"cert not read-only", testUUID, 1 << 30, 4096, 1, true, 0, good, "flags"},
 	} {
-		_, err := NewHeader(tc.uuid, tc.vs, tc.ss, tc.suite, tc.ro, tc.journal, tc.cert)
+		_, err := NewHeader(tc.uuid, tc.vs, tc.ss, tc.suite, tc.ro, Layout{Version: 1, JournalSize: tc.journal}, tc.cert)
 		wantField(t, tc.name, err, "header", tc.field)
 	}
 	// Maximum size and journal are accepted.
-	if _, err := NewHeader(testUUID, 1<<50, 4096, 1, false, 1<<30, certFor(t, testUUID, 1<<50, 4096, 1, false)); err != nil {
+	if _, err := NewHeader(testUUID, 1<<50, 4096, 1, false, Layout{Version: 1, JournalSize: 1<<30}, certFor(t, testUUID, 1<<50, 4096, 1, false)); err != nil {
 		t.Errorf("1 PiB with 1 GiB journal: %v", err)
 	}
-	_, err := NewHeader(testUUID, 2<<30, 4096, 1, false, 0, good)
+	_, err := NewHeader(testUUID, 2<<30, 4096, 1, false, Layout{Version: 1}, good)
 	if !errors.Is(err, ErrImageMismatch) {
 		t.Errorf("mismatch does not wrap ErrImageMismatch: %v", err)
 	}
-	_, err = NewHeader(testUUID, 1<<30, 4096, 1, false, 0, good[:100])
+	_, err = NewHeader(testUUID, 1<<30, 4096, 1, false, Layout{Version: 1}, good[:100])
 	var inner *FieldError
 	if !errors.As(errors.Unwrap(err), &inner) || inner.Where != "certificate" {
 		t.Errorf("certificate error does not unwrap to the certificate's field: %v", err)
@@ -249,7 +249,7 @@ func TestCheckHeaderNamesField(t *testing.T) {
 	}
 }
 
-// TestHeaderVector pins FORMAT.md §8.1: the certificate and primary header copy built from
+// TestHeaderVector pins FORMAT.md §10.1: the certificate and primary header copy built from
 // fixed inputs. A change here is a format change.
 func TestHeaderVector(t *testing.T) {
 	cb := certBytes(t, testCert())
@@ -338,7 +338,7 @@ func TestNoFrontendImports(t *testing.T) {
 		t.Fatalf("go list: %v", err)
 	}
 	for _, dep := range strings.Fields(string(out)) {
-		if strings.Contains(dep, "go-fuse") || strings.Contains(dep, "go-nbd") || strings.HasPrefix(dep, "github.com/sealdisk/sealdisk/") && dep != "github.com/sealdisk/sealdisk/format" {
+		if strings.Contains(dep, "go-fuse") || strings.Contains(dep, "go-nbd") || strings.HasPrefix(dep, "github.com/sealdisk/sealdisk/") && dep != "github.com/sealdisk/sealdisk/format" && dep != "github.com/sealdisk/sealdisk/internal/zeros" {
 			t.Errorf("format depends on %s", dep)
 		}
 	}

@@ -15,7 +15,7 @@ import (
 //
 //	off  size  field            rule
 //	0    8     magic            "SEALDISK"
-//	8    2     version          1 ("unsupported header version N")
+//	8    2     version          1 or 2 ("unsupported header version N")
 //	10   2     copy             0 in the primary slot, 1 in the backup slot
 //	12   4     header_len       128 + cert_len; at most 65504
 //	16   8     generation       ≥ 1, +1 on every rewrite
@@ -23,20 +23,25 @@ import (
 //	40   8     virtual_size     positive multiple of sector_size, ≤ 2^50
 //	48   4     sector_size      512 or 4096
 //	52   2     data_suite       1..3
-//	54   2     flags            bit 0 read-only; other bits 0
+//	54   2     flags            bit 0 read-only; v2: bit 1 integrity tree; other bits 0
 //	56   8     journal_offset   1 MiB
-//	64   8     journal_size     multiple of 1 MiB, 1 MiB..1 GiB
+//	64   8     journal_size     multiple of 1 MiB, 1 MiB..1 GiB (v1: metadata, v2: data journal)
 //	72   8     meta_offset      journal_offset + journal_size
 //	80   8     meta_size        align(sectors × 64, 1 MiB)
 //	88   8     data_offset      meta_offset + meta_size
 //	96   4     meta_entry_size  64
 //	100  4     cert_len         ≥ 1
-//	104  24    reserved         zero
+//	104  24    reserved         v1: zero
+//	104  8     tree_offset      v2: meta_offset + meta_size
+//	112  8     tree_size        v2: TreeSize(sectors) with the tree flag, else 0
+//	120  8     reserved         v2: zero
+//	data_offset is meta_offset + meta_size in v1, tree_offset + tree_size in v2.
 //	128  n     certificate      §3, verbatim as signed; must describe this image
 //	hl   32    checksum         SHA-256 of bytes [0, header_len)
 
 const (
 	flagReadOnly   = 1 << 0
+	flagTree       = 1 << 1 // version 2
 	maxHeaderLen   = HeaderSlotSize - ChecksumSize // 65504
 	maxCertLen     = maxHeaderLen - HeaderFixedSize
 	maxJournalSize = 1 << 30
@@ -59,14 +64,28 @@ func metaSize(virtualSize uint64, sectorSize uint32) uint64 {
 	return align(virtualSize/uint64(sectorSize)*MetaEntrySize, RegionAlign)
 }
 
+// Layout chooses how a new image is laid out. The zero value is the current version (2)
+// with its default journal and the integrity tree.
+type Layout struct {
+	Version     uint16 // 0: HeaderVersion
+	JournalSize uint64 // 0: the version's default (DefaultJournal, DefaultJournal2)
+	NoTree      bool   // version 2 without the integrity tree
+}
+
 // NewHeader lays out a new image (FORMAT.md §1) with generation 1 and validates every field,
-// including that cert is a well-formed certificate for this image. journalSize 0 means the
-// v1 default of 4 MiB.
-func NewHeader(uuid [16]byte, virtualSize uint64, sectorSize uint32, suite Suite, readOnly bool, journalSize uint64, cert []byte) (*Header, error) {
-	if journalSize == 0 {
-		journalSize = DefaultJournal
+// including that cert is a well-formed certificate for this image.
+func NewHeader(uuid [16]byte, virtualSize uint64, sectorSize uint32, suite Suite, readOnly bool, l Layout, cert []byte) (*Header, error) {
+	if l.Version == 0 {
+		l.Version = HeaderVersion
+	}
+	if l.JournalSize == 0 {
+		l.JournalSize = DefaultJournal
+		if l.Version >= HeaderVersion2 {
+			l.JournalSize = DefaultJournal2
+		}
 	}
 	h := &Header{
+		Version:       l.Version,
 		Generation:    1,
 		UUID:          uuid,
 		VirtualSize:   virtualSize,
@@ -74,12 +93,20 @@ func NewHeader(uuid [16]byte, virtualSize uint64, sectorSize uint32, suite Suite
 		Suite:         suite,
 		ReadOnly:      readOnly,
 		JournalOffset: JournalOffset,
-		JournalSize:   journalSize,
-		MetaOffset:    JournalOffset + journalSize,
+		JournalSize:   l.JournalSize,
+		MetaOffset:    JournalOffset + l.JournalSize,
 		MetaSize:      metaSize(virtualSize, sectorSize),
 		Cert:          cert,
 	}
 	h.DataOffset = h.MetaOffset + h.MetaSize
+	if l.Version >= HeaderVersion2 {
+		h.Tree = !l.NoTree
+		h.TreeOffset = h.DataOffset
+		if h.Tree && sectorSize != 0 {
+			h.TreeSize = TreeRegionSize(MetaPages(virtualSize / uint64(sectorSize)))
+		}
+		h.DataOffset = h.TreeOffset + h.TreeSize
+	}
 	if err := h.Validate(); err != nil {
 		return nil, err
 	}
@@ -91,6 +118,12 @@ func (h *Header) Sectors() uint64 { return h.VirtualSize / uint64(h.SectorSize) 
 
 // FileSize is the length of the image file.
 func (h *Header) FileSize() uint64 { return h.DataOffset + h.VirtualSize }
+
+// Pages is the number of 4 KiB metadata pages (the tree's leaves in version 2).
+func (h *Header) Pages() uint64 { return MetaPages(h.Sectors()) }
+
+// RootSlotPos is the file offset of root record slot i (0 or 1; version 2).
+func (h *Header) RootSlotPos(i int) int64 { return RootSlotOffset + int64(i)*RootSlotSize }
 
 // DataPos is the file offset of sector lba's ciphertext.
 func (h *Header) DataPos(lba uint64) int64 {
@@ -118,6 +151,9 @@ func (h *Header) Validate() error { return h.validate("header") }
 
 func (h *Header) validate(where string) error {
 	r := &reader{where: where}
+	if h.Version != HeaderVersion1 && h.Version != HeaderVersion2 {
+		r.check("version", fmt.Sprintf("unsupported header version %d", h.Version))
+	}
 	r.check("generation", ruleGeneration(h.Generation))
 	r.check("image_uuid", ruleUUID(h.UUID))
 	r.check("sector_size", ruleSectorSize(h.SectorSize))
@@ -158,8 +194,24 @@ func (h *Header) checkRegions(r *reader) {
 	if want := metaSize(h.VirtualSize, h.SectorSize); h.MetaSize != want {
 		r.check("meta_size", fmt.Sprintf("must be %d for a %d-byte disk, got %d", want, h.VirtualSize, h.MetaSize))
 	}
-	if want := h.MetaOffset + h.MetaSize; h.DataOffset != want {
-		r.check("data_offset", fmt.Sprintf("must be meta_offset+meta_size = %d, got %d", want, h.DataOffset))
+	if h.Version < HeaderVersion2 {
+		if want := h.MetaOffset + h.MetaSize; h.DataOffset != want {
+			r.check("data_offset", fmt.Sprintf("must be meta_offset+meta_size = %d, got %d", want, h.DataOffset))
+		}
+		return
+	}
+	if want := h.MetaOffset + h.MetaSize; h.TreeOffset != want {
+		r.check("tree_offset", fmt.Sprintf("must be meta_offset+meta_size = %d, got %d", want, h.TreeOffset))
+	}
+	want := uint64(0)
+	if h.Tree && h.SectorSize != 0 {
+		want = TreeRegionSize(MetaPages(h.Sectors()))
+	}
+	if h.TreeSize != want {
+		r.check("tree_size", fmt.Sprintf("must be %d for a %d-byte disk (tree flag %t), got %d", want, h.VirtualSize, h.Tree, h.TreeSize))
+	}
+	if want := h.TreeOffset + h.TreeSize; h.DataOffset != want {
+		r.check("data_offset", fmt.Sprintf("must be tree_offset+tree_size = %d, got %d", want, h.DataOffset))
 	}
 }
 
@@ -195,7 +247,7 @@ func (h *Header) encode(copy int) []byte {
 	hl := HeaderFixedSize + len(h.Cert)
 	w := writer{b: make([]byte, 0, hl+ChecksumSize)}
 	w.str(HeaderMagic)
-	w.u16(Version)
+	w.u16(h.Version)
 	w.u16(uint16(copy))
 	w.u32(uint32(hl))
 	w.u64(h.Generation)
@@ -207,6 +259,9 @@ func (h *Header) encode(copy int) []byte {
 	if h.ReadOnly {
 		flags |= flagReadOnly
 	}
+	if h.Tree {
+		flags |= flagTree
+	}
 	w.u16(flags)
 	w.u64(h.JournalOffset)
 	w.u64(h.JournalSize)
@@ -215,7 +270,13 @@ func (h *Header) encode(copy int) []byte {
 	w.u64(h.DataOffset)
 	w.u32(MetaEntrySize)
 	w.u32(uint32(len(h.Cert)))
-	w.raw(make([]byte, 24))
+	if h.Version >= HeaderVersion2 {
+		w.u64(h.TreeOffset)
+		w.u64(h.TreeSize)
+		w.raw(make([]byte, 8))
+	} else {
+		w.raw(make([]byte, 24))
+	}
 	w.raw(h.Cert)
 	sum := sha256.Sum256(w.b)
 	w.raw(sum[:])
@@ -232,8 +293,9 @@ func ParseHeader(slot []byte, copy int) (*Header, error) {
 		r.fail("magic", fmt.Sprintf("is %q, not %q: not a sealdisk image", m, HeaderMagic))
 	}
 	// A later version may lay out everything after this differently: stop here.
-	if v := r.u16("version"); r.err == nil && v != Version {
-		r.fail("version", fmt.Sprintf("unsupported header version %d (this build reads version %d)", v, Version))
+	version := r.u16("version")
+	if r.err == nil && version != HeaderVersion1 && version != HeaderVersion2 {
+		r.fail("version", fmt.Sprintf("unsupported header version %d (this build reads versions 1 and 2)", version))
 	}
 	if c := r.u16("copy"); r.err == nil && int(c) != copy {
 		r.fail("copy", fmt.Sprintf("is %d in slot %d", c, copy))
@@ -253,7 +315,7 @@ func ParseHeader(slot []byte, copy int) (*Header, error) {
 		return nil, &FieldError{Where: where, Field: "checksum", Reason: "SHA-256 does not match (torn or corrupted header)"}
 	}
 	r.b = slot[:hl] // the certificate must end exactly at header_len
-	h := &Header{}
+	h := &Header{Version: version}
 	h.Generation = r.u64("generation")
 	r.check("generation", ruleGeneration(h.Generation))
 	h.UUID = r.array16("image_uuid")
@@ -265,25 +327,37 @@ func ParseHeader(slot []byte, copy int) (*Header, error) {
 	h.Suite = Suite(r.u16("data_suite"))
 	r.check("data_suite", ruleSuite(h.Suite))
 	flags := r.u16("flags")
-	if flags&^flagReadOnly != 0 {
-		r.check("flags", fmt.Sprintf("unknown bits 0x%04x", flags&^flagReadOnly))
+	known := uint16(flagReadOnly)
+	if version >= HeaderVersion2 {
+		known |= flagTree
+	}
+	if flags&^known != 0 {
+		r.check("flags", fmt.Sprintf("unknown bits 0x%04x", flags&^known))
 	}
 	h.ReadOnly = flags&flagReadOnly != 0
+	h.Tree = flags&flagTree != 0
 	h.JournalOffset = r.u64("journal_offset")
 	h.JournalSize = r.u64("journal_size")
 	h.MetaOffset = r.u64("meta_offset")
 	h.MetaSize = r.u64("meta_size")
 	h.DataOffset = r.u64("data_offset")
+	es := r.u32("meta_entry_size")
+	cl := int(r.u32("cert_len"))
+	if version >= HeaderVersion2 {
+		h.TreeOffset = r.u64("tree_offset")
+		h.TreeSize = r.u64("tree_size")
+		if res := r.take("reserved", 8); !zeros.All(res) {
+			r.check("reserved", "is not zero")
+		}
+	} else if res := r.take("reserved", 24); !zeros.All(res) {
+		r.check("reserved", "is not zero")
+	}
 	h.checkRegions(r)
-	if es := r.u32("meta_entry_size"); es != MetaEntrySize {
+	if es != MetaEntrySize {
 		r.check("meta_entry_size", fmt.Sprintf("must be %d, got %d", MetaEntrySize, es))
 	}
-	cl := int(r.u32("cert_len"))
 	if cl != hl-HeaderFixedSize {
 		r.check("cert_len", fmt.Sprintf("%d disagrees with header_len %d (want %d)", cl, hl, hl-HeaderFixedSize))
-	}
-	if res := r.take("reserved", 24); !zeros.All(res) {
-		r.check("reserved", "is not zero")
 	}
 	h.Cert = clone(r.take("certificate", cl))
 	h.checkCert(r)

@@ -79,7 +79,7 @@ func sameHeader(t testing.TB, a, b *Header) bool {
 }
 
 func TestHeaderRoundTrip(t *testing.T) {
-	ro, err := NewHeader(testUUID, 8<<20, 512, SuiteSM4GCM, true, 16<<20, certFor(t, testUUID, 8<<20, 512, SuiteSM4GCM, true))
+	ro, err := NewHeader(testUUID, 8<<20, 512, SuiteSM4GCM, true, Layout{Version: 1, JournalSize: 16<<20}, certFor(t, testUUID, 8<<20, 512, SuiteSM4GCM, true))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,8 +146,8 @@ func TestHeaderRefusals(t *testing.T) {
 		in    []byte
 	}{
 		{"magic", patch(0, []byte("SEALDISX"))},
-		{"version", patch(8, be(2, 2))},
 		{"version", patch(8, be(2, 0))},
+		{"version", patch(8, be(2, 3))},
 		{"copy", patch(10, be(2, 1))},
 		{"copy", patch(10, be(2, 2))},
 		{"header_len", patch(12, be(4, 128))},            // cert_len would be 0
@@ -171,8 +171,8 @@ func TestHeaderRefusals(t *testing.T) {
 		_, err := ParseHeader(tc.in, 0)
 		wantField(t, tc.field, err, "header copy 0", tc.field)
 	}
-	_, err := ParseHeader(patch(8, be(2, 2)), 0)
-	if err == nil || !strings.Contains(err.Error(), "unsupported header version 2") {
+	_, err := ParseHeader(patch(8, be(2, 3)), 0)
+	if err == nil || !strings.Contains(err.Error(), "unsupported header version 3") {
 		t.Errorf("version message: %v", err)
 	}
 

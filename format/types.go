@@ -13,16 +13,22 @@ import (
 	"time"
 )
 
-// Fixed sizes and offsets of format version 1 (FORMAT.md §1, §2).
+// Fixed sizes and offsets (FORMAT.md §1, §2).
 const (
-	Version         = 1
+	HeaderVersion1  = 1 // metadata journal, no integrity tree: opened read-only, upgraded by `sealdisk upgrade`
+	HeaderVersion2  = 2 // data journal, integrity tree, root records
+	HeaderVersion   = HeaderVersion2
+	CertVersion     = 1
 	HeaderMagic     = "SEALDISK"
 	CertMagic       = "SDCERT01"
 	HeaderSlotSize  = 64 << 10 // each header copy's slot
 	HeaderFixedSize = 128      // fixed header fields before the certificate
 	ChecksumSize    = 32       // SHA-256 after the certificate
 	JournalOffset   = 1 << 20
-	DefaultJournal  = 4 << 20
+	DefaultJournal  = 4 << 20   // version 1
+	DefaultJournal2 = 256 << 20 // version 2: the data journal holds sealed sectors
+	RootSlotOffset  = 128 << 10 // version 2: root record slot i at RootSlotOffset + i×RootSlotSize
+	RootSlotSize    = 4096
 	MetaEntrySize   = 64
 	RegionAlign     = 1 << 20
 	MaxVirtualSize  = 1 << 50
@@ -37,7 +43,7 @@ const (
 	SuiteSM4GCM           Suite = 3
 )
 
-// MeasureAlg is a firmware measurement hash id (FORMAT.md §7).
+// MeasureAlg is a firmware measurement hash id (FORMAT.md §9).
 type MeasureAlg uint16
 
 const (
@@ -63,6 +69,7 @@ const (
 
 // Header is one parsed header copy (FORMAT.md §2).
 type Header struct {
+	Version       uint16 // HeaderVersion1 or HeaderVersion2
 	Generation    uint64
 	UUID          [16]byte
 	VirtualSize   uint64
@@ -74,7 +81,12 @@ type Header struct {
 	MetaOffset    uint64
 	MetaSize      uint64
 	DataOffset    uint64
-	Cert          []byte // the certificate bytes, verbatim (body || signature)
+	// Version 2: the integrity tree over metadata pages (FORMAT.md §7), present when Tree is
+	// set (flags bit 1); TreeSize is 0 without it.
+	Tree       bool
+	TreeOffset uint64
+	TreeSize   uint64
+	Cert       []byte // the certificate bytes, verbatim (body || signature)
 }
 
 // Certificate is a parsed image certificate (FORMAT.md §3). Body holds the exact signed

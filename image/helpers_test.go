@@ -84,7 +84,7 @@ func (w *world) create(t *testing.T, vs uint64, ss uint32, suite format.Suite) (
 	key := make([]byte, sector.KeySize)
 	rand.Read(key)
 	cert := w.issue(t, w.psp, id, vs, ss, suite, key)
-	h, err := format.NewHeader(id, vs, ss, suite, false, 0, cert.Bytes())
+	h, err := format.NewHeader(id, vs, ss, suite, false, format.Layout{}, cert.Bytes())
 	must(t, err)
 	path := filepath.Join(w.dir, uuid.NewString()+".img")
 	img, err := Create(path, h)

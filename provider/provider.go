@@ -185,18 +185,36 @@ func Resign(signer crypto.Signer, c *format.Certificate) (*format.Certificate, e
 }
 
 func sign(signer crypto.Signer, c *format.Certificate, body []byte) error {
-	var err error
-	switch c.ProviderAlg {
-	case format.SigECDSAP384:
-		h := sha512.Sum384(body)
-		c.Signature, err = signer.Sign(rand.Reader, h[:], crypto.SHA384)
-	case format.SigEd25519:
-		c.Signature, err = signer.Sign(rand.Reader, body, crypto.Hash(0))
-	default:
-		err = fmt.Errorf("unknown provider algorithm %d", uint16(c.ProviderAlg))
-	}
+	sig, err := signBytes(signer, c.ProviderAlg, body)
 	if err != nil {
 		return fmt.Errorf("failed to sign certificate: %w", err)
 	}
+	c.Signature = sig
 	return nil
+}
+
+// SignRoot signs a root record's body (format.RootRecord.MarshalBody, Auth RootByProvider) the
+// way certificates are signed: the record a new or resealed image starts from, which the PSP
+// checks against the provider key of the image's certificate.
+func SignRoot(signer crypto.Signer, body []byte) ([]byte, error) {
+	alg, err := SigAlgOf(signer)
+	if err != nil {
+		return nil, fmt.Errorf("failed to sign root record: %w", err)
+	}
+	sig, err := signBytes(signer, alg, body)
+	if err != nil {
+		return nil, fmt.Errorf("failed to sign root record: %w", err)
+	}
+	return sig, nil
+}
+
+func signBytes(signer crypto.Signer, alg format.SigAlg, body []byte) ([]byte, error) {
+	switch alg {
+	case format.SigECDSAP384:
+		h := sha512.Sum384(body)
+		return signer.Sign(rand.Reader, h[:], crypto.SHA384)
+	case format.SigEd25519:
+		return signer.Sign(rand.Reader, body, crypto.Hash(0))
+	}
+	return nil, fmt.Errorf("unknown provider algorithm %d", uint16(alg))
 }

@@ -104,7 +104,7 @@ func issueWith(t *testing.T, s crypto.Signer, r req) (*format.Certificate, *form
 	must(t, err)
 	parsed, err := format.ParseCertificate(c.Bytes())
 	must(t, err)
-	h, err := format.NewHeader(r.UUID, r.VirtualSize, r.SectorSize, r.Suite, r.ReadOnly, 0, c.Bytes())
+	h, err := format.NewHeader(r.UUID, r.VirtualSize, r.SectorSize, r.Suite, r.ReadOnly, format.Layout{}, c.Bytes())
 	must(t, err)
 	return parsed, h, r.ImageKey
 }

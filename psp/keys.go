@@ -261,7 +261,7 @@ func InitChip(dir, vendorDir string, kemID uint16) error {
 		return err
 	}
 	vcert, vkey := v.Cert, v.Key
-	if err := refuseExisting(dir, KEMKeyFile, AttestKeyFile, ChipCrtFile, VendorCrtFile); err != nil {
+	if err := refuseExisting(dir, KEMKeyFile, AttestKeyFile, ChipCrtFile, VendorCrtFile, RootKeyFile); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Join(dir, TrustDir), 0o700); err != nil {
@@ -317,7 +317,12 @@ func InitChip(dir, vendorDir string, kemID uint16) error {
 	if err := writeFile(filepath.Join(dir, ChipCrtFile), certPEM(der), 0o644); err != nil {
 		return err
 	}
-	return writeFile(filepath.Join(dir, VendorCrtFile), certPEM(vcert.Raw), 0o644)
+	if err := writeFile(filepath.Join(dir, VendorCrtFile), certPEM(vcert.Raw), 0o644); err != nil {
+		return err
+	}
+	k, err := loadRootKey(dir)
+	zero(k)
+	return err
 }
 
 func loadKEMKey(path string) (hpke.PrivateKey, uint16, error) {

@@ -53,6 +53,9 @@ type Binding struct {
 	UUID       [16]byte
 	SectorSize int
 	ReadOnly   bool
+	// Roots authenticates the image's root records and keeps its rollback counter (version-2
+	// images); its key stays in the PSP.
+	Roots RootKeeper
 }
 
 // KeyBinder is the engine side of key binding: only the PSP calls it. LoadKey must copy
@@ -87,10 +90,13 @@ type PSP struct {
 	now      func() time.Time
 	binder   KeyBinder
 	maxASIDs int
+	rootKey  []byte // RootKeyFile: derives each image's root MAC key (roots.go)
+	counters counterStore
 
-	mu    sync.Mutex                  // guards trust, slots
-	trust map[string]crypto.PublicKey // PKIX DER → key
-	slots map[ASID]*slot              // an ASID is allocated iff it has a slot
+	mu     sync.Mutex                  // guards trust, slots, images
+	trust  map[string]crypto.PublicKey // PKIX DER → key
+	slots  map[ASID]*slot              // an ASID is allocated iff it has a slot
+	images map[[16]byte]imageState     // latest counter and root per image (attestation)
 }
 
 // slotState is where an allocated ASID is in its life. Binder calls happen outside p.mu, so
@@ -151,6 +157,10 @@ func Open(dir string, opts Options) (*PSP, error) {
 	if p.now == nil {
 		p.now = time.Now
 	}
+	if p.rootKey, err = loadRootKey(dir); err != nil {
+		return nil, err
+	}
+	p.counters.dir = dir
 	if p.maxASIDs <= 0 {
 		p.maxASIDs = DefaultASIDs
 	}
@@ -395,7 +405,7 @@ func (p *PSP) UnsealImageKey(c *format.Certificate, h *format.Header) ([]byte, e
 	return p.unseal(c)
 }
 
-// Measure hashes a firmware file (FORMAT.md §7), streaming it: OVMF images are a few MiB
+// Measure hashes a firmware file (FORMAT.md §9), streaming it: OVMF images are a few MiB
 // but nothing stops a larger one.
 func Measure(path string, alg format.MeasureAlg) ([]byte, error) {
 	f, err := os.Open(path)
@@ -484,6 +494,11 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	if err != nil {
 		return nil, err
 	}
+	roots, err := p.rootsFor(req.Cert)
+	if err != nil {
+		p.release(asid)
+		return nil, err
+	}
 	key, err := p.unseal(req.Cert)
 	if err != nil {
 		p.release(asid)
@@ -491,7 +506,7 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	}
 	err = p.binder.LoadKey(asid, Binding{
 		Suite: req.Cert.Suite, Key: key, UUID: req.Cert.UUID,
-		SectorSize: int(req.Cert.SectorSize), ReadOnly: req.Cert.ReadOnly,
+		SectorSize: int(req.Cert.SectorSize), ReadOnly: req.Cert.ReadOnly, Roots: roots,
 	})
 	zero(key)
 	if err != nil {

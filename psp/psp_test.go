@@ -106,7 +106,7 @@ func TestBadSignature(t *testing.T) {
 			raw[27] ^= 1
 			c2, err := format.ParseCertificate(raw)
 			must(t, err)
-			h2, err := format.NewHeader(c2.UUID, c2.VirtualSize, c2.SectorSize, c2.Suite, c2.ReadOnly, 0, raw)
+			h2, err := format.NewHeader(c2.UUID, c2.VirtualSize, c2.SectorSize, c2.Suite, c2.ReadOnly, format.Layout{}, raw)
 			must(t, err)
 			if _, err := p.UnsealImageKey(c2, h2); !errors.Is(err, psp.ErrBadSignature) {
 				t.Fatal("flipped body byte:", err)

@@ -554,7 +554,7 @@ func TestConcurrentDestroy(t *testing.T) {
 	wg.Wait()
 }
 
-// TestFormatVectors checks FORMAT.md §8.2 (cross-checked against an independent
+// TestFormatVectors checks FORMAT.md §10.2 (cross-checked against an independent
 // implementation: Python cryptography/OpenSSL).
 func TestFormatVectors(t *testing.T) { checkVectors(t) }
 

@@ -2,7 +2,7 @@ package sector
 
 import "github.com/sealdisk/sealdisk/format"
 
-// FORMAT.md §8.2: Ks, SHA-256(ciphertext), tag, entry for each suite.
+// FORMAT.md §10.2: Ks, SHA-256(ciphertext), tag, entry for each suite.
 var vectors = map[format.Suite][4]string{
 	format.SuiteAES256GCM:        {"1a3937d3cbd89b50af834e1546cb45aa2c28a17c2f3207f533b62b5560bd72bd", "4f3118dba7550a96d9c87eae97226ace2e6990e7b83065eccb320b601d736c3f", "304d67ed6679dd12cc3089535b63a8a6", "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf0000000000000001304d67ed6679dd12cc3089535b63a8a6000000000000000000000000000000000000000000000000"},
 	format.SuiteChaCha20Poly1305: {"69721937ede054d48860872bcc8d904df66e352e4756df7f17a5fa6155ed41fe", "3b2c5c7f7327ea2acfca738a9fb6afa999fded6edd238c2d69fdd4ab77302650", "cdd06962e6dda30e73d513c8c5577f9e", "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf0000000000000001cdd06962e6dda30e73d513c8c5577f9e000000000000000000000000000000000000000000000000"},

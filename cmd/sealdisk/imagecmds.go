@@ -71,7 +71,7 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 		return nil, nil, nil, err
 	}
 	defer clear(key)
-	h, err := format.NewHeader(id, virtualSize, f.sectorSize, cert.Suite, f.readOnly, 0, cert.Bytes())
+	h, err := format.NewHeader(id, virtualSize, f.sectorSize, cert.Suite, f.readOnly, format.Layout{}, cert.Bytes())
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -79,7 +79,7 @@ func NewImage(t testing.TB, size uint64, ss uint32) *Image {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := format.NewHeader(id, size, ss, format.SuiteAES256GCM, false, 0, cert.Bytes())
+	h, err := format.NewHeader(id, size, ss, format.SuiteAES256GCM, false, format.Layout{}, cert.Bytes())
 	if err != nil {
 		t.Fatal(err)
 	}
