@@ -19,6 +19,9 @@ type line struct {
 	data       []byte // sector bytes; cap sector+TagSize
 	dirty      bool
 	dirtyAt    time.Time
+	// pin is the journal append holding this sector's latest ciphertext until it is applied in
+	// place (apply.go): the line is not evicted before, since the data region is stale.
+	pin *pendingWrite
 }
 
 // lineList is the intrusive doubly linked LRU list of a part's lines, most recently used at
@@ -81,6 +84,9 @@ func (p *part) drop(l *line) {
 		l.dirty = false
 		p.dirty--
 	}
+	if l.pin != nil {
+		panic("BUG: engine: dropping a line whose journal append is not applied")
+	}
 	p.spare = append(p.spare, l)
 }
 
@@ -134,20 +140,41 @@ func (p *part) markClean(l *line) {
 }
 
 // shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
+// Lines pinned by a journal append wait until it is applied; when the victims are mostly
+// pinned, it commits and applies first.
 func (p *part) shrink() error {
-	for len(p.lines) > p.maxLines {
+	for tries := 0; len(p.lines) > p.maxLines; tries++ {
 		p.wb, p.victims = p.wb[:0], p.victims[:0]
-		for l := p.lineLRU.tail; l != nil && len(p.victims) < min(64, len(p.lines)-p.maxLines+32); l = l.prev {
-			p.victims = append(p.victims, l)
-			if l.dirty {
-				p.wb = append(p.wb, l)
+		want := min(64, len(p.lines)-p.maxLines+32)
+		for l, seen := p.lineLRU.tail, 0; l != nil && len(p.victims) < want && seen < len(p.lines); seen++ {
+			prev := l.prev
+			if l.pin != nil && !l.dirty {
+				p.lineLRU.touch(l) // out of the way of the next scan; evictable once applied
+			} else {
+				p.victims = append(p.victims, l)
+				if l.dirty {
+					p.wb = append(p.wb, l)
+				}
 			}
+			l = prev
 		}
 		if err := p.writeback(p.wb); err != nil {
 			return err
 		}
+		dropped := 0
 		for _, l := range p.victims {
-			p.drop(l)
+			if l.pin == nil {
+				p.drop(l)
+				dropped++
+			}
+		}
+		if dropped == 0 {
+			if tries > 2 {
+				return nil // everything is pinned by appends that cannot be applied yet: over the bound until they are
+			}
+			if err := p.relieve(true); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -27,6 +27,24 @@ type crashPoint struct {
 	keep float64
 	snap *storetest.Crash
 	at   int64 // op in flight when the crash was taken
+	// roots records the counter the PSP held when the crash was taken: a crash stops the
+	// PSP too, so a check attaches the snapshot to a PSP holding that counter.
+	roots   *recordingRoots
+	counter uint64
+}
+
+// recordingRoots is the image's root keeper, recording the last counter advanced to.
+type recordingRoots struct {
+	psp.RootKeeper
+	last atomic.Uint64
+}
+
+func (r *recordingRoots) Advance(counter uint64, root [32]byte) error {
+	if err := r.RootKeeper.Advance(counter, root); err != nil {
+		return err
+	}
+	r.last.Store(counter)
+	return nil
 }
 
 func (c *crashPoint) tick() {
@@ -38,6 +56,9 @@ func (c *crashPoint) tick() {
 	if c.left--; c.left == 0 {
 		c.snap = c.Crash.Crash(c.rng, c.keep)
 		c.at = c.op.Load()
+		if c.roots != nil {
+			c.counter = c.roots.last.Load()
+		}
 	}
 }
 
@@ -138,17 +159,19 @@ func TestCrashInsideOperations(t *testing.T) {
 	}
 	r := rand.New(rand.NewSource(99))
 	im := newTestImage(t, sectors*ss, ss, 1<<20)
+	roots := &recordingRoots{RootKeeper: im.Roots}
+	im.Roots = roots
 	points, recoveryPoints := 0, 0
 	for it := 0; it < iterations && !t.Failed(); it++ {
 		journal := uint64(24 + r.Intn(200)) // fills within the workload: checkpoints from a full journal
-		opts := Options{Shards: 2, CacheBytes: 8 * ss * 2, StripeSectors: 64, Logger: quietLog, journalRecords: journal}
+		opts := Options{Shards: 2, CacheBytes: 8 * ss * 2, StripeSectors: 64, Logger: quietLog, journalBytes: journal * 8 << 10}
 		base := &storetest.Crash{Units: units(im.h)}
 		im.create(t, base)
 		base.Sync()
 		nl := &nonceLog{t: t, h: im.h, seen: map[[24]byte][2]uint64{}}
 		base.OnWrite = nl.onWrite
 		var inflight atomic.Int64
-		cp := &crashPoint{Crash: base, op: &inflight, left: 1 + r.Intn(120), rng: rand.New(rand.NewSource(r.Int63())), keep: r.Float64()}
+		cp := &crashPoint{Crash: base, op: &inflight, left: 1 + r.Intn(120), rng: rand.New(rand.NewSource(r.Int63())), keep: r.Float64(), roots: roots}
 		e := New(opts)
 		d := im.attach(t, e, psp.ASID(1), cp)
 		var ops []mop
@@ -187,8 +210,9 @@ func TestCrashInsideOperations(t *testing.T) {
 		ops = append(ops, mop{kind: 1, logLine: "detach"})
 		must(t, e.Close())
 		snap, at := cp.taken()
+		counter := cp.counter
 		if snap == nil {
-			snap, at = base.Crash(cp.rng, cp.keep), int64(len(ops)) // after a clean detach
+			snap, at, counter = base.Crash(cp.rng, cp.keep), int64(len(ops)), roots.last.Load() // after a clean detach
 		}
 		points++
 		ok := acceptable(ops, at, sectors, ss)
@@ -199,6 +223,7 @@ func TestCrashInsideOperations(t *testing.T) {
 		var pre *storetest.Crash
 		check := func(what string, st *storetest.Crash, asid psp.ASID) {
 			st.OnWrite = nl.onWrite
+			im.SetCounter(t, counter) // the PSP as the crash left it
 			e := New(opts)
 			defer e.Close()
 			d := im.attach(t, e, asid, st)
@@ -223,6 +248,7 @@ func TestCrashInsideOperations(t *testing.T) {
 		pre = snap.Crash(rand.New(rand.NewSource(1)), 1)
 		rp := &crashPoint{Crash: snap, op: &inflight, left: 1 + r.Intn(40), rng: rand.New(rand.NewSource(r.Int63())), keep: r.Float64()}
 		snap.OnWrite = nl.onWrite
+		im.SetCounter(t, counter)
 		e2 := New(opts)
 		im.attach(t, e2, 2, rp)
 		rp.disarm()

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,18 +16,17 @@ import (
 	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
-// units are FORMAT.md §6's atomic units for a header: the crash model of the engine's proof.
+// units are the atomic units the crash model keeps or loses whole for an image (FORMAT.md
+// §6.1 "Assumption"): a header copy, a 4 KiB root record, and a sector elsewhere — the
+// journal, the metadata (harsher than its 64-byte entries need) and the tree are torn at
+// sector granularity.
 func units(h *format.Header) func(off int64) int64 {
 	return func(off int64) int64 {
 		switch {
-		case off < int64(h.JournalOffset):
+		case off < format.RootSlotOffset:
 			return format.HeaderSlotSize
-		case off < int64(h.JournalOffset)+sector.JournalHeaderSize:
-			return sector.JournalHeaderSize
-		case off < int64(h.MetaOffset):
-			return sector.JournalRecordSize
-		case off < int64(h.DataOffset):
-			return format.MetaEntrySize
+		case off < int64(h.JournalOffset):
+			return format.RootSlotSize
 		}
 		return int64(h.SectorSize)
 	}
@@ -58,20 +58,23 @@ func (n *nonceLog) note(e []byte, lba uint64) {
 func (n *nonceLog) onWrite(p []byte, off int64) {
 	h := n.h
 	switch {
-	case off >= int64(h.MetaOffset) && off < int64(h.DataOffset):
+	case off >= int64(h.MetaOffset) && off < int64(h.TreeOffset):
 		for i := 0; i+64 <= len(p); i += 64 {
 			n.note(p[i:i+64], uint64(off-int64(h.MetaOffset)+int64(i))/64)
 		}
-	case off >= int64(h.JournalOffset)+sector.JournalHeaderSize && off < int64(h.MetaOffset):
-		for i := 0; i+sector.JournalRecordSize <= len(p); i += sector.JournalRecordSize {
-			r := p[i : i+sector.JournalRecordSize]
-			if r[4] == sector.RecordWrite {
-				lba := uint64(0)
-				for _, b := range r[24:32] {
-					lba = lba<<8 | uint64(b)
-				}
-				n.note(r[32:96], lba)
+	case off >= int64(h.JournalOffset) && off < int64(h.MetaOffset):
+		// block headers: every write of the journal starts with one
+		for i := 0; i+sector.BlockHeaderSize <= len(p); {
+			hdr := p[i : i+sector.BlockHeaderSize]
+			if string(hdr[:4]) != "SDJB" {
+				return
 			}
+			count := int(binary.BigEndian.Uint16(hdr[6:]))
+			for k := range count {
+				e := hdr[64+k*72:]
+				n.note(e[8:72], binary.BigEndian.Uint64(e))
+			}
+			i += sector.BlockLen(hdr[4], count, int(h.SectorSize))
 		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/tree"
 )
 
 // MaxRequest is the largest single request (bytes).
@@ -31,14 +32,22 @@ type Disk struct {
 	sectors  uint64
 	readOnly bool
 	parts    []*part // parts[i] is touched only by shard i's worker
+	roots    psp.RootKeeper
 	jr       *journal
+	tree     *tree.Tree // nil: version 1, or no tree flag
+	meta     dirtyPages // pages changed since the last checkpoint
 
-	// ckpt orders in-place updates against checkpoints: a writeback (journal append, sync,
-	// in-place writes) holds it shared; a checkpoint (sync, new journal epoch) exclusively.
+	// ckpt orders appends against commits: a write-back or zeroing holds it shared from its
+	// journal append until its entries are in the pages and the tree; a commit's cut and a
+	// checkpoint hold it exclusively. A part applying its writes in place holds it shared,
+	// so a checkpoint applying them is never beside it.
 	ckpt sync.RWMutex
 
-	syncs     syncer         // the image's syncs and their failures (syncs.go)
-	unsettled unsettledCount // sectors of failed write-backs not yet settled (unsettled.go)
+	commitMu  sync.Mutex    // serialises commits and checkpoints; guards cs
+	cs        commitState   // commit.go
+	committed atomic.Uint64 // LSN up to which the journal is committed (read by the parts)
+	broken    atomic.Pointer[error]
+	syncs     syncer // the image's syncs and their failures (syncs.go)
 
 	// state admits requests without a lock: its low bits count the requests between
 	// admission and completion, and stateClosed is set once Close begins, after which none is
@@ -52,18 +61,29 @@ const stateClosed = 1 << 62
 
 var _ BlockDevice = (*Disk)(nil)
 
-func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, ro bool) (*Disk, error) {
+func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sector.Cipher, roots psp.RootKeeper, ro bool) (*Disk, error) {
 	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro,
-		drained: make(chan struct{}, 1)}
+		roots: roots, drained: make(chan struct{}, 1)}
 	d.syncs = syncer{st: st, stats: &e.Stats, log: e.opts.Logger, asid: asid}
-	d.jr = &journal{d: d, capacity: sector.JournalCapacity(h)}
-	if l := e.opts.journalRecords; l > 0 && l < d.jr.capacity {
-		d.jr.capacity = l
+	d.jr = &journal{d: d, size: h.JournalSize}
+	if l := e.opts.journalBytes; l > 0 && l < d.jr.size {
+		d.jr.size = l
 	}
-	if !ro {
-		if err := d.jr.recover(); err != nil {
+	switch {
+	case h.Version < format.HeaderVersion2 && !ro:
+		return nil, fmt.Errorf("%w: a version-%d image attaches read-only; `sealdisk upgrade` makes a version-2 image of it", ErrReadOnly, h.Version)
+	case h.Version < format.HeaderVersion2:
+		if n, err := liveV1Journal(st, h); err != nil || n > 0 {
+			return nil, fmt.Errorf("the version-1 image's journal holds %d records (%v): unseal it or upgrade it, which replay them", n, err)
+		}
+	case roots == nil:
+		return nil, fmt.Errorf("%w: no root keeper bound for a version-2 image", ErrPermission)
+	default:
+		if err := d.open(); err != nil {
 			return nil, err
 		}
+	}
+	if !ro {
 		s, err := c.NewSession()
 		if err != nil {
 			return nil, err
@@ -179,8 +199,9 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 	return d.submit(ctx, dma.OpWrite, p, off, int64(len(p)), f)
 }
 
-// Flush writes back every dirty sector of every shard, then checkpoints: all writes
-// acknowledged before the call, through any connection, are durable on return.
+// Flush writes back every dirty sector of every shard, then commits with the counter
+// advanced: all writes acknowledged before the call, through any connection, are durable on
+// return, with one sync of the image (and one of the PSP's counter).
 func (d *Disk) Flush(ctx context.Context) error {
 	if d.readOnly {
 		return nil
@@ -190,36 +211,10 @@ func (d *Disk) Flush(ctx context.Context) error {
 	}
 	defer d.done()
 	d.e.Stats.Flushes.Add(1)
-	if err := d.flushShards(ctx); err != nil {
+	if err := d.onShards(dma.OpFlush); err != nil {
 		return err
 	}
-	return d.checkpoint()
-}
-
-// flushShards has every shard write back everything dirty. Unsettled sectors are settled on
-// every shard first: one shard's write-back may need a checkpoint, which waits for all.
-func (d *Disk) flushShards(ctx context.Context) error {
-	if d.unsettled.count() > 0 {
-		if err := d.onShards(opSettle); err != nil {
-			return err
-		}
-	}
-	return d.onShards(dma.OpFlush)
-}
-
-// checkpoint makes every in-place update durable and starts a new journal epoch. It refuses
-// while a sector is unsettled: its journal record is what recovery needs if the machine
-// crashes before the sector is settled. Write-backs (which settle their own shard first) and
-// flushes settle them; the error wraps the store error that left them.
-func (d *Disk) checkpoint() error {
-	d.ckpt.Lock()
-	defer d.ckpt.Unlock()
-	// Checked before the sync: settling needs no ckpt, so one that ends after this check
-	// is not covered by the sync, and sectors only become unsettled under ckpt shared.
-	if err := d.unsettled.refusal(); err != nil {
-		return err
-	}
-	return d.jr.checkpointLocked()
+	return d.commit(true)
 }
 
 // Trim discards [off, off+n); with fua it is durable on return.
@@ -310,8 +305,10 @@ func (d *Disk) Close() error {
 	}
 	var err error
 	if !d.readOnly {
-		if err = d.flushShards(context.Background()); err == nil {
-			err = d.checkpoint()
+		if err = d.onShards(dma.OpFlush); err == nil {
+			if err = d.commit(true); err == nil {
+				err = d.checkpoint()
+			}
 		}
 	}
 	// Zeroise each part on its own shard, so no worker touches it concurrently.
@@ -337,9 +334,5 @@ func (d *Disk) Close() error {
 	return nil
 }
 
-// Engine-internal descriptor ops: opDetach zeroises this disk's part on the shard; opSettle
-// settles the part's unsettled sectors (part.settle).
-const (
-	opDetach dma.Op = 100
-	opSettle dma.Op = 101
-)
+// opDetach is the engine-internal descriptor op that zeroises this disk's part on its shard.
+const opDetach dma.Op = 100

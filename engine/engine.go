@@ -40,9 +40,16 @@ type Options struct {
 	// Writes are pwrite either way.
 	NoMap bool
 
-	// journalRecords, when set, uses only that many journal record slots (tests: the journal
-	// fills, so checkpoints from a full journal are exercised). Writer and recovery must agree.
-	journalRecords uint64
+	// MaxChangedPages bounds the metadata pages changed since the last checkpoint (held in
+	// memory until it writes them in place), and so the tree nodes changed with them; more start
+	// a checkpoint. 0 = 8192 (32 MiB of pages, at most as much again of nodes).
+	MaxChangedPages int
+	// TreeNodes bounds the integrity tree's clean cached nodes per disk; 0 = 1024 (4 MiB).
+	TreeNodes int
+
+	// journalBytes, when set, uses only that much of the journal region (tests: the journal
+	// fills, so checkpoints from a full journal are exercised).
+	journalBytes uint64
 }
 
 func (o *Options) fill() {
@@ -66,6 +73,12 @@ func (o *Options) fill() {
 	}
 	if o.MetaPages <= 0 {
 		o.MetaPages = 2048
+	}
+	if o.MaxChangedPages <= 0 {
+		o.MaxChangedPages = 8192
+	}
+	if o.TreeNodes <= 0 {
+		o.TreeNodes = 1024
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -175,7 +188,7 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, er
 			e.opts.Logger.Info("image not mapped; reads use pread", "asid", asid)
 		}
 	}
-	d, err := newDisk(e, asid, st, h, ks.cipher, readOnly || ks.b.ReadOnly || h.ReadOnly)
+	d, err := newDisk(e, asid, st, h, ks.cipher, ks.b.Roots, readOnly || ks.b.ReadOnly || h.ReadOnly)
 	if err != nil {
 		return nil, fmt.Errorf("failed to attach: %w", err)
 	}

@@ -1,107 +1,42 @@
 package engine
 
 import (
-	"crypto/rand"
-	"os"
 	"path/filepath"
-	"sync"
 	"testing"
-	"time"
-
-	"github.com/google/uuid"
 
 	"github.com/sealdisk/sealdisk/format"
-	"github.com/sealdisk/sealdisk/provider"
+	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/store"
 )
 
-var (
-	chipOnce sync.Once
-	chip     *psp.ChipCert
-	keysDir  string // this test process's vendor/chip/provider keys, removed by TestMain
-)
+func TestMain(m *testing.M) { fixture.Main(m) }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if keysDir != "" {
-		os.RemoveAll(keysDir)
-	}
-	os.Exit(code)
-}
-
-// testChip makes one vendor/chip/provider for the package's tests, in a directory of this
-// process's own: a fixed path was removed and rewritten by every test process, so two at once
-// (a race run beside a plain one) failed each other's tests.
-func testChip(t testing.TB) (*psp.ChipCert, string) {
-	chipOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "sealdisk-engine-test-keys-")
-		if err != nil {
-			panic(err)
-		}
-		keysDir = dir
-		if err := psp.InitVendor(filepath.Join(dir, "v"), ""); err != nil {
-			panic(err)
-		}
-		if err := psp.InitChip(filepath.Join(dir, "p"), filepath.Join(dir, "v"), format.KEMDHKEMP384); err != nil {
-			panic(err)
-		}
-		k, _ := provider.GenerateKey(format.SigECDSAP384)
-		if err := provider.SaveKeyPair(filepath.Join(dir, "k"), "provider", k); err != nil {
-			panic(err)
-		}
-		b, _ := os.ReadFile(filepath.Join(dir, "p", psp.ChipCrtFile))
-		chip, _ = psp.ParseChipCert(b)
-	})
-	return chip, filepath.Join(keysDir, "k", "provider.key")
-}
-
-// image is a fresh sealed image: its header, key and binding.
+// testImage is a fresh sealed image of the shared test world (internal/fixture), with the
+// fields the engine's tests use.
 type testImage struct {
+	*fixture.Image
 	h   *format.Header
 	key []byte
 	b   psp.Binding
 }
 
+// newTestImage is a version-2 image of size bytes; journal 0 is the default journal size.
 func newTestImage(t testing.TB, size uint64, ss uint32, journal uint64) *testImage {
-	c, keyPath := testChip(t)
-	s, err := provider.LoadSigner(keyPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key := make([]byte, 32)
-	rand.Read(key)
-	id := uuid.New()
-	cert, err := provider.Issue(s, provider.IssueRequest{
-		Chip: c, UUID: id, VirtualSize: size, SectorSize: ss, Suite: format.SuiteAES256GCM,
-		MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{make([]byte, 48)},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ImageKey: key,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := format.NewHeader(id, size, ss, format.SuiteAES256GCM, false, format.Layout{JournalSize: journal}, cert.Bytes())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testImage{h: h, key: key, b: psp.Binding{Suite: format.SuiteAES256GCM, Key: key, UUID: id, SectorSize: int(ss)}}
+	im := fixture.Shared(t).Image(t, fixture.Spec{Size: size, SectorSize: ss, Layout: format.Layout{JournalSize: journal}})
+	return &testImage{Image: im, h: im.Header, key: im.Key, b: im.Binding()}
 }
 
-// create writes the image's headers into st and sizes it.
+// create writes the image's headers and first root record into st and sizes it, as a new image.
 func (im *testImage) create(t testing.TB, st store.Store) {
-	if err := st.Truncate(int64(im.h.FileSize())); err != nil {
-		t.Fatal(err)
-	}
-	if err := format.WriteHeaders(st, im.h); err != nil {
-		t.Fatal(err)
-	}
+	im.Create(t, st)
+	im.SetCounter(t, 0) // a new image: whatever the PSP recorded of this UUID before is gone
 }
 
 // attach loads the key into e at asid and attaches st.
 func (im *testImage) attach(t testing.TB, e *Engine, asid psp.ASID, st store.Store) *Disk {
-	b := im.b
-	b.Key = append([]byte(nil), im.key...)
-	if err := e.LoadKey(asid, b); err != nil {
+	t.Helper()
+	if err := e.LoadKey(asid, im.Binding()); err != nil {
 		t.Fatal(err)
 	}
 	d, err := e.Attach(asid, st, false)

@@ -57,7 +57,7 @@ func memoryBounded(t *testing.T, noMap bool) {
 	const size, cache = 100 << 30, 16 << 20
 	im := newTestImage(t, size, 4096, 0)
 	st, _ := fileStore(t, im)
-	e := New(Options{Shards: 2, CacheBytes: cache, MetaPages: 256, NoMap: noMap})
+	e := New(Options{Shards: 2, CacheBytes: cache, MetaPages: 256, MaxChangedPages: 1024, NoMap: noMap})
 	defer e.Close()
 	d := im.attach(t, e, 1, st)
 	if mapped := d.Mapped() > 0; mapped == noMap || d.Mapped() != st.Mapped() {

@@ -7,23 +7,24 @@ import (
 	"slices"
 
 	"github.com/sealdisk/sealdisk/format"
-	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/tree"
 )
 
-// metaPage is one cached metadata page. Pages are always clean: every change to an entry is
-// written at once (writeback.go, zero.go, unsettled.go).
+// metaPage is one cached metadata page: the entries the part works from. Version 2 writes
+// pages in place only at checkpoints (dirtyPages keeps the changed ones meanwhile).
 type metaPage struct {
 	idx uint64
 	ref bool // CLOCK reference bit: used since the hand last passed
 	e   [entriesPerPage]sector.Entry
 }
 
-// page returns metadata page idx, reading it on a miss. A hit sets the page's reference bit
-// and touches no other page's memory; a miss with the cache full evicts by CLOCK and reuses
-// the evicted page's memory. The page returned by the previous call is never the one evicted,
-// so a caller may hold one page while it asks for the next (setEntries); no caller holds
-// more.
+// page returns metadata page idx, reading it on a miss: from the disk's changed pages if it is
+// one, else from the image, checked against the integrity tree. A hit sets the page's
+// reference bit and touches no other page's memory; a miss with the cache full evicts by CLOCK
+// and reuses the evicted page's memory. The page returned by the previous call is never the
+// one evicted, so a caller may hold one page while it asks for the next (setEntries); no
+// caller holds more.
 func (p *part) page(idx uint64) (*metaPage, error) {
 	if pg := p.lastPage; pg != nil && pg.idx == idx {
 		return pg, nil // runs of sectors ask for one page many times in a row
@@ -35,27 +36,104 @@ func (p *part) page(idx uint64) (*metaPage, error) {
 		p.lastPage = pg
 		return pg, nil
 	}
-	n := min(entriesPerPage, p.d.sectors-idx*entriesPerPage)
-	buf := p.pagebuf[:n*format.MetaEntrySize]
-	if _, err := p.d.st.ReadAt(buf, p.d.h.EntryPos(idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("failed to read metadata: %w", err)
-	}
-	var pg *metaPage
-	if len(p.pageRing) < p.maxPages {
+	pg := p.spareMeta
+	if pg == nil {
 		pg = new(metaPage)
+	}
+	p.spareMeta = nil
+	*pg = metaPage{idx: idx, ref: true}
+	if err := p.readPage(pg); err != nil {
+		p.spareMeta = pg
+		return nil, err
+	}
+	if len(p.pageRing) < p.maxPages {
 		p.pageRing = append(p.pageRing, pg)
 	} else {
-		pg = p.evictPage()
-		delete(p.pages, pg.idx)
-		*pg = metaPage{}
-	}
-	pg.idx, pg.ref = idx, true
-	for i := range n {
-		copy(pg.e[i][:], buf[i*format.MetaEntrySize:])
+		old := p.evictPage()
+		delete(p.pages, old.idx)
+		*old = metaPage{}
+		p.spareMeta = old
+		p.pageRing[p.ringIndex(old)] = pg
 	}
 	p.pages[idx] = pg
 	p.lastPage = pg
 	return pg, nil
+}
+
+// ringIndex is the slot of pg in pageRing (the one the CLOCK hand just passed).
+func (p *part) ringIndex(pg *metaPage) int {
+	i := (p.hand + len(p.pageRing) - 1) % len(p.pageRing)
+	if p.pageRing[i] != pg {
+		panic("BUG: engine: evicted page is not behind the CLOCK hand")
+	}
+	return i
+}
+
+// readPage fills pg (idx set) from the disk's changed pages or from the image; a page read
+// from the image must match its leaf in the tree, else its sectors fail with ErrIntegrity.
+func (p *part) readPage(pg *metaPage) error {
+	d := p.d
+	if d.meta.get(pg.idx, pg) {
+		return nil
+	}
+	n := min(entriesPerPage, d.sectors-pg.idx*entriesPerPage)
+	buf := p.pagebuf[:format.MetaPageSize]
+	clear(buf)
+	if _, err := d.st.ReadAt(buf[:n*format.MetaEntrySize], d.h.EntryPos(pg.idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("failed to read metadata: %w", err)
+	}
+	if d.tree != nil {
+		if err := d.tree.Verify(pg.idx, tree.LeafDigest(d.h.UUID, pg.idx, buf)); err != nil {
+			return d.pageFailed(pg.idx, err)
+		}
+	}
+	for i := range n {
+		copy(pg.e[i][:], buf[i*format.MetaEntrySize:])
+	}
+	return nil
+}
+
+// pageFailed counts and logs a metadata page that does not match the tree (or whose tree
+// nodes do not) and returns the error of every request touching its sectors.
+func (d *Disk) pageFailed(idx uint64, err error) error {
+	if !errors.Is(err, tree.ErrMismatch) {
+		return err // could not read the tree: an I/O error, not evidence of tampering
+	}
+	first := idx * entriesPerPage
+	last := min(first+entriesPerPage, d.sectors) - 1
+	d.e.Stats.AuthFailures.Add(1)
+	d.e.opts.Logger.Error("metadata page failed verification against the integrity tree", "asid", d.asid, "lba", first, "last_lba", last, "error", err)
+	return fmt.Errorf("%w: sectors %d-%d: %v", ErrIntegrity, first, last, err)
+}
+
+// pageSectors is the number of sectors of page idx (less than 64 only for the last page).
+func (p *part) pageSectors(idx uint64) uint64 {
+	return min(entriesPerPage, p.d.sectors-idx*entriesPerPage)
+}
+
+// freshPage is page idx, cached with zero entries without reading it: for a caller that sets
+// every entry (a page that failed verification is replaced this way).
+func (p *part) freshPage(idx uint64) *metaPage {
+	if pg := p.pages[idx]; pg != nil {
+		return pg
+	}
+	pg := &metaPage{idx: idx, ref: true}
+	if len(p.pageRing) < p.maxPages {
+		p.pageRing = append(p.pageRing, pg)
+	} else {
+		old := p.evictPage()
+		delete(p.pages, old.idx)
+		p.pageRing[p.ringIndex(old)] = pg
+	}
+	p.pages[idx] = pg
+	p.lastPage = pg
+	return pg
+}
+
+// whole reports whether sectors [lba, lba+n) hold every sector of lba's page.
+func (p *part) whole(idx, lba, n uint64) bool {
+	first := idx * entriesPerPage
+	return lba <= first && lba+n >= first+p.pageSectors(idx)
 }
 
 // evictPage advances the CLOCK hand to a page not used since it last passed, other than
@@ -102,43 +180,48 @@ func (p *part) entries(dst []sector.Entry, a uint64, n int) (ents []sector.Entry
 	return ents, any, nil
 }
 
-// setEntries gives each record's sector its new entry (zero for a zero record), in the
-// cached pages and on disk, each touched page written once (records in ascending LBA order).
-func (p *part) setEntries(recs []sector.JournalRecord) error {
+// setEntries gives each sector of ents its new entry in the part's pages, records every
+// changed page for the checkpoint (dirtyPages) and, with the tree, gives it its new leaf (ents
+// ascending). The caller holds d.ckpt shared, so a commit sees entries and journal agree.
+func (p *part) setEntries(ents []sector.LogEntry) error {
 	var last *metaPage
-	for i := range recs {
-		r := &recs[i]
-		pg, err := p.page(r.LBA / entriesPerPage)
-		if err != nil {
+	for i, e := range ents {
+		idx := e.LBA / entriesPerPage
+		var pg *metaPage
+		var err error
+		if last != nil && last.idx == idx {
+			pg = last
+		} else if n := p.pageSectors(idx); e.LBA%entriesPerPage == 0 && i+int(n) <= len(ents) && ents[i+int(n)-1].LBA == e.LBA+n-1 {
+			pg = p.freshPage(idx) // every entry of the page is replaced: the old one is not read
+		} else if pg, err = p.page(idx); err != nil {
 			return err
 		}
-		pg.e[r.LBA%entriesPerPage] = r.New
 		if last != nil && last != pg {
-			if err := p.writePage(last); err != nil {
-				return err
-			}
+			p.changed(last)
 		}
+		pg.e[e.LBA%entriesPerPage] = e.Entry
 		last = pg
 	}
 	if last != nil {
-		return p.writePage(last)
+		p.changed(last)
 	}
 	return nil
 }
 
-// writePage writes a cached page back (or punches it when every entry is zero).
-func (p *part) writePage(pg *metaPage) error {
-	n := min(entriesPerPage, p.d.sectors-pg.idx*entriesPerPage)
-	pos := p.d.h.EntryPos(pg.idx * entriesPerPage)
-	buf := p.pagebuf[:n*format.MetaEntrySize]
-	for i := range n {
+// changed records a page whose entries setEntries changed.
+func (p *part) changed(pg *metaPage) {
+	d := p.d
+	d.meta.put(pg)
+	if d.tree == nil {
+		return
+	}
+	buf := p.pagebuf[:format.MetaPageSize]
+	for i := range pg.e {
 		copy(buf[i*format.MetaEntrySize:], pg.e[i][:])
 	}
-	if zeros.All(buf) && n == entriesPerPage {
-		return p.d.punch(pos, 4096)
+	// The path was loaded, and checked, when the page was read; SetLeaf fails only on a read
+	// error of an evicted node, which then fails the write-back as any store error does.
+	if err := d.tree.SetLeaf(pg.idx, tree.LeafDigest(d.h.UUID, pg.idx, buf)); err != nil {
+		d.breaks(fmt.Errorf("failed to update the integrity tree for metadata page %d: %w", pg.idx, err))
 	}
-	if _, err := p.d.st.WriteAt(buf, pos); err != nil {
-		return fmt.Errorf("failed to write metadata: %w", err)
-	}
-	return nil
 }

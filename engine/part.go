@@ -15,17 +15,17 @@ import (
 //	read.go       reads: cache hits, partial sectors; opening.go: whole sectors opened
 //	              after the shard is released
 //	write.go      guest writes into lines (read-modify-write, FUA)
-//	writeback.go  sealing dirty lines, the journal append, in-place writes
+//	writeback.go  sealing dirty lines and appending them to the journal
+//	apply.go      writing committed journal appends in place
 //	zero.go       trim and write-zeroes
 //	status.go     block status
-//	unsettled.go  sectors whose journaled write-back or zeroing failed part-way
 
 // entriesPerPage is the number of 64-byte entries in one 4 KiB metadata page.
 const entriesPerPage = 4096 / format.MetaEntrySize
 
 var _ [64 - entriesPerPage]struct{} // a page's sectors fit one lineMask word
 
-// maxWriteback bounds one writeback batch (journal records appended and synced at once).
+// maxWriteback bounds one writeback batch (sealed and appended to the journal at once).
 const maxWriteback = 1024
 
 // part is touched only by the goroutine holding its shard (the shard's worker, or a
@@ -43,17 +43,25 @@ type part struct {
 	dirty    int
 	spare    []*line // dropped lines kept with their buffers for reuse; zeroised at detach
 
-	pages    map[uint64]*metaPage
-	pageRing []*metaPage // every cached page, in CLOCK order; len ≤ maxPages
-	hand     int         // the CLOCK hand: next index of pageRing to consider
-	lastPage *metaPage   // the page page() returned last: never the one evicted
-	maxPages int
+	pages     map[uint64]*metaPage
+	pageRing  []*metaPage // every cached page, in CLOCK order; len ≤ maxPages
+	hand      int         // the CLOCK hand: next index of pageRing to consider
+	lastPage  *metaPage   // the page page() returned last: never the one evicted
+	spareMeta *metaPage   // an evicted page's memory, for the next miss
+	maxPages  int
+
+	// Journal appends not yet applied in place (apply.go), oldest first; their bytes, and how
+	// many lines they pin. maxPending bounds the bytes before a commit is forced.
+	pending      []*pendingWrite
+	pendingBytes int
+	pinned       int
+	maxPending   int
 
 	// scratch
-	ct, recs, pagebuf []byte
-	jrecs             []sector.JournalRecord
-	ents              []sector.Entry
-	wb, victims       []*line
+	ct, pagebuf []byte
+	ents        []sector.Entry
+	lbas        []uint64
+	wb, victims []*line
 
 	// gate orders reads that open sectors after the shard is released (opening) against
 	// changes to those sectors' bytes in the store. Such a read holds it shared from taking the
@@ -61,8 +69,6 @@ type part struct {
 	// punching it holds it exclusively. Both are taken only by the shard's holder, so a read
 	// never waits for it, and a write-back waits only for reads already under way.
 	gate sync.RWMutex
-
-	unsettled map[uint64]pending // unsettled.go
 }
 
 func newPart(d *Disk, shard, maxLines, maxPages int) *part {
@@ -70,8 +76,9 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 		d: d, shard: shard, lines: map[uint64]*line{}, lineMask: map[uint64]uint64{}, maxLines: maxLines,
 		pages: map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
-		recs:    make([]byte, maxWriteback*sector.JournalRecordSize),
 		pagebuf: make([]byte, 4096),
+		// pinned lines hold the cache: commit once a quarter of it waits to be applied
+		maxPending: max(maxLines/4, 1) * int(d.ss),
 	}
 }
 
@@ -79,6 +86,7 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 func (p *part) zeroise() {
 	for l := p.lineLRU.head; l != nil; {
 		n := l.next
+		l.pin = nil // the disk is closed: its appends are in place, or recovery's
 		p.drop(l)
 		l = n
 	}
@@ -86,8 +94,10 @@ func (p *part) zeroise() {
 		clear(l.data[:cap(l.data)])
 	}
 	p.spare, p.victims, p.wb = nil, nil, nil
-	p.d.unsettled.add(-int64(len(p.unsettled)), nil)
-	p.unsettled = nil
+	for _, w := range p.pending {
+		w.free()
+	}
+	p.pending, p.pendingBytes, p.pinned = nil, 0, 0
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
 	p.pageRing, p.hand, p.lastPage = nil, 0, nil

@@ -5,59 +5,104 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/tree"
 )
 
-// recover replays the journal at attach (FORMAT.md §6): sector.Cipher.Decide decides every
-// journaled sector's entry in memory, then each decided sector is written and the image
-// synced before a new epoch retires the records.
-func (j *journal) recover() error {
-	d := j.d
-	epoch, recs, err := d.c.ReadJournal(d.st, d.h, j.capacity)
-	if errors.Is(err, sector.ErrJournal) {
-		// A header that fails its MAC never covered an in-place write: start afresh.
-		d.e.opts.Logger.Warn("journal header invalid; starting a new journal", "error", err)
-		epoch, recs, err = 0, nil, nil
-	}
+// open chooses a version-2 image's committed state (FORMAT.md §8) and, for a writable attach,
+// recovers it (§6.2): the committed journal blocks are written in place, their pages and the
+// tree brought up to date, the tree's root checked against the record's, and a new epoch
+// begun. A record behind the PSP's counter refuses the attach (psp.ErrRolledBack).
+func (d *Disk) open() error {
+	com, err := d.c.CurrentRoot(d.st, d.h, d.roots.CheckRoot)
 	if err != nil {
 		return err
 	}
-	rp, err := d.c.Decide(recs, func(lba uint64, ct []byte) error {
-		n, err := d.st.ReadAt(ct, d.h.DataPos(lba))
-		clear(ct[n:]) // past the end of a sparse file: zeros
-		if errors.Is(err, io.EOF) {
-			err = nil
+	rec := com.Rec
+	if com.Other != nil {
+		d.e.opts.Logger.Warn("using the older root record", "asid", d.asid, "seq", rec.Seq, "other", com.Other)
+	}
+	if err := d.roots.Admit(rec); err != nil {
+		return err
+	}
+	d.cs = commitState{seq: rec.Seq, slot: com.Slot, counter: rec.Counter}
+	if d.readOnly {
+		if len(com.Blocks) > 0 {
+			return fmt.Errorf("the image's journal holds %d committed blocks not yet in place: attach it read-write once (which recovers them), or unseal it", len(com.Blocks))
 		}
-		return err
-	})
-	if err != nil {
+		if d.h.Tree {
+			d.tree = tree.New(d.h, d.st, rec.Root, d.e.opts.TreeNodes)
+		}
+		return nil
+	}
+	if err := d.replay(rec, com.Blocks); err != nil {
 		return err
 	}
-	// Each decided sector's data is written again too, as read: after a failed sync, the
-	// page cache can hold data that reads see but that never reached the disk, and no later
-	// sync writes it unless it is written again (syncs.go). The sync below then makes entry
-	// and data durable together, before the new epoch retires their records.
-	ct := make([]byte, d.ss)
-	for _, lba := range rp.Order {
-		e := rp.Entries[lba]
-		if err := d.writeSector(lba, &e, ct); err != nil {
-			return fmt.Errorf("recovery: %w", err)
+	d.jr.reset(rec.Epoch)
+	d.ckpt.Lock()
+	defer d.ckpt.Unlock()
+	return d.nextEpochLocked(rec.Epoch+1, rec.Root)
+}
+
+// replay writes the committed blocks in place and their pages and tree nodes, checking that
+// the tree they make has the record's root, and syncs.
+func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) error {
+	if err := d.replayBlocks(blocks); err != nil {
+		return fmt.Errorf("failed to recover: %w", err)
+	}
+	pages := map[uint64][]byte{} // pages the blocks touch, as they become
+	for _, b := range blocks {
+		for _, e := range b.Ents {
+			idx := e.LBA / entriesPerPage
+			pg := pages[idx]
+			if pg == nil {
+				pg = make([]byte, format.MetaPageSize)
+				n := min(entriesPerPage, d.sectors-idx*entriesPerPage) * format.MetaEntrySize
+				if _, err := d.st.ReadAt(pg[:n], d.h.EntryPos(idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
+					return fmt.Errorf("failed to recover: failed to read metadata: %w", err)
+				}
+				pages[idx] = pg
+			}
+			copy(pg[(e.LBA%entriesPerPage)*format.MetaEntrySize:], e.Entry[:])
+		}
+	}
+	if d.h.Tree {
+		t := tree.New(d.h, d.st, rec.Root, d.e.opts.TreeNodes)
+		if len(pages) > 0 {
+			var err error
+			if t, err = tree.Recovering(d.h, d.st, d.e.opts.TreeNodes); err != nil {
+				return fmt.Errorf("failed to recover: %w", err)
+			}
+			for idx, pg := range pages {
+				if err := t.SetLeaf(idx, tree.LeafDigest(d.h.UUID, idx, pg)); err != nil {
+					return fmt.Errorf("failed to recover: %w", err)
+				}
+			}
+			if got := t.Root(); got != rec.Root {
+				d.e.Stats.AuthFailures.Add(1)
+				return fmt.Errorf("%w: after replaying the journal the integrity tree's root is %x, the committed root record (seq %d) says %x: the image was changed by more than a crash",
+					ErrIntegrity, got[:8], rec.Seq, rec.Root[:8])
+			}
+			t.Trust()
+		}
+		d.tree = t
+	}
+	for idx, pg := range pages {
+		if err := d.writePage(idx, pg); err != nil {
+			return fmt.Errorf("failed to recover: %w", err)
+		}
+	}
+	if d.tree != nil {
+		if err := d.tree.WriteBack(); err != nil {
+			return fmt.Errorf("failed to recover: %w", err)
 		}
 	}
 	if err := d.st.Sync(); err != nil {
 		return fmt.Errorf("failed to sync recovery: %w", err)
 	}
-	if len(rp.Order) > 0 {
-		d.e.opts.Logger.Info("recovered journal", "epoch", epoch, "records", len(rp.Order))
+	if len(blocks) > 0 {
+		d.e.opts.Logger.Info("recovered journal", "asid", d.asid, "epoch", rec.Epoch, "blocks", len(blocks))
 	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if err := j.newEpochLocked(epoch + 1); err != nil {
-		return err
-	}
-	if err := d.st.Sync(); err != nil {
-		return fmt.Errorf("failed to sync journal header: %w", err)
-	}
-	j.fresh = false
 	return nil
 }

@@ -99,8 +99,7 @@ func (s *shard) idle() {
 		if d.closing() {
 			continue
 		}
-		p := d.parts[s.id]
-		if err := p.flushDirty(cutoff); err != nil {
+		if err := d.parts[s.id].idle(cutoff); err != nil {
 			d.e.opts.Logger.Error("idle write-back failed", "asid", d.asid, "error", err)
 		}
 	}
@@ -135,8 +134,6 @@ func (s *shard) do(desc *dma.Descriptor) (*opening, error) {
 		return nil, p.status(desc)
 	case dma.OpFlush:
 		return nil, p.flushDirty(time.Time{})
-	case opSettle:
-		return nil, p.settle()
 	}
 	panic(fmt.Sprintf("BUG: engine: unknown op %d", desc.Op))
 }
@@ -165,4 +162,22 @@ func (s *shard) check(d *Disk, desc *dma.Descriptor) error {
 		}
 	}
 	return nil
+}
+
+// idle writes back lines dirty since before cutoff, commits what the part appended that no
+// commit covers yet, and applies what is committed: data does not wait in memory for the
+// cache's pressure or a flush that may never come.
+func (p *part) idle(cutoff time.Time) error {
+	if err := p.flushDirty(cutoff); err != nil {
+		return err
+	}
+	if len(p.pending) == 0 {
+		return nil
+	}
+	if p.pending[len(p.pending)-1].end > p.d.committed.Load() {
+		if err := p.d.commit(false); err != nil {
+			return err
+		}
+	}
+	return p.applyCommitted()
 }

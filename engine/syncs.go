@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -17,9 +16,10 @@ import (
 // later sync that succeeds does not write them, and of concurrent syncs of one file only one
 // learns of the failure. So syncs are serialised and every failure is counted before any later
 // sync returns, and a sync vouches only for writes made since a mark (the count read before
-// them): since fails when another sync failed after the mark. Whoever sees a failure since its
-// own mark writes its bytes again before trusting a sync (journal.append, journal.checkpoint;
-// FORMAT.md §6).
+// them): since fails when another sync failed after the mark. A commit that sees a failure
+// since the last good commit writes the journal's blocks since then again, and a checkpoint
+// that sees one in its epoch writes the whole epoch in place again, before either trusts a
+// sync (commit.go, checkpoint.go; FORMAT.md §6.2).
 type syncer struct {
 	st    store.Store
 	stats *Stats
@@ -28,7 +28,7 @@ type syncer struct {
 
 	mu    sync.Mutex            // held for each sync, so failures are counted in order
 	fails atomic.Uint64         // failed syncs so far
-	lost  atomic.Pointer[error] // the first failure since the last checkpoint (errors, the log)
+	lost  atomic.Pointer[error] // the first failure since the last checkpoint (logged once)
 	last  atomic.Pointer[error] // the latest failure
 }
 
@@ -62,12 +62,4 @@ func (s *syncer) checkpointed(mark uint64) {
 	if s.fails.Load() == mark {
 		s.lost.Store(nil)
 	}
-}
-
-// lostCause is the first failed sync since the last checkpoint, for error messages.
-func (s *syncer) lostCause() error {
-	if c := s.lost.Load(); c != nil {
-		return *c
-	}
-	return errors.New("sync failed")
 }

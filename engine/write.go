@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"errors"
 	"fmt"
 	"time"
 
@@ -10,10 +11,11 @@ import (
 // write copies buf (nil: zeros) into cached sectors: whole sectors without reading, partial
 // ones read-modify-write; the line of a sub-sector write is loaded and changed by this part
 // alone, so no other writer of the sector can interleave. With FUA the touched sectors are
-// written back and synced. Then the cache is shrunk to its bound.
+// written back and committed (with the counter advanced) before it returns. Then the cache is
+// shrunk to its bound.
 func (p *part) write(desc *dma.Descriptor, buf []byte) error {
 	ss := p.d.ss
-	var touched []*line
+	var touched, repair []*line
 	now := time.Now()
 	for i := int64(0); i < int64(desc.Count); i++ {
 		lba := desc.LBA + uint64(i)
@@ -21,7 +23,18 @@ func (p *part) write(desc *dma.Descriptor, buf []byte) error {
 		var l *line
 		if sp.len() == ss {
 			if l = p.cached(lba); l == nil {
-				l = p.insert(p.newLine(lba))
+				idx := lba / entriesPerPage
+				if _, err := p.page(idx); err != nil {
+					// A page that fails verification is replaced only by a write of all its
+					// sectors, written back at once, so no entry of it is ever read.
+					if !errors.Is(err, ErrIntegrity) || !p.whole(idx, desc.LBA, uint64(desc.Count)) {
+						return err
+					}
+					l = p.insert(p.newLine(lba))
+					repair = append(repair, l)
+				} else {
+					l = p.insert(p.newLine(lba))
+				}
 			} else {
 				p.lineLRU.touch(l)
 			}
@@ -41,13 +54,17 @@ func (p *part) write(desc *dma.Descriptor, buf []byte) error {
 			touched = append(touched, l)
 		}
 	}
+	if len(repair) > 0 {
+		if err := p.writeback(repair); err != nil {
+			return err
+		}
+	}
 	if len(touched) > 0 {
-		mark := p.d.syncs.mark()
 		if err := p.writeback(touched); err != nil {
 			return err
 		}
-		if err := p.d.syncs.since(mark); err != nil {
-			return fmt.Errorf("failed to sync FUA write: %w", err)
+		if err := p.d.commit(true); err != nil {
+			return fmt.Errorf("failed to commit FUA write: %w", err)
 		}
 	}
 	return p.shrink()

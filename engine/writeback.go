@@ -2,19 +2,21 @@ package engine
 
 import (
 	"cmp"
-	"fmt"
+	"errors"
 	"slices"
 	"time"
 
 	"github.com/sealdisk/sealdisk/sector"
 )
 
-// Write-back (FORMAT.md §6): dirty lines are sealed in batches; each batch's journal records
-// (new and old entry) are appended and synced; then data and entries are written in place.
+// Write-back (FORMAT.md §6.2): dirty lines are sealed in batches and appended to the journal as
+// data blocks, without a sync; their new entries take effect in the part's pages and the tree.
+// The lines stay cached (pinned) until a commit has made the append durable and it is written
+// in place (apply.go).
 
 // flushDirty writes back every dirty line (older than cutoff, when cutoff is set).
 func (p *part) flushDirty(cutoff time.Time) error {
-	if err := p.settle(); err != nil {
+	if err := p.applyCommitted(); err != nil {
 		return err
 	}
 	if p.dirty == 0 {
@@ -29,25 +31,20 @@ func (p *part) flushDirty(cutoff time.Time) error {
 	return p.writeback(p.wb)
 }
 
-// writeback encrypts and writes the given dirty lines, in batches, after settling the part.
+// writeback seals and appends the given dirty lines, in batches, then relieves the part if
+// its appends waiting to be applied grew past their bound.
 func (p *part) writeback(ls []*line) error {
-	if err := p.settle(); err != nil {
+	if err := p.applyCommitted(); err != nil {
 		return err
 	}
 	for len(ls) > 0 {
-		n := min(len(ls), p.batchMax())
+		n := min(len(ls), maxWriteback)
 		if err := p.writebackBatch(ls[:n]); err != nil {
 			return err
 		}
 		ls = ls[n:]
 	}
-	return nil
-}
-
-// batchMax is the most records one batch may reserve: a batch larger than the whole journal
-// would wait for room forever.
-func (p *part) batchMax() int {
-	return int(min(maxWriteback, p.d.jr.capacity))
+	return p.relieve(false)
 }
 
 func (p *part) writebackBatch(ls []*line) error {
@@ -56,86 +53,87 @@ func (p *part) writebackBatch(ls []*line) error {
 		panic("BUG: engine: writeback on a read-only disk")
 	}
 	slices.SortFunc(ls, func(a, b *line) int { return cmp.Compare(a.lba, b.lba) })
-	ss := d.ss
-	// Seal first: the records need the new entries, not their journal slots.
-	recs := p.jrecs[:0]
+	p.lbas = p.lbas[:0]
+	for _, l := range ls {
+		p.lbas = append(p.lbas, l.lba)
+	}
+	w := newPendingWrite(p, sector.BlockData, p.lbas)
 	for i, l := range ls {
-		old, err := p.entry(l.lba)
-		if err != nil {
-			return err
-		}
-		r := sector.JournalRecord{Kind: sector.RecordWrite, LBA: l.lba, Old: *old}
-		d.sess.Seal(l.lba, p.ct[int64(i)*ss:int64(i+1)*ss], l.data, &r.New)
-		recs = append(recs, r)
+		d.sess.Seal(l.lba, w.data(i), l.data, &w.ents[i].Entry)
 	}
-	p.jrecs = recs
-	d.ckpt.RLock()
-	defer d.ckpt.RUnlock()
-	if err := p.journal(recs); err != nil {
-		return err
-	}
-	if err := p.inPlace(ls, recs); err != nil {
-		// Some of the batch may be on disk, data or entries: each sector is unsettled until
-		// settle (or a trim) makes its entry match its data. Marked while ckpt is held, so no
-		// checkpoint retires these records in between.
-		for i := range recs {
-			p.markUnsettled(recs[i].LBA, pending{old: recs[i].Old, new: recs[i].New}, err)
+	if err := p.appendWrite(w); err != nil {
+		if w.end == 0 { // not appended
+			w.free()
 		}
 		return err
 	}
 	for _, l := range ls {
 		p.markClean(l)
+		if l.pin == nil {
+			p.pinned++
+		}
+		l.pin = w
 	}
 	d.e.Stats.Writebacks.Add(uint64(len(ls)))
 	return nil
 }
 
-// inPlace writes a journaled batch's data from p.ct (contiguous runs in one pwrite each), once
-// no read is opening sectors of the part outside the shard, then its entries.
-func (p *part) inPlace(ls []*line, recs []sector.JournalRecord) error {
-	if err := p.writeData(ls); err != nil {
-		return err
-	}
-	return p.setEntries(recs)
-}
-
-func (p *part) writeData(ls []*line) error {
+// appendWrite appends w to the journal and applies its entries, under d.ckpt shared so that a
+// commit never sees one without the other; a full journal is checkpointed first. The pages are
+// read (and checked against the tree) before the append, so an unreadable page fails the
+// write-back cleanly; should applying the entries still fail after the append, the disk's
+// memory no longer matches its journal and it stops committing (Disk.broken).
+func (p *part) appendWrite(w *pendingWrite) error {
 	d := p.d
-	ss := d.ss
-	p.gate.Lock()
-	defer p.gate.Unlock()
-	return forRuns(len(ls), func(i int) uint64 { return ls[i].lba }, func(i, j int) error {
-		if _, err := d.st.WriteAt(p.ct[int64(i)*ss:int64(j)*ss], d.h.DataPos(ls[i].lba)); err != nil {
-			return fmt.Errorf("failed to write data: %w", err)
+	for i := 0; i < len(w.ents); {
+		idx := w.ents[i].LBA / entriesPerPage
+		j := i
+		for j < len(w.ents) && w.ents[j].LBA/entriesPerPage == idx {
+			j++
 		}
-		return nil
-	})
-}
-
-// journal appends recs (epoch and seq are filled in) and makes them durable, checkpointing
-// first when the journal is full. The caller holds d.ckpt shared; it is released while a
-// checkpoint runs.
-func (p *part) journal(recs []sector.JournalRecord) error {
-	d := p.d
-	buf := p.recs[:len(recs)*sector.JournalRecordSize]
-	fill := func(start, epoch uint64) {
-		for i := range recs {
-			recs[i].Epoch, recs[i].Seq = epoch, start+uint64(i)
-			d.c.MarshalJournalRecord(&recs[i], buf[i*sector.JournalRecordSize:(i+1)*sector.JournalRecordSize])
+		if uint64(j-i) < p.pageSectors(idx) { // a page replaced whole is not read (setEntries)
+			if _, err := p.page(idx); err != nil {
+				return err
+			}
 		}
+		i = j
 	}
 	for {
-		ok, err := d.jr.append(buf, fill)
-		if err != nil || ok {
-			return err
+		d.ckpt.RLock()
+		err := d.jr.append(w)
+		if err == nil {
+			if serr := p.setEntries(w.ents); serr != nil {
+				d.breaks(serr)
+				err = serr
+			}
+			p.pending = append(p.pending, w)
+			p.pendingBytes += len(w.buf)
 		}
 		d.ckpt.RUnlock()
-		if err = p.settle(); err == nil {
-			err = d.checkpoint()
+		if errors.Is(err, errJournalFull) {
+			if err = p.d.checkpoint(); err == nil {
+				continue
+			}
 		}
-		d.ckpt.RLock()
-		if err != nil {
+		return err
+	}
+}
+
+// relieve commits and applies the part's appends when they hold more than their share of the
+// cache (or always, with force): the cache's pressure, not each write-back, decides when the
+// journal is synced. Too many metadata pages changed since the checkpoint start a checkpoint.
+func (p *part) relieve(force bool) error {
+	d := p.d
+	if d.meta.len() > d.e.opts.MaxChangedPages {
+		if err := d.checkpoint(); err != nil {
 			return err
 		}
 	}
+	if !force && p.pendingBytes <= p.maxPending {
+		return nil
+	}
+	if err := d.commit(false); err != nil {
+		return err
+	}
+	return p.applyCommitted()
 }

@@ -193,7 +193,7 @@ func TestNewHeaderRefusals(t *testing.T) {
 		wantField(t, tc.name, err, "header", tc.field)
 	}
 	// Maximum size and journal are accepted.
-	if _, err := NewHeader(testUUID, 1<<50, 4096, 1, false, Layout{Version: 1, JournalSize: 1<<30}, certFor(t, testUUID, 1<<50, 4096, 1, false)); err != nil {
+	if _, err := NewHeader(testUUID, 1<<50, 4096, 1, false, Layout{Version: 1, JournalSize: 1 << 30}, certFor(t, testUUID, 1<<50, 4096, 1, false)); err != nil {
 		t.Errorf("1 PiB with 1 GiB journal: %v", err)
 	}
 	_, err := NewHeader(testUUID, 2<<30, 4096, 1, false, Layout{Version: 1}, good)

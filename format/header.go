@@ -41,7 +41,7 @@ import (
 
 const (
 	flagReadOnly   = 1 << 0
-	flagTree       = 1 << 1 // version 2
+	flagTree       = 1 << 1                        // version 2
 	maxHeaderLen   = HeaderSlotSize - ChecksumSize // 65504
 	maxCertLen     = maxHeaderLen - HeaderFixedSize
 	maxJournalSize = 1 << 30
@@ -461,3 +461,6 @@ func WriteHeaders(w SyncWriterAt, h *Header) error {
 	}
 	return nil
 }
+
+// JournalPos is the file offset of byte pos of the journal region.
+func (h *Header) JournalPos(pos uint64) int64 { return int64(h.JournalOffset + pos) }

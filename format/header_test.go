@@ -79,7 +79,7 @@ func sameHeader(t testing.TB, a, b *Header) bool {
 }
 
 func TestHeaderRoundTrip(t *testing.T) {
-	ro, err := NewHeader(testUUID, 8<<20, 512, SuiteSM4GCM, true, Layout{Version: 1, JournalSize: 16<<20}, certFor(t, testUUID, 8<<20, 512, SuiteSM4GCM, true))
+	ro, err := NewHeader(testUUID, 8<<20, 512, SuiteSM4GCM, true, Layout{Version: 1, JournalSize: 16 << 20}, certFor(t, testUUID, 8<<20, 512, SuiteSM4GCM, true))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
 )
 
 // GenerateKey makes a provider signing key.
@@ -217,4 +218,21 @@ func signBytes(signer crypto.Signer, alg format.SigAlg, body []byte) ([]byte, er
 		return signer.Sign(rand.Reader, body, crypto.Hash(0))
 	}
 	return nil, fmt.Errorf("unknown provider algorithm %d", uint16(alg))
+}
+
+// FirstRoot is the root record slot a provider writes into a new version-2 image (FORMAT.md
+// §8): seq 1, counter 0, the empty epoch 0, and root, the integrity tree's root over what it
+// wrote (zero for a blank image), signed like its certificate.
+func FirstRoot(signer crypto.Signer, h *format.Header, root [32]byte) ([]byte, error) {
+	rec := format.RootFor(h)
+	rec.Auth, rec.Seq, rec.HeadDigest = format.RootByProvider, 1, sector.ChainStart(h.UUID, 0)
+	if h.Tree {
+		rec.Root = root
+	}
+	body := rec.MarshalBody()
+	sig, err := SignRoot(signer, body)
+	if err != nil {
+		return nil, err
+	}
+	return format.MarshalRootSlot(body, sig), nil
 }

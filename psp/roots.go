@@ -189,3 +189,8 @@ func (p *PSP) ImageCounter(uuid [16]byte) (counter uint64, ok bool, err error) {
 	s, ok, err := p.counters.read(uuid)
 	return s.counter, ok, err
 }
+
+// RootsFor is the RootKeeper of the image c certifies, for the offline tools and tests that
+// read or write a version-2 image without launching it: the caller has checked the
+// certificate (VerifyCertificate); the provider must still be trusted.
+func (p *PSP) RootsFor(c *format.Certificate) (RootKeeper, error) { return p.rootsFor(c) }

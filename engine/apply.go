@@ -1,0 +1,152 @@
+package engine
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+// A pendingWrite is one append to the journal by one part: its blocks as written (headers and
+// ciphertexts), kept until they are applied in place — written to the data region, trims
+// punched — which may happen only once a commit has made them durable (FORMAT.md §6.2). Until
+// then the part keeps the lines of its sectors in the cache (pinned), so no read goes to the
+// data region for them.
+type pendingWrite struct {
+	p      *part
+	buf    []byte // block headers and ciphertexts, as appended
+	blocks []pendingBlock
+	ents   []sector.LogEntry // every block's entries, back to back (the blocks' are views)
+	end    uint64            // LSN after it, set by journal.append
+	// applied is set once its data is in place, by the part or by a checkpoint (which holds
+	// d.ckpt exclusively, so never both at once); the part then unpins its lines.
+	applied atomic.Bool
+}
+
+// pendingBlock is one block of a pendingWrite: header at buf[off:], then (kind data) the
+// ciphertexts of ents, in order (ascending LBA).
+type pendingBlock struct {
+	off  int
+	kind uint8
+	ents []sector.LogEntry
+}
+
+var writeBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// newPendingWrite lays out blocks for the given sectors (ascending): one block per
+// sector.BlockEntries sectors, a header then (data) the sectors' ciphertexts. The caller seals
+// into data(i) and sets ents[i].Entry.
+func newPendingWrite(p *part, kind uint8, lbas []uint64) *pendingWrite {
+	ss := int(p.d.ss)
+	n := 0
+	for i := 0; i < len(lbas); i += sector.BlockEntries {
+		n += sector.BlockLen(kind, min(sector.BlockEntries, len(lbas)-i), ss)
+	}
+	bp := writeBufs.Get().(*[]byte)
+	if cap(*bp) < n+sector.TagSize { // the last sector seals its tag into the slack
+		*bp = make([]byte, n+sector.TagSize)
+	}
+	ents := make([]sector.LogEntry, len(lbas))
+	w := &pendingWrite{p: p, buf: (*bp)[:n], ents: ents}
+	off := 0
+	for i := 0; i < len(lbas); i += sector.BlockEntries {
+		k := min(sector.BlockEntries, len(lbas)-i)
+		for j := range k {
+			ents[i+j].LBA = lbas[i+j]
+		}
+		w.blocks = append(w.blocks, pendingBlock{off: off, kind: kind, ents: ents[i : i+k]})
+		off += sector.BlockLen(kind, k, ss)
+	}
+	return w
+}
+
+// data is the ciphertext slot of the write's i-th sector (kind data), with TagSize bytes of
+// capacity past it for sealing in place.
+func (w *pendingWrite) data(i int) []byte {
+	b := w.blocks[i/sector.BlockEntries]
+	ss := int(w.p.d.ss)
+	lo := b.off + sector.BlockHeaderSize + (i%sector.BlockEntries)*ss
+	return w.buf[lo : lo+ss : lo+ss+sector.TagSize] // a tag spills into the next header or the slack, both written later
+}
+
+// free returns the buffer to the pool (after applied, or when the append failed).
+func (w *pendingWrite) free() {
+	if w.buf != nil {
+		b := w.buf[:0]
+		writeBufs.Put(&b)
+		w.buf = nil
+	}
+}
+
+// applyTo writes the write's ciphertexts in place and punches its trims, with the part's gate
+// held, so no read opening those sectors outside the shard sees data change under the entry it
+// took. Contiguous sectors go in one system call.
+func (w *pendingWrite) applyTo(d *Disk) error {
+	p := w.p
+	p.gate.Lock()
+	defer p.gate.Unlock()
+	ss := d.ss
+	for _, b := range w.blocks {
+		ents := b.ents
+		lba := func(i int) uint64 { return ents[i].LBA }
+		var err error
+		if b.kind == sector.BlockData {
+			base := b.off + sector.BlockHeaderSize
+			err = forRuns(len(ents), lba, func(i, j int) error {
+				if _, err := d.st.WriteAt(w.buf[base+i*int(ss):base+j*int(ss)], d.h.DataPos(ents[i].LBA)); err != nil {
+					return fmt.Errorf("failed to write data in place: %w", err)
+				}
+				return nil
+			})
+		} else {
+			err = forRuns(len(ents), lba, func(i, j int) error {
+				return d.punch(d.h.DataPos(ents[i].LBA), int64(j-i)*ss)
+			})
+		}
+		if err != nil {
+			return err
+		}
+	}
+	w.applied.Store(true)
+	return nil
+}
+
+// applyCommitted applies the part's committed writes, oldest first, and unpins their lines.
+// A failure leaves the write pending (its lines pinned), to be tried again: the journal holds
+// it, and the checkpoint writes it in place before the journal is reused.
+func (p *part) applyCommitted() error {
+	d := p.d
+	committed := d.committed.Load()
+	for len(p.pending) > 0 && p.pending[0].end <= committed {
+		w := p.pending[0]
+		if !w.applied.Load() {
+			d.ckpt.RLock()
+			var err error
+			if !w.applied.Load() {
+				err = w.applyTo(d)
+			}
+			d.ckpt.RUnlock()
+			if err != nil {
+				return err
+			}
+		}
+		p.retire(w)
+		p.pending = p.pending[1:]
+	}
+	return nil
+}
+
+// retire unpins the lines of an applied write and frees its buffer.
+func (p *part) retire(w *pendingWrite) {
+	for _, b := range w.blocks {
+		for _, e := range b.ents {
+			if l := p.lines[e.LBA]; l != nil && l.pin == w {
+				l.pin = nil
+				p.pinned--
+			}
+		}
+	}
+	p.pendingBytes -= len(w.buf)
+	w.free()
+}

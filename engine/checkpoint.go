@@ -1,0 +1,133 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/sector"
+)
+
+// checkpoint commits what is appended, writes every committed append in place and every
+// metadata page and tree node changed since the last checkpoint, syncs, and starts the next
+// epoch with a record of its own, synced before any block of it overwrites the journal
+// (FORMAT.md §6.2 (4)). It holds d.ckpt exclusively throughout, so no append runs in between;
+// the parts' own applying waits too (apply.go). On failure nothing is lost: the epoch's record
+// and journal stay current, and the next checkpoint starts over.
+func (d *Disk) checkpoint() error {
+	d.commitMu.Lock()
+	defer d.commitMu.Unlock()
+	d.ckpt.Lock()
+	defer d.ckpt.Unlock()
+	mark := d.syncs.mark()
+	c, root := d.cutLocked()
+	if d.committed.Load() < c.end {
+		if err := d.publishLocked(c, root, false); err != nil {
+			return fmt.Errorf("failed to checkpoint: %w", err)
+		}
+	}
+	if mark != d.cs.epochMark {
+		// A sync failed in this epoch: in-place writes since its start may be lost on disk
+		// although reads see them; write the whole epoch's blocks in place again.
+		if err := d.reapply(c); err != nil {
+			return fmt.Errorf("failed to checkpoint: %w", err)
+		}
+	}
+	for _, w := range d.jr.writes {
+		if !w.applied.Load() {
+			if err := w.applyTo(d); err != nil {
+				return fmt.Errorf("failed to checkpoint: %w", err)
+			}
+		}
+	}
+	if err := d.meta.writeBack(d); err != nil {
+		return fmt.Errorf("failed to checkpoint: %w", err)
+	}
+	if d.tree != nil {
+		if err := d.tree.WriteBack(); err != nil {
+			return fmt.Errorf("failed to checkpoint: %w", err)
+		}
+	}
+	if err := d.syncs.since(mark); err != nil {
+		return fmt.Errorf("failed to checkpoint: %w", err)
+	}
+	if err := d.nextEpochLocked(c.epoch+1, root); err != nil {
+		return fmt.Errorf("failed to checkpoint: %w", err)
+	}
+	d.meta.forget()
+	d.syncs.checkpointed(mark)
+	return nil
+}
+
+// nextEpochLocked writes and syncs the record of a new, empty epoch (head 0), then lets the
+// journal start over. The caller holds commitMu and d.ckpt, and everything before is in place
+// and synced.
+func (d *Disk) nextEpochLocked(epoch uint64, root [32]byte) error {
+	mark := d.syncs.mark()
+	rec := format.RootFor(d.h)
+	rec.Auth, rec.Seq, rec.Counter = format.RootByPSP, d.cs.seq+1, d.cs.counter
+	rec.Epoch, rec.HeadDigest, rec.Root = epoch, sector.ChainStart(d.h.UUID, epoch), root
+	if err := d.writeRoot(rec, 1-d.cs.slot); err != nil {
+		return err
+	}
+	d.cs.seq++
+	if err := d.syncs.since(mark); err != nil {
+		return err
+	}
+	d.cs.slot = 1 - d.cs.slot
+	d.cs.goodMark, d.cs.goodHead, d.cs.epochMark = mark, 0, mark
+	d.jr.reset(epoch)
+	return nil
+}
+
+// reapply writes every block of the epoch up to c in place again, from the journal, in order,
+// with every part's gate held: no read opening a sector outside its shard sees an older
+// version of it pass by.
+func (d *Disk) reapply(c cut) error {
+	for _, p := range d.parts {
+		p.gate.Lock()
+		defer p.gate.Unlock()
+	}
+	blocks, err := d.c.ReadLog(d.st, d.h, c.epoch, c.head, c.digest)
+	if err != nil {
+		return err
+	}
+	return d.replayBlocks(blocks)
+}
+
+// replayBlocks writes journal blocks in place, in order: each data block's ciphertexts read from
+// the journal, each zero block's sectors punched. Entries are the caller's.
+func (d *Disk) replayBlocks(blocks []sector.Block) error {
+	ss := d.ss
+	var buf []byte
+	for _, b := range blocks {
+		ents := b.Ents
+		lba := func(i int) uint64 { return ents[i].LBA }
+		if b.Kind == sector.BlockZero {
+			if err := forRuns(len(ents), lba, func(i, j int) error {
+				return d.punch(d.h.DataPos(ents[i].LBA), int64(j-i)*ss)
+			}); err != nil {
+				return err
+			}
+			continue
+		}
+		n := int64(len(ents)) * ss
+		if int64(cap(buf)) < n {
+			buf = make([]byte, n)
+		}
+		buf = buf[:n]
+		if _, err := d.st.ReadAt(buf, b.DataPos); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
+		}
+		if err := forRuns(len(ents), lba, func(i, j int) error {
+			if _, err := d.st.WriteAt(buf[int64(i)*ss:int64(j)*ss], d.h.DataPos(ents[i].LBA)); err != nil {
+				return fmt.Errorf("failed to write sector %d in place: %w", ents[i].LBA, err)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,110 @@
+package engine
+
+import (
+	"fmt"
+
+	"github.com/sealdisk/sealdisk/format"
+)
+
+// Commits (FORMAT.md §6.2, §8): a root record naming the journal's end and the tree's root is
+// written to the slot not holding the current one, and one fdatasync makes it and every block
+// before it durable. A guest's FLUSH or FUA commits with the counter advanced, and the PSP
+// records the counter before the flush is acknowledged; the cache's pressure and the idle
+// timer commit without. Commits are serialised (commitMu); one covers every append made before
+// it, so concurrent flushes share one sync.
+
+// commitState is guarded by Disk.commitMu.
+type commitState struct {
+	seq     uint64 // of the current record
+	slot    int    // where the current record is
+	counter uint64 // the counter the PSP has recorded
+	bumped  uint64 // LSN up to which a counter-advancing commit covers the journal
+	// Syncs: goodMark is the syncer mark as of the last commit whose sync succeeded, goodHead
+	// the journal position it covered (this epoch); epochMark the mark when the epoch began.
+	goodMark, epochMark uint64
+	goodHead            uint64
+}
+
+// commit makes every append made before the call durable; bump advances the counter (a guest's
+// flush or FUA). Nothing to do when an earlier commit already covers them.
+func (d *Disk) commit(bump bool) error {
+	want := d.jr.end()
+	d.commitMu.Lock()
+	defer d.commitMu.Unlock()
+	if d.committed.Load() >= want && (!bump || d.cs.bumped >= want) {
+		return nil
+	}
+	d.ckpt.Lock()
+	c, root := d.cutLocked()
+	d.ckpt.Unlock()
+	return d.publishLocked(c, root, bump)
+}
+
+// cutLocked is the state to commit: the journal's end and the tree's root over every entry
+// appended so far. The caller holds d.ckpt exclusively.
+func (d *Disk) cutLocked() (cut, [32]byte) {
+	c := d.jr.cutNow()
+	var root [32]byte
+	if d.tree != nil {
+		root = d.tree.Root()
+	}
+	return c, root
+}
+
+// publishLocked writes the record for c and syncs. The caller holds commitMu.
+func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) error {
+	if err := d.broken.Load(); err != nil {
+		return fmt.Errorf("failed to commit: the disk's state in memory no longer matches its journal (%w); detach and attach it again", *err)
+	}
+	mark := d.syncs.mark()
+	if mark != d.cs.goodMark {
+		// A sync failed since the last good commit: it may have dropped blocks that reads
+		// still see, which no later sync writes unless they are written again.
+		from := d.cs.goodHead
+		if err := d.jr.rewrite(from, c.head); err != nil {
+			return fmt.Errorf("failed to commit: %w", err)
+		}
+	}
+	rec := format.RootFor(d.h)
+	rec.Auth, rec.Seq, rec.Counter = format.RootByPSP, d.cs.seq+1, d.cs.counter
+	if bump {
+		rec.Counter++
+	}
+	rec.Epoch, rec.Head, rec.HeadDigest, rec.Root = c.epoch, c.head, c.digest, root
+	if err := d.writeRoot(rec, 1-d.cs.slot); err != nil {
+		return err
+	}
+	d.cs.seq++ // even if the sync fails: the slot may hold this seq now
+	if err := d.syncs.since(mark); err != nil {
+		return fmt.Errorf("failed to commit: %w", err)
+	}
+	d.cs.slot = 1 - d.cs.slot
+	d.cs.goodMark, d.cs.goodHead = mark, c.head
+	d.committed.Store(c.end)
+	d.e.Stats.JournalSyncs.Add(1)
+	if bump {
+		if err := d.roots.Advance(rec.Counter, root); err != nil {
+			return fmt.Errorf("failed to record the image's counter %d in the PSP: %w", rec.Counter, err)
+		}
+		d.cs.counter = rec.Counter
+		d.cs.bumped = c.end
+	}
+	return nil
+}
+
+// writeRoot authenticates rec with the PSP and writes it into slot i.
+func (d *Disk) writeRoot(rec *format.RootRecord, i int) error {
+	body := rec.MarshalBody()
+	if _, err := d.st.WriteAt(format.MarshalRootSlot(body, d.roots.SealRoot(body)), d.h.RootSlotPos(i)); err != nil {
+		return fmt.Errorf("failed to write root record: %w", err)
+	}
+	return nil
+}
+
+// breaks records that the disk's state in memory no longer matches its journal: from then on
+// it does not commit (publishLocked), so recovery at the next attach restores the last commit.
+func (d *Disk) breaks(err error) {
+	if d.broken.CompareAndSwap(nil, &err) {
+		d.e.opts.Logger.Error("disk stops committing: its state in memory no longer matches its journal", "asid", d.asid, "error", err)
+	}
+}

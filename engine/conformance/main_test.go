@@ -1,0 +1,9 @@
+package conformance_test
+
+import (
+	"testing"
+
+	"github.com/sealdisk/sealdisk/internal/fixture"
+)
+
+func TestMain(m *testing.M) { fixture.Main(m) }

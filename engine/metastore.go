@@ -1,0 +1,91 @@
+package engine
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/zeros"
+)
+
+// dirtyPages holds every metadata page changed since the last checkpoint, as its current bytes.
+// Version 2 writes pages in place only at checkpoints (FORMAT.md §6.2), so between two of them
+// the page on disk is the checkpoint's and this copy is the truth: a part that evicts the page
+// reads it back from here, and the checkpoint writes it from here without asking the shards.
+type dirtyPages struct {
+	mu    sync.Mutex // guards pages
+	pages map[uint64]*[format.MetaPageSize]byte
+}
+
+// put records page idx's current entries.
+func (m *dirtyPages) put(pg *metaPage) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.pages == nil {
+		m.pages = map[uint64]*[format.MetaPageSize]byte{}
+	}
+	b := m.pages[pg.idx]
+	if b == nil {
+		b = new([format.MetaPageSize]byte)
+		m.pages[pg.idx] = b
+	}
+	for i := range pg.e {
+		copy(b[i*format.MetaEntrySize:], pg.e[i][:])
+	}
+}
+
+// get fills pg with page idx's entries if it changed since the checkpoint.
+func (m *dirtyPages) get(idx uint64, pg *metaPage) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b := m.pages[idx]
+	if b == nil {
+		return false
+	}
+	for i := range pg.e {
+		copy(pg.e[i][:], b[i*format.MetaEntrySize:])
+	}
+	return true
+}
+
+func (m *dirtyPages) len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.pages)
+}
+
+// writeBack writes every page in place (the caller holds d.ckpt exclusively: no page changes);
+// they stay recorded until forget, after the sync that makes them durable.
+func (m *dirtyPages) writeBack(d *Disk) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for idx, b := range m.pages {
+		if err := d.writePage(idx, b[:]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// forget drops every page (they are durable in place), zeroising them.
+func (m *dirtyPages) forget() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, b := range m.pages {
+		clear(b[:])
+	}
+	m.pages = nil
+}
+
+// writePage writes page idx's bytes in place, or punches the page when they are all zero.
+func (d *Disk) writePage(idx uint64, b []byte) error {
+	pos := d.h.EntryPos(idx * entriesPerPage)
+	n := min(entriesPerPage, d.sectors-idx*entriesPerPage) * format.MetaEntrySize
+	if zeros.All(b) && n == format.MetaPageSize {
+		return d.punch(pos, format.MetaPageSize)
+	}
+	if _, err := d.st.WriteAt(b[:n], pos); err != nil {
+		return fmt.Errorf("failed to write metadata page %d: %w", idx, err)
+	}
+	return nil
+}
