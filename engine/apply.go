@@ -18,7 +18,8 @@ type pendingWrite struct {
 	buf    []byte // block headers and ciphertexts, as appended
 	blocks []pendingBlock
 	ents   []sector.LogEntry // every block's entries, back to back (the blocks' are views)
-	end    uint64            // LSN after it, set by journal.append
+	pos    uint64            // its offset in its epoch's journal, set by journal.append
+	end    uint64            // the LSN after it, set by journal.append
 	// applied is set once its data is in place, by the part or by a checkpoint (which holds
 	// d.ckpt exclusively, so never both at once); the part then unpins its lines.
 	applied atomic.Bool

@@ -140,12 +140,12 @@ func (p *part) markClean(l *line) {
 }
 
 // shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
-// Lines pinned by a journal append wait until it is applied; when the victims are mostly
-// pinned, it commits and applies first.
+// Lines pinned by a journal append wait until it is applied, and do not count against the
+// bound: the appends' own bound (maxPending, a quarter of the cache) commits them.
 func (p *part) shrink() error {
-	for tries := 0; len(p.lines) > p.maxLines; tries++ {
+	for tries := 0; len(p.lines)-p.pinned > p.maxLines; tries++ {
 		p.wb, p.victims = p.wb[:0], p.victims[:0]
-		want := min(64, len(p.lines)-p.maxLines+32)
+		want := min(64, len(p.lines)-p.pinned-p.maxLines+32)
 		for l, seen := p.lineLRU.tail, 0; l != nil && len(p.victims) < want && seen < len(p.lines); seen++ {
 			prev := l.prev
 			if l.pin != nil && !l.dirty {
@@ -168,7 +168,7 @@ func (p *part) shrink() error {
 				dropped++
 			}
 		}
-		if dropped == 0 {
+		if dropped == 0 && len(p.lines)-p.pinned > p.maxLines {
 			if tries > 2 {
 				return nil // everything is pinned by appends that cannot be applied yet: over the bound until they are
 			}

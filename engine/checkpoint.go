@@ -22,6 +22,9 @@ func (d *Disk) checkpoint() error {
 	defer d.ckpt.Unlock()
 	mark := d.syncs.mark()
 	c, root := d.cutLocked()
+	if err := d.jr.writeUnwritten(); err != nil {
+		return fmt.Errorf("failed to checkpoint: %w", err)
+	}
 	if d.committed.Load() < c.end {
 		if err := d.publishLocked(c, root, false); err != nil {
 			return fmt.Errorf("failed to checkpoint: %w", err)

@@ -36,7 +36,11 @@ func (d *Disk) commit(bump bool) error {
 	}
 	d.ckpt.Lock()
 	c, root := d.cutLocked()
+	err := d.jr.writeUnwritten()
 	d.ckpt.Unlock()
+	if err != nil {
+		return fmt.Errorf("failed to commit: %w", err)
+	}
 	return d.publishLocked(c, root, bump)
 }
 

@@ -28,6 +28,9 @@ type journal struct {
 	base   uint64   // LSN of this epoch's position 0
 	// writes is this epoch's appends in order, for the checkpoint (applied or not).
 	writes []*pendingWrite
+	// unwritten are appends whose write to the journal failed: the next commit writes them
+	// again from their buffers before its record (they are in the chain already).
+	unwritten []*pendingWrite
 }
 
 // errJournalFull: the append does not fit before the end of the journal region; the caller
@@ -41,7 +44,7 @@ func (j *journal) reset(epoch uint64) {
 	j.base += j.head
 	j.epoch, j.head, j.seq = epoch, 0, 0
 	j.digest = sector.ChainStart(j.d.h.UUID, epoch)
-	j.writes = nil
+	j.writes, j.unwritten = nil, nil
 }
 
 // end is the LSN after the last block appended.
@@ -51,14 +54,17 @@ func (j *journal) end() uint64 {
 	return j.base + j.head
 }
 
-// append fills in the block headers of w (laid out in w.buf by newPendingWrite) and writes
-// them at the journal's end, without a sync. Appends are written in the order they claim
-// their position, under mu, so a later sync covers every earlier block: the chain of a commit
-// has no holes. errJournalFull (nothing written) when w does not fit.
+// append claims w's place at the journal's end, fills in its block headers (the chain) and
+// writes it, without a sync. The place is claimed under mu and the bytes written after it is
+// released, so the shards' appends write side by side: a commit's cut holds d.ckpt exclusively,
+// which every append holds shared until it returns, so no append is half-written when a commit
+// names the journal's end. A write that fails does not fail the append — its entries take
+// effect and its bytes stay in w.buf — but the next commit writes it again first, and does not
+// commit until that succeeds. errJournalFull (nothing claimed) when w does not fit.
 func (j *journal) append(w *pendingWrite) error {
 	j.mu.Lock()
-	defer j.mu.Unlock()
 	if j.head+uint64(len(w.buf)) > j.size {
+		j.mu.Unlock()
 		return errJournalFull
 	}
 	pos, seq, prev := j.head, j.seq, j.digest
@@ -67,13 +73,32 @@ func (j *journal) append(w *pendingWrite) error {
 		prev = sector.MarshalBlockHeader(hdr, b.kind, j.epoch, seq, pos+uint64(b.off), prev, b.ents)
 		seq++
 	}
-	if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(pos)); err != nil {
-		return fmt.Errorf("failed to write the journal: %w", err)
-	}
 	j.head += uint64(len(w.buf))
 	j.seq, j.digest = seq, prev
-	w.end = j.base + j.head
+	w.pos, w.end = pos, j.base+j.head
 	j.writes = append(j.writes, w)
+	j.mu.Unlock()
+	if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(pos)); err != nil {
+		j.d.e.opts.Logger.Warn("journal write failed; the next commit writes it again", "asid", j.d.asid, "error", err)
+		j.mu.Lock()
+		j.unwritten = append(j.unwritten, w)
+		j.mu.Unlock()
+	}
+	return nil
+}
+
+// writeUnwritten writes the appends whose journal write failed again. The caller holds d.ckpt
+// exclusively (no append runs).
+func (j *journal) writeUnwritten() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for len(j.unwritten) > 0 {
+		w := j.unwritten[0]
+		if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(w.pos)); err != nil {
+			return fmt.Errorf("failed to write the journal: %w", err)
+		}
+		j.unwritten = j.unwritten[1:]
+	}
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"unsafe"
 
 	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/sector"
@@ -105,6 +106,13 @@ func (d *Disk) pageFailed(idx uint64, err error) error {
 	d.e.opts.Logger.Error("metadata page failed verification against the integrity tree", "asid", d.asid, "lba", first, "last_lba", last, "error", err)
 	return fmt.Errorf("%w: sectors %d-%d: %v", ErrIntegrity, first, last, err)
 }
+
+// bytes is the page's entries as the 4096 bytes they are on disk.
+func (pg *metaPage) bytes() *[format.MetaPageSize]byte {
+	return (*[format.MetaPageSize]byte)(unsafe.Pointer(&pg.e))
+}
+
+var _ [format.MetaPageSize - entriesPerPage*sector.EntrySize]struct{} // e is exactly one page
 
 // pageSectors is the number of sectors of page idx (less than 64 only for the last page).
 func (p *part) pageSectors(idx uint64) uint64 {
@@ -215,10 +223,7 @@ func (p *part) changed(pg *metaPage) {
 	if d.tree == nil {
 		return
 	}
-	buf := p.pagebuf[:format.MetaPageSize]
-	for i := range pg.e {
-		copy(buf[i*format.MetaEntrySize:], pg.e[i][:])
-	}
+	buf := pg.bytes()[:]
 	// The path was loaded, and checked, when the page was read; SetLeaf fails only on a read
 	// error of an evicted node, which then fails the write-back as any store error does.
 	if err := d.tree.SetLeaf(pg.idx, tree.LeafDigest(d.h.UUID, pg.idx, buf)); err != nil {

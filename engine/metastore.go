@@ -29,9 +29,7 @@ func (m *dirtyPages) put(pg *metaPage) {
 		b = new([format.MetaPageSize]byte)
 		m.pages[pg.idx] = b
 	}
-	for i := range pg.e {
-		copy(b[i*format.MetaEntrySize:], pg.e[i][:])
-	}
+	*b = *pg.bytes()
 }
 
 // get fills pg with page idx's entries if it changed since the checkpoint.
@@ -42,9 +40,7 @@ func (m *dirtyPages) get(idx uint64, pg *metaPage) bool {
 	if b == nil {
 		return false
 	}
-	for i := range pg.e {
-		copy(pg.e[i][:], b[i*format.MetaEntrySize:])
-	}
+	*pg.bytes() = *b
 	return true
 }
 
