@@ -211,10 +211,10 @@ var _ engine.BlockDevice = (*fileDevice)(nil)
 // device is a copy of a sealed zero image attached through the admin API, and is detached
 // when its test ends.
 type fuseDevices struct {
-	s        *configServer
-	e        *env
-	template string
-	n        atomic.Int64
+	s   *configServer
+	e   *env
+	src string // the zero raw image each device is sealed from
+	n   atomic.Int64
 }
 
 func newFuseDevices(t *testing.T) *fuseDevices {
@@ -231,8 +231,7 @@ func newFuseDevices(t *testing.T) *fuseDevices {
 	if err := os.Truncate(src, conformance.Size); err != nil {
 		t.Fatal(err)
 	}
-	fd := &fuseDevices{e: e, template: src + ".img"}
-	e.seal(t, src, fd.template)
+	fd := &fuseDevices{e: e, src: src}
 	fd.s = startConfigServe(t, e)
 	return fd
 }
@@ -249,13 +248,9 @@ func (fd *fuseDevices) open(t *testing.T, flags int, readOnly bool) *fileDevice 
 	t.Helper()
 	name := fmt.Sprintf("d%d", fd.n.Add(1))
 	img := filepath.Join(fd.e.dir, name+".img")
-	b, err := os.ReadFile(fd.template)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(img, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// A fresh seal, not a copy of one sealed image: copies share the image UUID, and once one
+	// has been flushed the PSP refuses the others as rolled back.
+	fd.e.seal(t, fd.src, img)
 	args := []string{"attach", "--name", name, "--image", img, "--firmware", fd.e.fw}
 	if readOnly {
 		args = append(args, "--read-only")

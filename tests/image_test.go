@@ -198,18 +198,25 @@ func TestTamperDataAndMetadata(t *testing.T) {
 	_, img := sealed(t, e, 64<<10)
 	m := inspectJSON(t, img)
 	data, meta := int64(m["data_offset"].(float64)), int64(m["meta_offset"].(float64))
-	for name, off := range map[string]int64{
-		"data byte of sector 5":   data + 5*4096 + 100,
-		"nonce of sector 5":       meta + 5*64 + 20,
-		"tag of sector 5":         meta + 5*64 + 30,
-		"salt of sector 5":        meta + 5*64 + 1,
-		"reserved byte of sector": meta + 5*64 + 50,
+	// A data byte fails the sector's AEAD; any metadata byte fails its page's digest in the
+	// integrity tree before the entry is used.
+	page0 := `metadata page 0 does not match its digest in the tree`
+	for name, c := range map[string]struct {
+		off  int64
+		want string
+	}{
+		"data byte of sector 5":   {data + 5*4096 + 100, `sector 5 failed authentication`},
+		"nonce of sector 5":       {meta + 5*64 + 20, page0},
+		"tag of sector 5":         {meta + 5*64 + 30, page0},
+		"salt of sector 5":        {meta + 5*64 + 1, page0},
+		"reserved byte of sector": {meta + 5*64 + 50, page0},
 	} {
+		off := c.off
 		cp := img + ".cp"
 		copyFile(t, img, cp)
 		flip(t, cp, off)
 		out, err := runErr("unseal", "--in", cp, "--out", cp+".out", "--psp", e.psp)
-		if err == nil || !regexp.MustCompile(`sector 5 failed authentication`).MatchString(out) {
+		if err == nil || !regexp.MustCompile(c.want).MatchString(out) {
 			t.Fatalf("%s: %v %s", name, err, out)
 		}
 		if _, err := os.Stat(cp + ".out"); err == nil {
@@ -388,7 +395,23 @@ func TestTamperMovedSector(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	// The entry moved too: the tree refuses the page.
 	out, err := runErr("unseal", "--in", img, "--out", img+".out", "--psp", e.psp)
+	if err == nil || !strings.Contains(out, "metadata page 0 does not match its digest in the tree") {
+		t.Fatalf("moved sector and entry: %v %s", err, out)
+	}
+	// Only the data moved: the sector's AEAD (bound to its LBA and entry) refuses it.
+	_, img2 := sealed(t, e, 64<<10)
+	f, err = os.OpenFile(img2, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.ReadAt(sec, data+3*4096)
+	if _, err := f.WriteAt(sec, data+9*4096); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	out, err = runErr("unseal", "--in", img2, "--out", img2+".out", "--psp", e.psp)
 	if err == nil || !strings.Contains(out, "sector 9 failed authentication") {
 		t.Fatalf("moved sector: %v %s", err, out)
 	}

@@ -310,9 +310,7 @@ func (t *Tree) WriteBack() error {
 		if !c.changed {
 			continue
 		}
-		for i := range c.n {
-			copy(t.buf[i*32:], c.n[i][:])
-		}
+		c.n.encode(t.buf)
 		_, err := t.st.WriteAt(t.buf, t.h.TreeNodePos(k.level, k.index))
 		clear(t.buf)
 		if err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -19,6 +20,8 @@ import (
 
 // certFlags are the certificate options shared by create and seal.
 type certFlags struct {
+	signer crypto.Signer // loaded by issue: it also signs a version-2 image's first root record
+
 	chip, vendorRoot, providerKey string
 	firmware                      []string
 	measurements                  []string
@@ -120,6 +123,7 @@ func (f *certFlags) issue(uuid [16]byte, virtualSize uint64) (*format.Certificat
 	if err != nil {
 		return nil, nil, err
 	}
+	f.signer = signer
 	key := make([]byte, sector.KeySize)
 	if _, err := rand.Read(key); err != nil {
 		return nil, nil, fmt.Errorf("failed to generate image key: %w", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -88,6 +89,9 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 	}
 	finish := func(err error) error {
 		c.Destroy()
+		if err == nil {
+			err = img.WriteFirstRoot(f.signer) // the tree over what was written; syncs
+		}
 		if err == nil {
 			err = img.Store.Sync()
 		}
@@ -239,24 +243,34 @@ removed.`,
 			if img.FellBack() {
 				slog.Warn("primary header invalid; using backup", "image", in, "error", img.Status.PrimaryErr)
 			}
-			c, err := openCipher(img, pspDir)
-			if err != nil {
-				return err
+			// run writes the plaintext: through the engine's read path for version 2 (root
+			// record, counter, tree), by the version-1 journal replay otherwise.
+			run := func(ctx context.Context, dst *os.File, prog image.Progress) error {
+				return unsealV2(ctx, img, pspDir, dst, prog)
 			}
-			defer c.Destroy()
-			ov, js, err := image.Recover(img, c)
-			if err != nil {
-				return err
-			}
-			if js.Ignored != nil {
-				slog.Warn("journal header invalid; journal ignored", "image", in, "error", js.Ignored)
-			}
-			if js.Records > 0 {
-				slog.Info("replayed journal in memory", "epoch", js.Epoch, "records", js.Records,
-					"new_entries", js.UsedNew, "rolled_back", js.UsedOld, "trimmed", js.Trimmed, "unresolved", len(js.Unresolved))
-			}
-			if len(js.Unresolved) > 0 {
-				slog.Warn("journaled sectors match neither entry (they will fail authentication)", "lbas", js.Unresolved)
+			if img.Header.Version < format.HeaderVersion2 {
+				c, err := openCipher(img, pspDir)
+				if err != nil {
+					return err
+				}
+				defer c.Destroy()
+				ov, js, err := image.Recover(img, c)
+				if err != nil {
+					return err
+				}
+				if js.Ignored != nil {
+					slog.Warn("journal header invalid; journal ignored", "image", in, "error", js.Ignored)
+				}
+				if js.Records > 0 {
+					slog.Info("replayed journal in memory", "epoch", js.Epoch, "records", js.Records,
+						"new_entries", js.UsedNew, "rolled_back", js.UsedOld, "trimmed", js.Trimmed, "unresolved", len(js.Unresolved))
+				}
+				if len(js.Unresolved) > 0 {
+					slog.Warn("journaled sectors match neither entry (they will fail authentication)", "lbas", js.Unresolved)
+				}
+				run = func(ctx context.Context, dst *os.File, prog image.Progress) error {
+					return image.Unseal(ctx, img, c, ov, dst, prog)
+				}
 			}
 			// Write OUT.tmp and rename, so a failed unseal neither leaves a partial output nor
 			// destroys an existing --out before the new one is complete.
@@ -270,7 +284,7 @@ removed.`,
 			defer stop()
 			prog, done := progress("unsealing")
 			start := time.Now()
-			err = image.Unseal(ctx, img, c, ov, dst, prog)
+			err = run(ctx, dst, prog)
 			done()
 			if cerr := dst.Close(); err == nil {
 				err = cerr
@@ -352,7 +366,7 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 // it to chip, every other field kept. It returns the certificate and the header generation
 // the rewrite will carry.
 func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey string) ([]byte, uint64, error) {
-	img, err := image.Open(in, true)
+	img, err := image.Open(in, false)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -382,7 +396,54 @@ func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey string) ([]by
 	if err != nil {
 		return nil, 0, err
 	}
+	if err := carryRoot(img, p, key, signer); err != nil {
+		return nil, 0, err
+	}
 	return nc.Bytes(), img.Header.Generation + 1, nil
+}
+
+// carryRoot writes a version-2 image's committed root record again, signed by the provider
+// instead of MACed by this chip's PSP, into the slot not holding it (FORMAT.md §8
+// "Migration"): the new chip cannot check the old chip's MAC, and the record carries the
+// image's counter, root and journal state to it. It refuses an image behind this PSP's
+// counter. Written before the headers, so a crash in between leaves an image the old chip
+// still opens (it accepts its provider's records too).
+func carryRoot(img *image.Image, p *psp.PSP, key []byte, signer crypto.Signer) error {
+	h := img.Header
+	if h.Version < format.HeaderVersion2 {
+		return nil
+	}
+	roots, err := p.RootsFor(img.Cert)
+	if err != nil {
+		return err
+	}
+	c, err := sector.NewCipher(h.Suite, key, h.UUID, int(h.SectorSize))
+	if err != nil {
+		return err
+	}
+	defer c.Destroy()
+	com, err := c.CurrentRoot(img.Store, h, roots.CheckRoot)
+	if err != nil {
+		return fmt.Errorf("failed to reseal: %w", err)
+	}
+	if err := roots.Admit(com.Rec); err != nil {
+		return fmt.Errorf("failed to reseal: %w", err)
+	}
+	rec := *com.Rec
+	rec.Auth, rec.Seq = format.RootByProvider, rec.Seq+1
+	body := rec.MarshalBody()
+	sig, err := provider.SignRoot(signer, body)
+	if err != nil {
+		return err
+	}
+	if _, err := img.Store.WriteAt(format.MarshalRootSlot(body, sig), h.RootSlotPos(1-com.Slot)); err != nil {
+		return fmt.Errorf("failed to reseal: failed to write the root record: %w", err)
+	}
+	if err := img.Store.Sync(); err != nil {
+		return fmt.Errorf("failed to reseal: %w", err)
+	}
+	slog.Info("root record carried to the new chip", "counter", rec.Counter, "seq", rec.Seq, "root", fmt.Sprintf("%x", rec.Root[:8]))
+	return nil
 }
 
 type inspectOut struct {
@@ -420,6 +481,54 @@ type inspectOut struct {
 	KeyID          string   `json:"key_id,omitempty"`
 	Signature      string   `json:"signature"`
 	SignatureError string   `json:"signature_error,omitempty"`
+
+	// Version 2 (FORMAT.md §7, §8).
+	Version    uint16    `json:"format_version"`
+	Tree       bool      `json:"integrity_tree"`
+	TreeOffset uint64    `json:"tree_offset,omitempty"`
+	TreeSize   uint64    `json:"tree_size,omitempty"`
+	RootSlots  []rootOut `json:"root_slots,omitempty"`
+}
+
+// rootOut is one root record slot as inspect reads it, without checking its authenticator
+// (that needs the image's PSP: unseal and scrub do).
+type rootOut struct {
+	Slot    int    `json:"slot"`
+	Auth    string `json:"auth,omitempty"`
+	Seq     uint64 `json:"seq,omitempty"`
+	Counter uint64 `json:"counter,omitempty"`
+	Epoch   uint64 `json:"epoch,omitempty"`
+	Head    uint64 `json:"journal_head,omitempty"`
+	Root    string `json:"root,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
+// readRootSlots parses both root record slots and returns them with the newest parsable one
+// (nil if neither parses).
+func readRootSlots(img *image.Image) ([]rootOut, *format.RootRecord) {
+	var out []rootOut
+	var newest *format.RootRecord
+	slot := make([]byte, format.RootSlotSize)
+	for i := range 2 {
+		r := rootOut{Slot: i}
+		clear(slot)
+		var rec *format.RootRecord
+		_, err := img.Store.ReadAt(slot, img.Header.RootSlotPos(i))
+		if err == nil {
+			rec, _, _, err = format.ParseRootSlot(slot, img.Header)
+		}
+		if err != nil {
+			r.Error = err.Error()
+		} else {
+			r.Auth = map[format.RootAuth]string{format.RootByPSP: "psp", format.RootByProvider: "provider"}[rec.Auth]
+			r.Seq, r.Counter, r.Epoch, r.Head, r.Root = rec.Seq, rec.Counter, rec.Epoch, rec.Head, hex.EncodeToString(rec.Root[:])
+			if newest == nil || rec.Seq > newest.Seq {
+				newest = rec
+			}
+		}
+		out = append(out, r)
+	}
+	return out, newest
 }
 
 func inspectCmd() *cobra.Command {
@@ -475,15 +584,31 @@ With --json the output is one object with stable snake_case keys.`,
 			if o.AllocatedData, err = img.AllocatedData(); err != nil {
 				return err
 			}
-			switch js, err := image.PeekJournal(img); {
-			case err != nil:
-				o.Journal = "invalid: " + err.Error()
-			case js.Epoch == 0:
-				o.Journal = "empty"
-			case js.Records == 0:
-				o.Journal, o.JournalEpoch = "clean", js.Epoch
-			default:
-				o.Journal, o.JournalEpoch, o.JournalRecords = "holds records (unseal replays them; MACs not checked here)", js.Epoch, js.Records
+			o.Version, o.Tree, o.TreeOffset, o.TreeSize = h.Version, h.Tree, h.TreeOffset, h.TreeSize
+			if h.Version >= format.HeaderVersion2 {
+				var rec *format.RootRecord
+				o.RootSlots, rec = readRootSlots(img)
+				switch {
+				case rec == nil:
+					o.Journal = "no root record: the image is not usable"
+				case rec.Head == 0 && rec.Epoch == 0:
+					o.Journal = "empty"
+				case rec.Head == 0:
+					o.Journal, o.JournalEpoch = "clean", rec.Epoch
+				default:
+					o.Journal, o.JournalEpoch = fmt.Sprintf("holds %d bytes of committed blocks (attach or unseal recovers them; not checked here)", rec.Head), rec.Epoch
+				}
+			} else {
+				switch js, err := image.PeekJournal(img); {
+				case err != nil:
+					o.Journal = "invalid: " + err.Error()
+				case js.Epoch == 0:
+					o.Journal = "empty"
+				case js.Records == 0:
+					o.Journal, o.JournalEpoch = "clean", js.Epoch
+				default:
+					o.Journal, o.JournalEpoch, o.JournalRecords = "holds records (unseal replays them; MACs not checked here)", js.Epoch, js.Records
+				}
 			}
 			if len(trust)+len(pubs) > 0 {
 				ts := psp.TrustStore{}
@@ -535,7 +660,19 @@ func printInspect(w io.Writer, o *inspectOut) {
 	p("sector size", o.SectorSize)
 	p("data suite", o.Suite)
 	p("read-only", o.ReadOnly)
+	p("format version", o.Version)
 	p("regions", fmt.Sprintf("journal %d+%d, metadata %d+%d, data %d", o.JournalOffset, o.JournalSize, o.MetaOffset, o.MetaSize, o.DataOffset))
+	if o.Tree {
+		p("integrity tree", fmt.Sprintf("%d+%d", o.TreeOffset, o.TreeSize))
+	}
+	for _, r := range o.RootSlots {
+		k := fmt.Sprintf("root slot %d", r.Slot)
+		if r.Error != "" {
+			p(k, r.Error)
+			continue
+		}
+		p(k, fmt.Sprintf("seq %d, counter %d, epoch %d, head %d, root %s, by %s (not checked)", r.Seq, r.Counter, r.Epoch, r.Head, r.Root, r.Auth))
+	}
 	p("allocated on disk", fmt.Sprintf("%d bytes (data region %d bytes)", o.AllocatedBytes, o.AllocatedData))
 	j := o.Journal
 	if o.JournalEpoch > 0 {

@@ -2,16 +2,22 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/json"
+	mrand "math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/sealdisk/sealdisk/engine"
 	"github.com/sealdisk/sealdisk/image"
-	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 func TestParseSize(t *testing.T) {
@@ -130,34 +136,69 @@ func TestCommandsInProcess(t *testing.T) {
 		}
 	}
 
-	// A journal with records shows in inspect, and unseal replays it (the trim of sector 1).
-	img, err := image.Open(p("vm.img"), false)
-	must(t, err)
-	c, err := openCipher(img, p("psp"))
-	must(t, err)
-	writeTrimJournal(t, img, c, 1)
-	img.Close()
-	c.Destroy()
-	m = inspect(t, p("vm.img"))
-	if m["journal_epoch"].(float64) != 1 || m["journal_records"].(float64) != 1 {
-		t.Fatalf("inspect journal: %v", m)
+	// A crashed image: a FUA write of sector 1 committed in the journal only. inspect shows
+	// the committed blocks; unseal recovers them in memory and leaves the image unchanged.
+	newData := bytes.Repeat([]byte{0x5a}, 4096)
+	crashAfterFUA(t, p("vm.img"), p("psp"), p("crashed.img"), 1, newData)
+	m = inspect(t, p("crashed.img"))
+	if m["format_version"].(float64) != 2 || m["integrity_tree"] != true || !strings.HasPrefix(m["journal"].(string), "holds") {
+		t.Fatalf("inspect crashed image: %v", m)
 	}
-	ok(t, "unseal", "--in", p("vm.img"), "--out", p("replayed.raw"), "--psp", p("psp"))
+	before, err := os.ReadFile(p("crashed.img"))
+	must(t, err)
+	ok(t, "unseal", "--in", p("crashed.img"), "--out", p("replayed.raw"), "--psp", p("psp"))
 	got, err = os.ReadFile(p("replayed.raw"))
 	must(t, err)
-	if !bytes.Equal(got[4096:8192], make([]byte, 4096)) || !bytes.Equal(got[:4096], raw[:4096]) {
-		t.Fatal("unseal did not replay the journal")
+	if !bytes.Equal(got[4096:8192], newData) || !bytes.Equal(got[:4096], raw[:4096]) || !bytes.Equal(got[8192:len(raw)], raw[8192:]) {
+		t.Fatal("unseal did not recover the committed journal")
+	}
+	if after, err := os.ReadFile(p("crashed.img")); err != nil || !bytes.Equal(after, before) {
+		t.Fatalf("unseal changed the image it read (%v)", err)
+	}
+	img, err := image.Open(p("vm.img"), true)
+	must(t, err)
+	img.Close()
+
+	// reseal to another chip carries the counter (1) in a provider-signed root record; the
+	// new chip opens the image and records that counter.
+	cp := exec.Command("cp", "--sparse=always", p("crashed.img"), p("moved.img"))
+	if out, err := cp.CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v %s", err, out)
+	}
+	ok(t, "psp", "init", "--dir", p("psp2"), "--vendor", p("vendor"))
+	ok(t, "psp", "trust", "add", "--dir", p("psp2"), p("prov/provider.pub"))
+	ok(t, "reseal", "--in", p("moved.img"), "--psp", p("psp"), "--to-chip", p("psp2/chip.crt"), "--vendor-root", p("vendor/vendor.crt"), "--provider-key", p("prov/provider.key"))
+	carried := false
+	for _, r := range inspect(t, p("moved.img"))["root_slots"].([]any) {
+		r := r.(map[string]any)
+		carried = carried || (r["auth"] == "provider" && r["counter"] == float64(1))
+	}
+	if !carried {
+		t.Fatalf("reseal wrote no provider-signed record with counter 1: %v", inspect(t, p("moved.img"))["root_slots"])
+	}
+	ok(t, "unseal", "--in", p("moved.img"), "--out", p("moved.raw"), "--psp", p("psp2"))
+	if got, err := os.ReadFile(p("moved.raw")); err != nil || !bytes.Equal(got[4096:8192], newData) {
+		t.Fatalf("the resealed image reads differently on the new chip (%v)", err)
+	}
+	p2, err := psp.Open(p("psp2"), psp.Options{})
+	must(t, err)
+	if n, known, err := p2.ImageCounter(img.Header.UUID); err != nil || !known || n != 1 {
+		t.Fatalf("the new chip holds counter %d (known %v, %v), want 1", n, known, err)
 	}
 
 	// A failed unseal leaves nothing behind and names the sector.
-	must(t, flipAt(p("vm.img"), int64(img.Header.DataPos(2))+9))
-	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("bad.raw"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "sector 2 failed authentication") {
+	// (crashed.img: the PSP's counter is its now, and vm.img is behind it.)
+	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("old.raw"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "image rolled back: counter 0, expected 1") {
+		t.Fatalf("unseal of an image behind the PSP's counter: %v", err)
+	}
+	must(t, flipAt(p("crashed.img"), int64(img.Header.DataPos(2))+9))
+	if _, err := sealdisk(t, "unseal", "--in", p("crashed.img"), "--out", p("bad.raw"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "sector 2 failed authentication") {
 		t.Fatalf("tampered unseal: %v", err)
 	}
 	if _, err := os.Stat(p("bad.raw")); err == nil {
 		t.Fatal("a failed unseal left its output")
 	}
-	if _, err := sealdisk(t, "unseal", "--in", p("vm.img"), "--out", p("out.raw"), "--psp", p("psp"), "--force"); err == nil {
+	if _, err := sealdisk(t, "unseal", "--in", p("crashed.img"), "--out", p("out.raw"), "--psp", p("psp"), "--force"); err == nil {
 		t.Fatal("tampered unseal succeeded")
 	}
 	if got, _ := os.ReadFile(p("out.raw")); !bytes.Equal(got[:len(raw)], raw) {
@@ -209,17 +250,54 @@ func flipAt(path string, off int64) error {
 	return err
 }
 
-// writeTrimJournal writes an epoch-1 journal holding one trim record for lba, as a crashed
-// engine would leave it.
-func writeTrimJournal(t *testing.T, img *image.Image, c *sector.Cipher, lba uint64) {
+// crashAfterFUA copies the image at in into a crashable store, writes data at lba with FUA
+// through the engine, and saves what a crash right after the acknowledgement leaves (the
+// synced state only) at out.
+func crashAfterFUA(t *testing.T, in, pspDir, out string, lba int64, data []byte) {
 	t.Helper()
-	hdr := make([]byte, sector.JournalHeaderSize)
-	c.MarshalJournalHeader(1, hdr)
-	rec := make([]byte, sector.JournalRecordSize)
-	c.MarshalJournalRecord(&sector.JournalRecord{Kind: sector.RecordZero, Epoch: 1, Seq: 0, LBA: lba}, rec)
-	off := int64(img.Header.JournalOffset)
-	_, err := img.Store.WriteAt(hdr, off)
+	b, err := os.ReadFile(in)
 	must(t, err)
-	_, err = img.Store.WriteAt(rec, off+sector.JournalHeaderSize)
+	st := storetest.NewCrash()
+	must(t, st.Truncate(int64(len(b))))
+	for off := 0; off < len(b); off += 64 << 10 { // sparse: the journal region is mostly holes
+		if c := b[off:min(off+64<<10, len(b))]; !bytes.Equal(c, make([]byte, len(c))) {
+			_, err = st.WriteAt(c, int64(off))
+			must(t, err)
+		}
+	}
+	must(t, st.Sync())
+	img, err := image.Open(in, true)
 	must(t, err)
+	defer img.Close()
+	pp, err := psp.Open(pspDir, psp.Options{})
+	must(t, err)
+	key, err := pp.UnsealImageKey(img.Cert, img.Header)
+	must(t, err)
+	roots, err := pp.RootsFor(img.Cert)
+	must(t, err)
+	eng := engine.New(engine.Options{IdleFlush: time.Hour})
+	defer eng.Close()
+	h := img.Header
+	must(t, eng.LoadKey(1, psp.Binding{Suite: h.Suite, Key: key, UUID: h.UUID, SectorSize: int(h.SectorSize), Roots: roots}))
+	d, err := eng.Attach(1, st, false)
+	must(t, err)
+	must(t, d.WriteAt(context.Background(), data, lba*int64(h.SectorSize), true))
+	crashed := st.Crash(mrand.New(mrand.NewSource(1)), 0)
+	must(t, d.Close())
+	size, err := crashed.Size()
+	must(t, err)
+	f, err := os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	must(t, err)
+	defer f.Close()
+	must(t, f.Truncate(size))
+	c := make([]byte, 64<<10)
+	for off := int64(0); off < size; off += int64(len(c)) {
+		c := c[:min(int64(len(c)), size-off)]
+		_, err = crashed.ReadAt(c, off)
+		must(t, err)
+		if !bytes.Equal(c, make([]byte, len(c))) {
+			_, err = f.WriteAt(c, off)
+			must(t, err)
+		}
+	}
 }
