@@ -214,7 +214,10 @@ func TestTamperFailsNamingLBA(t *testing.T) {
 	}
 }
 
-func TestZeroEntryReadsZeros(t *testing.T) {
+// TestZeroEntryOpensAsZeros: to the cipher a zero entry is a never-written sector. Whether a
+// zero entry may be believed is the integrity tree's to say (its page's digest): the engine's
+// and the binary's freshness tests show a zeroed entry refused (TestFreshnessThroughBinary).
+func TestZeroEntryOpensAsZeros(t *testing.T) {
 	c := newCipher(t, format.SuiteAES256GCM, 4096)
 	out := buf(4096)
 	copy(out, vecPlain(4096))

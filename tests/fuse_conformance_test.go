@@ -243,7 +243,7 @@ func unmountLazy(mnt string) {
 	}
 }
 
-// open attaches a fresh copy of the zero image and opens its file with extra open flags.
+// open attaches a freshly sealed zero image and opens its file with extra open flags.
 func (fd *fuseDevices) open(t *testing.T, flags int, readOnly bool) *fileDevice {
 	t.Helper()
 	name := fmt.Sprintf("d%d", fd.n.Add(1))

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -14,6 +13,7 @@ import (
 	"github.com/sealdisk/sealdisk/image"
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store"
 )
 
@@ -30,6 +30,9 @@ type offlineDisk struct {
 	*engine.Disk
 	eng *engine.Engine
 	ov  *store.Overlay
+	// committed is the root record chosen at the open, with the journal blocks it commits
+	// that were not yet in place (recovered into the overlay).
+	committed *sector.Committed
 }
 
 // offlineRoots is the image's root keeper for the offline tools: records are checked and
@@ -55,17 +58,26 @@ func openOffline(img *image.Image, pspDir string) (*offlineDisk, error) {
 	if err != nil {
 		return nil, err
 	}
+	h := img.Header
+	c, err := sector.NewCipher(h.Suite, key, h.UUID, int(h.SectorSize))
+	if err != nil {
+		return nil, err
+	}
+	com, err := c.CurrentRoot(img.Store, h, roots.CheckRoot)
+	c.Destroy()
+	if err != nil {
+		return nil, err
+	}
 	ov, err := store.NewOverlay(img.Store)
 	if err != nil {
 		return nil, err
 	}
 	eng := engine.New(engine.Options{Logger: slog.Default(), NoMap: true})
-	h := img.Header
 	err = eng.LoadKey(offlineASID, psp.Binding{Suite: h.Suite, Key: key, UUID: h.UUID, SectorSize: int(h.SectorSize), ReadOnly: h.ReadOnly, Roots: offlineRoots{roots}})
 	if err == nil {
 		var d *engine.Disk
 		if d, err = eng.Attach(offlineASID, ov, h.ReadOnly); err == nil {
-			return &offlineDisk{Disk: d, eng: eng, ov: ov}, nil
+			return &offlineDisk{Disk: d, eng: eng, ov: ov, committed: com}, nil
 		}
 	}
 	eng.Close()
@@ -183,26 +195,21 @@ type badSector struct {
 	Error string `json:"error"`
 }
 
-// scrubV2 reads every allocated sector of a version-2 image and recomputes its integrity
-// tree from the metadata region, reporting each bad sector instead of stopping at the first.
-func scrubV2(ctx context.Context, img *image.Image, pspDir string, progress image.Progress, report func(badSector)) (scanned int64, err error) {
-	o, err := openOffline(img, pspDir)
-	if err != nil {
-		return 0, err
-	}
-	defer o.Close()
+// scrubSectors reads every allocated sector of o, reporting each one that fails instead of
+// stopping at the first; it returns the bytes checked.
+func (o *offlineDisk) scrubSectors(ctx context.Context, progress image.Progress, report func(badSector)) (int64, error) {
 	ss := int64(o.SectorSize())
 	var mu sync.Mutex
-	var total atomic.Int64
-	err = o.eachChunk(ctx, progress, func(buf []byte, off int64) error {
-		total.Add(int64(len(buf)))
+	var checked atomic.Int64
+	err := o.eachChunk(ctx, progress, func(buf []byte, off int64) error {
+		checked.Add(int64(len(buf)))
 		if o.ReadAt(ctx, buf, off) == nil {
 			return nil
 		}
 		for i := int64(0); i < int64(len(buf)); i += ss {
 			if err := o.ReadAt(ctx, buf[i:i+ss], off+i); err != nil {
-				if errors.Is(err, context.Canceled) {
-					return err
+				if ctx.Err() != nil {
+					return ctx.Err()
 				}
 				mu.Lock()
 				report(badSector{LBA: uint64((off + i) / ss), Error: err.Error()})
@@ -211,5 +218,5 @@ func scrubV2(ctx context.Context, img *image.Image, pspDir string, progress imag
 		}
 		return nil
 	})
-	return total.Load(), err
+	return checked.Load(), err
 }

@@ -1,0 +1,151 @@
+package tests
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// scrubJSON runs scrub --json and returns its report and whether it exited non-zero.
+func scrubJSON(t *testing.T, e *env, img string) (map[string]any, bool) {
+	t.Helper()
+	out, err := runErr("scrub", img, "--psp", e.psp, "--json")
+	i := strings.Index(out, "{")
+	if i < 0 {
+		t.Fatalf("scrub printed no report: %v %s", err, out)
+	}
+	var m map[string]any
+	if derr := json.NewDecoder(strings.NewReader(out[i:])).Decode(&m); derr != nil {
+		t.Fatalf("scrub report: %v\n%s", derr, out)
+	}
+	return m, err != nil
+}
+
+func badLBAs(m map[string]any) map[float64]bool {
+	out := map[float64]bool{}
+	for _, b := range m["bad_sectors"].([]any) {
+		out[b.(map[string]any)["lba"].(float64)] = true
+	}
+	return out
+}
+
+// TestFreshnessThroughBinary: every way of changing a version-2 image's metadata, tree or root
+// records without its keys — a zeroed entry, a punched metadata page, a changed tree node,
+// zeroed root slots — is an error from unseal and a finding of scrub, never zeros or old data;
+// scrub reports every bad sector rather than the first.
+func TestFreshnessThroughBinary(t *testing.T) {
+	e := newEnv(t)
+	src, img := sealed(t, e, 256<<10) // 64 sectors: metadata page 0, tree node (1, 0)
+	m := inspectJSON(t, img)
+	meta, data, tree := int64(m["meta_offset"].(float64)), int64(m["data_offset"].(float64)), int64(m["tree_offset"].(float64))
+
+	rep, failed := scrubJSON(t, e, img)
+	if failed || rep["clean"] != true || rep["tree"] != "ok" || rep["checked_bytes"].(float64) != 256<<10 {
+		t.Fatalf("scrub of a clean image: %v", rep)
+	}
+
+	// Two data sectors changed: both reported, the tree still fine.
+	cp := img + ".data"
+	copyFile(t, img, cp)
+	flip(t, cp, data+3*4096+7)
+	flip(t, cp, data+7*4096+7)
+	rep, failed = scrubJSON(t, e, cp)
+	if bad := badLBAs(rep); !failed || len(bad) != 2 || !bad[3] || !bad[7] || rep["tree"] != "ok" {
+		t.Fatalf("scrub of two bad sectors: %v", rep)
+	}
+
+	cases := []struct {
+		name, want string
+		change     func(f *os.File) error
+	}{
+		{"zeroed entry", "metadata page 0 does not match its digest in the tree", func(f *os.File) error {
+			_, err := f.WriteAt(make([]byte, 64), meta+5*64)
+			return err
+		}},
+		{"punched metadata page", "metadata page 0 does not match its digest in the tree", func(f *os.File) error {
+			return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, meta, 4096)
+		}},
+		{"changed tree node", "tree node 0 at level 1 does not match", func(f *os.File) error {
+			b := []byte{0}
+			f.ReadAt(b, tree+40)
+			b[0] ^= 1
+			_, err := f.WriteAt(b, tree+40)
+			return err
+		}},
+		{"zeroed root slots", "no committed state", func(f *os.File) error {
+			_, err := f.WriteAt(make([]byte, 8192), 128<<10)
+			return err
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cp := filepath.Join(e.dir, strings.ReplaceAll(c.name, " ", "_")+".img")
+			copyFile(t, img, cp)
+			f, err := os.OpenFile(cp, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.change(f); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			out, err := runErr("unseal", "--in", cp, "--out", cp+".raw", "--psp", e.psp)
+			if err == nil || !strings.Contains(out, c.want) {
+				t.Fatalf("unseal: %v %s", err, out)
+			}
+			if _, err := os.Stat(cp + ".raw"); err == nil {
+				t.Fatal("a refused unseal left its output")
+			}
+			// scrub: a report that is not clean, or (an image it cannot open) the reason.
+			out, err = runErr("scrub", cp, "--psp", e.psp, "--json")
+			if err == nil || !strings.Contains(out, `"clean": false`) && !strings.Contains(out, c.want) {
+				t.Fatalf("scrub: %v %s", err, out)
+			}
+		})
+	}
+	// The untouched image still unseals to its source.
+	run(t, "unseal", "--in", img, "--out", img+".raw", "--psp", e.psp)
+	cmpFiles(t, src, img+".raw", 256<<10)
+}
+
+// TestWholeImageRollback: after a flush through the served FUSE file, an older copy of the
+// whole image is refused at attach and by unseal, naming both counters.
+func TestWholeImageRollback(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "disk.raw")
+	fill(t, src, 0, 64<<10, 9)
+	img := filepath.Join(e.dir, "vm1.img")
+	e.seal(t, src, img)
+	old := img + ".old"
+	copyFile(t, img, old)
+	s := startConfigServe(t, e)
+	s.adminRun(t, "attach", "--name", "vm1", "--image", img, "--firmware", e.fw)
+	f, err := os.OpenFile(filepath.Join(s.mnt, "vm1.raw"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xee}, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil { // FLUSH: the counter goes to 1
+		t.Fatal(err)
+	}
+	f.Close()
+	s.adminRun(t, "detach", "vm1")
+	if err := os.Rename(old, img); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runErr("admin", "--socket", s.admin, "attach", "--name", "vm1", "--image", img, "--firmware", e.fw)
+	if err == nil || !strings.Contains(out, "image rolled back: counter 0, expected 1") {
+		t.Fatalf("attach of the older copy: %v %s", err, out)
+	}
+	out, err = runErr("unseal", "--in", img, "--out", img+".raw", "--psp", e.psp)
+	if err == nil || !strings.Contains(out, "image rolled back: counter 0, expected 1") {
+		t.Fatalf("unseal of the older copy: %v %s", err, out)
+	}
+}
