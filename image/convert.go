@@ -188,13 +188,20 @@ func Seal(ctx context.Context, src *os.File, img *Image, sess *sector.Session, p
 	return img.Store.Sync()
 }
 
+// Output is where Unseal writes plaintext: a raw file, or (Upgrade) a new image.
+type Output interface {
+	io.WriterAt
+	Truncate(size int64) error
+	Sync() error
+}
+
 // Overlay holds entries recovered from the journal that supersede the metadata region.
 type Overlay map[uint64]sector.Entry
 
 // Unseal decrypts img into dst (truncated to the virtual size). Never-written sectors and
 // all-zero plaintext stay holes. The first sector that fails authentication stops it with an
 // error naming the sector.
-func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst *os.File, progress Progress) error {
+func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst Output, progress Progress) error {
 	h := img.Header
 	ss := int64(h.SectorSize)
 	sectors := int64(h.Sectors())

@@ -9,6 +9,7 @@ import (
 	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/provider"
+	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/tree"
 )
 
@@ -17,6 +18,11 @@ import (
 // provider's first root record over that root into slot 0 (§8), then syncs. A version-1
 // image needs none of this.
 func (img *Image) WriteFirstRoot(signer crypto.Signer) error {
+	return img.writeFirstRoot(format.RootByProvider, func(body []byte) ([]byte, error) { return provider.SignRoot(signer, body) })
+}
+
+// writeFirstRoot is WriteFirstRoot with the record authenticated by auth, as kind.
+func (img *Image) writeFirstRoot(kind format.RootAuth, auth func(body []byte) ([]byte, error)) error {
 	h := img.Header
 	if h.Version < format.HeaderVersion2 {
 		return nil
@@ -28,11 +34,14 @@ func (img *Image) WriteFirstRoot(signer crypto.Signer) error {
 			return err
 		}
 	}
-	slot, err := provider.FirstRoot(signer, h, root)
+	rec := sector.FirstRoot(h, root)
+	rec.Auth = kind
+	body := rec.MarshalBody()
+	a, err := auth(body)
 	if err != nil {
 		return err
 	}
-	if _, err := img.Store.WriteAt(slot, h.RootSlotPos(0)); err != nil {
+	if _, err := img.Store.WriteAt(format.MarshalRootSlot(body, a), h.RootSlotPos(0)); err != nil {
 		return fmt.Errorf("failed to write the first root record: %w", err)
 	}
 	return img.Store.Sync()

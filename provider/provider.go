@@ -224,11 +224,8 @@ func signBytes(signer crypto.Signer, alg format.SigAlg, body []byte) ([]byte, er
 // §8): seq 1, counter 0, the empty epoch 0, and root, the integrity tree's root over what it
 // wrote (zero for a blank image), signed like its certificate.
 func FirstRoot(signer crypto.Signer, h *format.Header, root [32]byte) ([]byte, error) {
-	rec := format.RootFor(h)
-	rec.Auth, rec.Seq, rec.HeadDigest = format.RootByProvider, 1, sector.ChainStart(h.UUID, 0)
-	if h.Tree {
-		rec.Root = root
-	}
+	rec := sector.FirstRoot(h, root)
+	rec.Auth = format.RootByProvider
 	body := rec.MarshalBody()
 	sig, err := SignRoot(signer, body)
 	if err != nil {

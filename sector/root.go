@@ -64,3 +64,15 @@ func (c *Cipher) CurrentRoot(r io.ReaderAt, h *format.Header, check func(rec *fo
 	}
 	return nil, fmt.Errorf("%w: slot 0: %v; slot 1: %v", ErrNoCommit, errs[0], errs[1])
 }
+
+// FirstRoot is the record a new version-2 image starts from (FORMAT.md §8): seq 1, counter 0,
+// the empty epoch 0, and root, the tree's root over what was written (zero for a blank image
+// or one without the tree). The caller sets Auth and authenticates its body.
+func FirstRoot(h *format.Header, root [32]byte) *format.RootRecord {
+	rec := format.RootFor(h)
+	rec.Seq, rec.HeadDigest = 1, ChainStart(h.UUID, 0)
+	if h.Tree {
+		rec.Root = root
+	}
+	return rec
+}

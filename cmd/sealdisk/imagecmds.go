@@ -61,8 +61,9 @@ func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
-// newImage creates OUT.tmp with a fresh UUID and certificate; finish renames it into place.
-func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sector.Cipher, func(error) error, error) {
+// newImage creates OUT.tmp with a fresh UUID and certificate, in the given layout (the zero
+// Layout: the current version); finish writes the first root record and renames it into place.
+func newImage(out string, f *certFlags, virtualSize uint64, l format.Layout) (*image.Image, *sector.Cipher, func(error) error, error) {
 	if _, err := os.Stat(out); err == nil {
 		return nil, nil, nil, fmt.Errorf("--out %s already exists; refusing to overwrite an image", out)
 	}
@@ -72,7 +73,7 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 		return nil, nil, nil, err
 	}
 	defer clear(key)
-	h, err := format.NewHeader(id, virtualSize, f.sectorSize, cert.Suite, f.readOnly, format.Layout{}, cert.Bytes())
+	h, err := format.NewHeader(id, virtualSize, f.sectorSize, cert.Suite, f.readOnly, l, cert.Bytes())
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -80,18 +81,30 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	tmp := out + ".tmp"
-	os.Remove(tmp)
-	img, err := image.Create(tmp, h)
+	img, finish, err := createTemp(out, h)
 	if err != nil {
 		c.Destroy()
 		return nil, nil, nil, err
 	}
-	finish := func(err error) error {
+	return img, c, func(err error) error {
 		c.Destroy()
 		if err == nil {
 			err = img.WriteFirstRoot(f.signer) // the tree over what was written; syncs
 		}
+		return finish(err)
+	}, nil
+}
+
+// createTemp creates OUT.tmp with header h; finish(nil) syncs and closes it, renames it to
+// OUT and syncs the directory; finish(err) removes it and returns err.
+func createTemp(out string, h *format.Header) (*image.Image, func(error) error, error) {
+	tmp := out + ".tmp"
+	os.Remove(tmp)
+	img, err := image.Create(tmp, h)
+	if err != nil {
+		return nil, nil, err
+	}
+	return img, func(err error) error {
 		if err == nil {
 			err = img.Store.Sync()
 		}
@@ -106,8 +119,7 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 			return err
 		}
 		return syncDir(filepath.Dir(out))
-	}
-	return img, c, finish, nil
+	}, nil
 }
 
 func syncDir(dir string) error {
@@ -142,7 +154,7 @@ takes 128 KiB on disk.`,
 			if n%uint64(f.sectorSize) != 0 {
 				return fmt.Errorf("--size %d is not a multiple of the %d-byte sector size", n, f.sectorSize)
 			}
-			img, _, finish, err := newImage(out, &f, n)
+			img, _, finish, err := newImage(out, &f, n, format.Layout{})
 			if err != nil {
 				return err
 			}
@@ -189,7 +201,7 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 				return fmt.Errorf("--in %s is empty: nothing to seal", in)
 			}
 			vs := format.RoundUpVirtualSize(uint64(fi.Size()), f.sectorSize)
-			img, c, finish, err := newImage(out, &f, vs)
+			img, c, finish, err := newImage(out, &f, vs, format.Layout{})
 			if err != nil {
 				return err
 			}

@@ -15,8 +15,10 @@ import (
 	"time"
 
 	"github.com/sealdisk/sealdisk/engine"
+	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/image"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
@@ -300,4 +302,78 @@ func crashAfterFUA(t *testing.T, in, pspDir, out string, lba int64, data []byte)
 			must(t, err)
 		}
 	}
+}
+
+// TestVersion1Images: a version-1 image (sealed here as the tools did before version 2) still
+// unseals, its journal replayed in memory; upgrade makes a version-2 image of it with the same
+// UUID that unseals to the same bytes and scrubs clean, and leaves the input as it was.
+func TestVersion1Images(t *testing.T) {
+	d := t.TempDir()
+	p := func(s string) string { return filepath.Join(d, s) }
+	ok(t, "vendor", "init", "--dir", p("vendor"), "--name", "test vendor")
+	ok(t, "psp", "init", "--dir", p("psp"), "--vendor", p("vendor"))
+	ok(t, "provider", "keygen", "--dir", p("prov"))
+	ok(t, "psp", "trust", "add", "--dir", p("psp"), p("prov/provider.pub"))
+	must(t, os.WriteFile(p("fw"), []byte("firmware"), 0o644))
+	raw := make([]byte, 8*4096)
+	rand.Read(raw)
+	must(t, os.WriteFile(p("disk.raw"), raw, 0o644))
+
+	f := certFlags{chip: p("psp/chip.crt"), vendorRoot: p("vendor/vendor.crt"), providerKey: p("prov/provider.key"),
+		firmware: []string{p("fw")}, suite: "auto", sectorSize: 4096, validFor: time.Hour}
+	img, c, finish, err := newImage(p("v1.img"), &f, uint64(len(raw)), format.Layout{Version: format.HeaderVersion1})
+	must(t, err)
+	sess, err := c.NewSession()
+	must(t, err)
+	src, err := os.Open(p("disk.raw"))
+	must(t, err)
+	must(t, image.Seal(context.Background(), src, img, sess, nil))
+	src.Close()
+	writeTrimJournal(t, img, c, 1) // as a crashed version-1 engine would leave it
+	must(t, finish(nil))
+	want := bytes.Clone(raw)
+	clear(want[4096:8192])
+
+	if m := inspect(t, p("v1.img")); m["format_version"].(float64) != 1 || m["journal_records"].(float64) != 1 {
+		t.Fatalf("inspect v1: %v", m)
+	}
+	ok(t, "unseal", "--in", p("v1.img"), "--out", p("v1.raw"), "--psp", p("psp"))
+	if got, err := os.ReadFile(p("v1.raw")); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("v1 unseal (journal replayed) differs: %v", err)
+	}
+	if _, err := sealdisk(t, "scrub", p("v1.img"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "version-1 image") {
+		t.Fatalf("scrub of a v1 image: %v", err)
+	}
+	before, err := os.ReadFile(p("v1.img"))
+	must(t, err)
+	ok(t, "upgrade", "--in", p("v1.img"), "--out", p("v2.img"), "--psp", p("psp"))
+	if after, err := os.ReadFile(p("v1.img")); err != nil || !bytes.Equal(after, before) {
+		t.Fatal("upgrade changed its input")
+	}
+	m1, m2 := inspect(t, p("v1.img")), inspect(t, p("v2.img"))
+	if m2["format_version"].(float64) != 2 || m2["integrity_tree"] != true || m2["image_uuid"] != m1["image_uuid"] || m2["cert_sha384"] != m1["cert_sha384"] {
+		t.Fatalf("upgraded: %v", m2)
+	}
+	ok(t, "unseal", "--in", p("v2.img"), "--out", p("v2.raw"), "--psp", p("psp"))
+	if got, err := os.ReadFile(p("v2.raw")); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("the upgraded image reads differently: %v", err)
+	}
+	ok(t, "scrub", p("v2.img"), "--psp", p("psp"))
+	if _, err := sealdisk(t, "upgrade", "--in", p("v2.img"), "--out", p("v3.img"), "--psp", p("psp")); err == nil || !strings.Contains(err.Error(), "already a version-2 image") {
+		t.Fatalf("upgrade of a v2 image: %v", err)
+	}
+}
+
+// writeTrimJournal writes an epoch-1 version-1 journal holding one trim record for lba.
+func writeTrimJournal(t *testing.T, img *image.Image, c *sector.Cipher, lba uint64) {
+	t.Helper()
+	hdr := make([]byte, sector.JournalHeaderSize)
+	c.MarshalJournalHeader(1, hdr)
+	rec := make([]byte, sector.JournalRecordSize)
+	c.MarshalJournalRecord(&sector.JournalRecord{Kind: sector.RecordZero, Epoch: 1, Seq: 0, LBA: lba}, rec)
+	off := int64(img.Header.JournalOffset)
+	_, err := img.Store.WriteAt(hdr, off)
+	must(t, err)
+	_, err = img.Store.WriteAt(rec, off+sector.JournalHeaderSize)
+	must(t, err)
 }
