@@ -49,6 +49,10 @@ type ReportBody struct {
 	ImageUUID           string `json:"image_uuid"`
 	Time                string `json:"time"`
 	Nonce               string `json:"nonce"`
+	// The image's rollback counter and integrity-tree root as the PSP last recorded them
+	// (version-2 images, FORMAT.md §8): a verifier can pin them. Absent for version 1.
+	ImageCounter *uint64 `json:"image_counter,omitempty"`
+	ImageRoot    string  `json:"image_root,omitempty"`
 }
 
 // Envelope is a signed report as written to a file.
@@ -111,13 +115,17 @@ func (p *PSP) sign(l *Launch, nonce []byte) ([]byte, error) {
 	if l.SignatureOK {
 		sig = "valid"
 	}
-	body, err := json.Marshal(ReportBody{
+	rb := ReportBody{
 		Version: ReportVersion, ChipID: hex.EncodeToString(p.id[:]), VM: l.VM, ASID: l.ASID,
 		FirmwareMeasurement: hex.EncodeToString(l.Measurement), MeasureAlg: l.MeasureAlg.String(),
 		FirmwareVerdict: verdict(l.FirmwareOK), CertDigest: hex.EncodeToString(l.CertDigest[:]),
 		SignatureVerdict: sig, Suite: l.Suite.String(), ImageUUID: formatUUID(l.UUID),
 		Time: p.now().UTC().Format(time.RFC3339), Nonce: hex.EncodeToString(nonce),
-	})
+	}
+	if counter, root, ok := p.ImageState(l.UUID); ok {
+		rb.ImageCounter, rb.ImageRoot = &counter, hex.EncodeToString(root[:])
+	}
+	body, err := json.Marshal(rb)
 	if err != nil {
 		return nil, fmt.Errorf("failed to encode report: %w", err)
 	}

@@ -202,3 +202,25 @@ func TestAttestLaunch(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A report carries the image's counter and root as the PSP last recorded them (a commit's
+// Advance), so a verifier can pin them; before the PSP knows the image, neither is there.
+func TestAttestCarriesCounterAndRoot(t *testing.T) {
+	f := attested(t)
+	body, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), f.nonce)
+	must(t, err)
+	if body.ImageCounter != nil || body.ImageRoot != "" {
+		t.Fatalf("counter %v root %q before the image was attached", body.ImageCounter, body.ImageRoot)
+	}
+	roots, err := f.p.RootsFor(f.c)
+	must(t, err)
+	root := [32]byte{1, 2, 3}
+	must(t, roots.Advance(42, root))
+	env, err := f.p.Attest(f.l.ASID, f.nonce)
+	must(t, err)
+	body, err = psp.VerifyReport(env, vendorPool(t, f.w.vendor), f.nonce)
+	must(t, err)
+	if body.ImageCounter == nil || *body.ImageCounter != 42 || body.ImageRoot != hex.EncodeToString(root[:]) {
+		t.Fatalf("counter %v root %q, want 42 and %x", body.ImageCounter, body.ImageRoot, root)
+	}
+}

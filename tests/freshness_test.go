@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -136,11 +137,19 @@ func TestWholeImageRollback(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	// The attestation report carries the counter the flush committed, and the root.
+	nonce := strings.Repeat("ab", 24)
+	rep := filepath.Join(e.dir, "report.json")
+	s.adminRun(t, "attest", "vm1", "--nonce", nonce, "--out", rep)
+	out := run(t, "attest", "verify", rep, "--vendor-root", filepath.Join(e.vendor, "vendor.crt"), "--nonce", nonce)
+	if !regexp.MustCompile(`image counter 1 root [0-9a-f]{64}`).MatchString(out) {
+		t.Fatalf("attest verify printed no counter 1 and root:\n%s", out)
+	}
 	s.adminRun(t, "detach", "vm1")
 	if err := os.Rename(old, img); err != nil {
 		t.Fatal(err)
 	}
-	out, err := runErr("admin", "--socket", s.admin, "attach", "--name", "vm1", "--image", img, "--firmware", e.fw)
+	out, err = runErr("admin", "--socket", s.admin, "attach", "--name", "vm1", "--image", img, "--firmware", e.fw)
 	if err == nil || !strings.Contains(out, "image rolled back: counter 0, expected 1") {
 		t.Fatalf("attach of the older copy: %v %s", err, out)
 	}
