@@ -26,6 +26,7 @@ import (
 	"github.com/sealdisk/sealdisk/image"
 	"github.com/sealdisk/sealdisk/nbd"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // Errors the admin API maps to HTTP status codes.
@@ -66,6 +67,8 @@ type VM struct {
 	Launch   *psp.Launch
 	Disk     *engine.Disk
 	Attached time.Time
+	// File is the image file's (dev, inode): the key of Daemon.images.
+	File store.FileID
 }
 
 // Daemon is a running sealdisk service. Its methods are safe for concurrent use.
@@ -79,13 +82,18 @@ type Daemon struct {
 	metrics *metrics
 	started time.Time
 
-	// mu guards cfg, vms and closed, and serialises attach, detach and reload, so two admin
-	// calls (or a call and a SIGHUP) never race on one VM. Held across the slow PSP and
+	// mu guards cfg, vms, images and closed, and serialises attach, detach and reload, so two
+	// admin calls (or a call and a SIGHUP) never race on one VM. Held across the slow PSP and
 	// engine work on purpose: these are rare operator actions.
 	mu     sync.Mutex
 	cfg    *config.Config
 	vms    map[string]*VM
 	closed bool
+	// images lists the VMs attached to each image file, by (dev, inode) whatever path each
+	// was configured with: one VM read-write, or any number read-only. The file lock
+	// (store.File.Lock) enforces the same rule against other processes; this map is what
+	// lets a refusal inside the daemon name the VM that holds the image.
+	images map[store.FileID][]string
 
 	wg       sync.WaitGroup // listener goroutines (NBD, admin, metrics)
 	errc     chan error     // a listener that failed for good
@@ -112,7 +120,7 @@ func New(opts Options) (_ *Daemon, err error) {
 	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
 	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
 	d := &Daemon{
-		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, started: time.Now(),
+		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[store.FileID][]string{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
 	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
@@ -247,6 +255,11 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 	if err != nil {
 		return err
 	}
+	file, err := d.claimImage(vm, img.Store)
+	if err != nil {
+		img.Close()
+		return err
+	}
 	l, err := d.psp.Launch(psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID)})
 	if err != nil {
 		img.Close()
@@ -258,7 +271,7 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 		img.Close()
 		return err
 	}
-	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now()}
+	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now(), File: file}
 	if d.srv != nil {
 		err = d.srv.AddExport(nbd.Export{Name: vm.ExportName(), Description: "sealdisk VM " + vm.Name, Device: disk, AllowedIdentity: vm.Identity})
 		if err != nil {
@@ -274,9 +287,56 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 		}
 	}
 	d.vms[vm.Name] = a
+	d.images[file] = append(d.images[file], vm.Name)
 	d.log.Info("VM attached", "vm", vm.Name, "source", src, "asid", l.ASID, "export", vm.ExportName(),
 		"size", disk.Size(), "read_only", disk.Caps().ReadOnly)
 	return nil
+}
+
+// claimImage locks the image file f for vm: exclusive for a read-write VM, shared for a
+// read-only one. An image another attached VM holds in a way that excludes vm's (either of
+// them writes) is refused naming that VM; one held by another process is refused by the
+// lock. It returns the file's identity for d.images; the lock goes when the engine closes f
+// at detach. The caller holds mu.
+func (d *Daemon) claimImage(vm config.VMConfig, f *store.File) (store.FileID, error) {
+	id, err := f.ID()
+	if err != nil {
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+	}
+	for _, name := range d.images[id] {
+		held := d.vms[name]
+		if held == nil {
+			panic(fmt.Sprintf("BUG: daemon: image %v lists VM %q, which is not attached", id, name))
+		}
+		o := held.Config
+		if vm.ReadOnly && o.ReadOnly {
+			continue
+		}
+		how := "read-write"
+		if o.ReadOnly {
+			how = "read-only"
+		}
+		same := ""
+		if o.Image != vm.Image {
+			same = fmt.Sprintf(" as %s, the same file", o.Image)
+		}
+		return id, fmt.Errorf("failed to attach VM %q: image %s: %w: VM %q has it attached %s%s",
+			vm.Name, vm.Image, store.ErrLocked, name, how, same)
+	}
+	if err := f.Lock(!vm.ReadOnly); err != nil {
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+	}
+	return id, nil
+}
+
+// release forgets that VM name holds its image file (its store is closed, or about to be).
+func (d *Daemon) release(a *VM) {
+	names := slices.DeleteFunc(d.images[a.File], func(n string) bool { return n == a.Config.Name })
+	if len(names) == 0 {
+		delete(d.images, a.File)
+	} else {
+		d.images[a.File] = names
+	}
 }
 
 // Detach stops serving the VM: its FUSE file disappears (open handles then fail), its NBD
@@ -312,6 +372,7 @@ func (d *Daemon) detach(ctx context.Context, name string) error {
 		errs = append(errs, err)
 	}
 	delete(d.vms, name)
+	d.release(a)
 	if err := errors.Join(errs...); err != nil {
 		d.log.Error("VM detached with errors", "vm", name, "error", err)
 		return fmt.Errorf("failed to detach %q cleanly: %w", name, err)
@@ -449,6 +510,7 @@ func (d *Daemon) Close(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
 		}
 		delete(d.vms, name)
+		d.release(a)
 	}
 	d.mu.Unlock()
 	errs = append(errs, d.eng.Close())
