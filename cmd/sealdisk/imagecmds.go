@@ -27,6 +27,7 @@ import (
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // progress returns a progress callback drawing a bar when stderr is a terminal.
@@ -80,11 +81,19 @@ func newImage(out string, f *certFlags, virtualSize uint64) (*image.Image, *sect
 		return nil, nil, nil, err
 	}
 	tmp := out + ".tmp"
-	os.Remove(tmp)
+	if err := claimTemp(out, tmp); err != nil {
+		c.Destroy()
+		return nil, nil, nil, err
+	}
 	img, err := image.Create(tmp, h)
 	if err != nil {
 		c.Destroy()
 		return nil, nil, nil, err
+	}
+	if err := img.Store.Lock(true); err != nil {
+		c.Destroy()
+		img.Close()
+		return nil, nil, nil, fmt.Errorf("another seal or create is writing --out %s: %w", out, err)
 	}
 	finish := func(err error) error {
 		c.Destroy()
@@ -236,6 +245,9 @@ removed.`,
 				return err
 			}
 			defer img.Close()
+			if err := img.Store.Lock(false); err != nil {
+				return inUse("unseal", in, err)
+			}
 			if img.FellBack() {
 				slog.Warn("primary header invalid; using backup", "image", in, "error", img.Status.PrimaryErr)
 			}
@@ -329,6 +341,13 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 			if err != nil {
 				return err
 			}
+			// Held across reading the key and rewriting the headers, which open the file
+			// themselves: the lock is this open's, so they are not refused by it.
+			hold, err := store.OpenLocked(in, false)
+			if err != nil {
+				return inUse("reseal", in, err)
+			}
+			defer hold.Close()
 			cert, gen, err := resealCert(in, pspDir, chip, providerKey)
 			if err != nil {
 				return err
