@@ -24,7 +24,7 @@ import (
 //	POST   /v1/vms                 attach: a VMRequest body
 //	DELETE /v1/vms/{name}          detach
 //	POST   /v1/vms/{name}/attest   AttestRequest -> the signed report envelope (docs/ATTESTATION.md)
-//	POST   /v1/reload              re-read the config file -> ReloadResult
+//	POST   /v1/reload              re-read the config file and the trust store -> ReloadResult
 //	GET    /metrics                Prometheus text format
 //
 // Errors are {"error": "..."} with 400 (bad request), 404 (no such VM), 409 (conflict: a

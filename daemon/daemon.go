@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -69,6 +70,9 @@ type VM struct {
 	Attached time.Time
 	// File is the image file's (dev, inode): the key of Daemon.images.
 	File store.FileID
+	// provider is the key that signed the image's certificate (PKIX DER), so a reload can
+	// say which attached VMs' providers are no longer trusted.
+	provider []byte
 }
 
 // Daemon is a running sealdisk service. Its methods are safe for concurrent use.
@@ -271,7 +275,7 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 		img.Close()
 		return err
 	}
-	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now(), File: file}
+	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now(), File: file, provider: img.Cert.ProviderKey}
 	if d.srv != nil {
 		err = d.srv.AddExport(nbd.Export{Name: vm.ExportName(), Description: "sealdisk VM " + vm.Name, Device: disk, AllowedIdentity: vm.Identity})
 		if err != nil {
@@ -386,14 +390,20 @@ type ReloadResult struct {
 	Attached []string          `json:"attached"`
 	Detached []string          `json:"detached"`
 	Failed   map[string]string `json:"failed,omitempty"` // VM name -> reason
-	// Restart lists changed config sections that take effect only at the next start.
+	// Restart lists changed config sections, and changed chip identity files of the PSP
+	// directory ("psp.dir/chip.crt"), that take effect only at the next start.
 	Restart []string `json:"restart,omitempty"`
+	// Untrusted lists attached VMs whose provider the reloaded trust store no longer holds:
+	// they keep running (their keys are bound) until detached; a new attach of them fails.
+	Untrusted []string `json:"untrusted,omitempty"`
 }
 
-// Reload re-reads the configuration and brings the config's VMs in line with it: VMs no
-// longer listed (or listed with other settings) are detached, newly listed ones and ones
-// whose earlier attach failed are attached. VMs attached through the admin API are left
-// alone unless the config now names one. A configuration that does not load changes nothing.
+// Reload re-reads the configuration and the PSP directory's trust store, and brings the
+// config's VMs in line with them: VMs no longer listed (or listed with other settings) are
+// detached, newly listed ones and ones whose earlier attach failed are attached, under the
+// trust store as it is now (a provider added is accepted, one removed refused). VMs attached
+// through the admin API are left alone unless the config now names one. A configuration or
+// trust store that does not load changes nothing.
 func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 	if d.opts.Reload == nil {
 		return nil, ErrNoReload
@@ -407,7 +417,15 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 	if d.closed {
 		return nil, ErrClosed
 	}
+	changedIdentity, err := d.psp.Reload()
+	if err != nil {
+		return nil, fmt.Errorf("failed to reload (nothing changed): %w", err)
+	}
 	res := &ReloadResult{Failed: map[string]string{}}
+	for _, f := range changedIdentity {
+		res.Restart = append(res.Restart, "psp.dir/"+f)
+		d.log.Warn("PSP identity file changed; it takes effect at the next start", "file", f)
+	}
 	want := map[string]config.VMConfig{}
 	for _, vm := range cfg.VMs {
 		want[vm.Name] = vm
@@ -450,6 +468,12 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 		if !reflect.DeepEqual(s.old, s.new) {
 			res.Restart = append(res.Restart, s.key)
 			d.log.Warn("config section changed; it takes effect at the next start", "key", s.key)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(d.vms)) {
+		if !d.psp.Trusts(d.vms[name].provider) {
+			res.Untrusted = append(res.Untrusted, name)
+			d.log.Warn("attached VM's provider is no longer trusted; it keeps running until detached", "vm", name)
 		}
 	}
 	d.cfg = cfg

@@ -169,3 +169,10 @@ func attached(d *Daemon) []string {
 	}
 	return names
 }
+
+func writeFile(t *testing.T, path, s string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
