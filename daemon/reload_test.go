@@ -17,6 +17,7 @@ import (
 	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // trustedName is the trust store's file name for the provider key at pub.
@@ -133,6 +134,11 @@ func TestReloadReadsTrustStore(t *testing.T) {
 	err = d.Attach(e.vm("vm3", img3, false))
 	if !errors.Is(err, psp.ErrUnknownProvider) || httpStatus(err) != http.StatusUnprocessableEntity {
 		t.Fatalf("attach of the removed provider's image: %v", err)
+	}
+	if f, err := store.OpenLocked(img3, false); err != nil { // the refused launch let go of it
+		t.Fatalf("a refused attach kept its image locked: %v", err)
+	} else {
+		f.Close()
 	}
 
 	// Detached, vm2 (still in the config) is attached again by the next reload: refused now.
