@@ -14,6 +14,7 @@ import (
 
 	"github.com/sealdisk/sealdisk/config"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // The admin API: JSON over HTTP on a Unix socket (admin.socket, mode 0600). docs/OPERATOR.md
@@ -23,10 +24,11 @@ import (
 //	POST   /v1/vms                 attach: a VMRequest body
 //	DELETE /v1/vms/{name}          detach
 //	POST   /v1/vms/{name}/attest   AttestRequest -> the signed report envelope (docs/ATTESTATION.md)
-//	POST   /v1/reload              re-read the config file -> ReloadResult
+//	POST   /v1/reload              re-read the config file and the trust store -> ReloadResult
 //	GET    /metrics                Prometheus text format
 //
-// Errors are {"error": "..."} with 400 (bad request), 404 (no such VM), 409 (conflict),
+// Errors are {"error": "..."} with 400 (bad request), 404 (no such VM), 409 (conflict: a
+// name, export or ASID in use, or the image locked by another VM or process),
 // 422 (the PSP refused: firmware, certificate, trust), 503 (shutting down) or 500.
 
 // Status is GET /v1/status.
@@ -194,7 +196,7 @@ func httpStatus(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, ErrUnknownVM):
 		return http.StatusNotFound
-	case errors.Is(err, ErrConflict), errors.Is(err, psp.ErrASIDInUse):
+	case errors.Is(err, ErrConflict), errors.Is(err, psp.ErrASIDInUse), errors.Is(err, store.ErrLocked):
 		return http.StatusConflict
 	case errors.Is(err, ErrClosed):
 		return http.StatusServiceUnavailable

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -26,6 +27,7 @@ import (
 	"github.com/sealdisk/sealdisk/image"
 	"github.com/sealdisk/sealdisk/nbd"
 	"github.com/sealdisk/sealdisk/psp"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // Errors the admin API maps to HTTP status codes.
@@ -66,6 +68,11 @@ type VM struct {
 	Launch   *psp.Launch
 	Disk     *engine.Disk
 	Attached time.Time
+	// File is the image file's (dev, inode): the key of Daemon.images.
+	File store.FileID
+	// provider is the key that signed the image's certificate (PKIX DER), so a reload can
+	// say which attached VMs' providers are no longer trusted.
+	provider []byte
 }
 
 // Daemon is a running sealdisk service. Its methods are safe for concurrent use.
@@ -79,13 +86,18 @@ type Daemon struct {
 	metrics *metrics
 	started time.Time
 
-	// mu guards cfg, vms and closed, and serialises attach, detach and reload, so two admin
-	// calls (or a call and a SIGHUP) never race on one VM. Held across the slow PSP and
+	// mu guards cfg, vms, images and closed, and serialises attach, detach and reload, so two
+	// admin calls (or a call and a SIGHUP) never race on one VM. Held across the slow PSP and
 	// engine work on purpose: these are rare operator actions.
 	mu     sync.Mutex
 	cfg    *config.Config
 	vms    map[string]*VM
 	closed bool
+	// images lists the VMs attached to each image file, by (dev, inode) whatever path each
+	// was configured with: one VM read-write, or any number read-only. The file lock
+	// (store.File.Lock) enforces the same rule against other processes; this map is what
+	// lets a refusal inside the daemon name the VM that holds the image.
+	images map[store.FileID][]string
 
 	wg       sync.WaitGroup // listener goroutines (NBD, admin, metrics)
 	errc     chan error     // a listener that failed for good
@@ -112,7 +124,7 @@ func New(opts Options) (_ *Daemon, err error) {
 	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
 	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
 	d := &Daemon{
-		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, started: time.Now(),
+		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[store.FileID][]string{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
 	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
@@ -247,6 +259,11 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 	if err != nil {
 		return err
 	}
+	file, err := d.claimImage(vm, img.Store)
+	if err != nil {
+		img.Close()
+		return err
+	}
 	l, err := d.psp.Launch(psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID)})
 	if err != nil {
 		img.Close()
@@ -258,7 +275,7 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 		img.Close()
 		return err
 	}
-	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now()}
+	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now(), File: file, provider: img.Cert.ProviderKey}
 	if d.srv != nil {
 		err = d.srv.AddExport(nbd.Export{Name: vm.ExportName(), Description: "sealdisk VM " + vm.Name, Device: disk, AllowedIdentity: vm.Identity})
 		if err != nil {
@@ -274,9 +291,56 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 		}
 	}
 	d.vms[vm.Name] = a
+	d.images[file] = append(d.images[file], vm.Name)
 	d.log.Info("VM attached", "vm", vm.Name, "source", src, "asid", l.ASID, "export", vm.ExportName(),
 		"size", disk.Size(), "read_only", disk.Caps().ReadOnly)
 	return nil
+}
+
+// claimImage locks the image file f for vm: exclusive for a read-write VM, shared for a
+// read-only one. An image another attached VM holds in a way that excludes vm's (either of
+// them writes) is refused naming that VM; one held by another process is refused by the
+// lock. It returns the file's identity for d.images; the lock goes when the engine closes f
+// at detach. The caller holds mu.
+func (d *Daemon) claimImage(vm config.VMConfig, f *store.File) (store.FileID, error) {
+	id, err := f.ID()
+	if err != nil {
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+	}
+	for _, name := range d.images[id] {
+		held := d.vms[name]
+		if held == nil {
+			panic(fmt.Sprintf("BUG: daemon: image %v lists VM %q, which is not attached", id, name))
+		}
+		o := held.Config
+		if vm.ReadOnly && o.ReadOnly {
+			continue
+		}
+		how := "read-write"
+		if o.ReadOnly {
+			how = "read-only"
+		}
+		same := ""
+		if o.Image != vm.Image {
+			same = fmt.Sprintf(" as %s, the same file", o.Image)
+		}
+		return id, fmt.Errorf("failed to attach VM %q: image %s: %w: VM %q has it attached %s%s",
+			vm.Name, vm.Image, store.ErrLocked, name, how, same)
+	}
+	if err := f.Lock(!vm.ReadOnly); err != nil {
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+	}
+	return id, nil
+}
+
+// release forgets that VM name holds its image file (its store is closed, or about to be).
+func (d *Daemon) release(a *VM) {
+	names := slices.DeleteFunc(d.images[a.File], func(n string) bool { return n == a.Config.Name })
+	if len(names) == 0 {
+		delete(d.images, a.File)
+	} else {
+		d.images[a.File] = names
+	}
 }
 
 // Detach stops serving the VM: its FUSE file disappears (open handles then fail), its NBD
@@ -312,6 +376,7 @@ func (d *Daemon) detach(ctx context.Context, name string) error {
 		errs = append(errs, err)
 	}
 	delete(d.vms, name)
+	d.release(a)
 	if err := errors.Join(errs...); err != nil {
 		d.log.Error("VM detached with errors", "vm", name, "error", err)
 		return fmt.Errorf("failed to detach %q cleanly: %w", name, err)
@@ -325,14 +390,20 @@ type ReloadResult struct {
 	Attached []string          `json:"attached"`
 	Detached []string          `json:"detached"`
 	Failed   map[string]string `json:"failed,omitempty"` // VM name -> reason
-	// Restart lists changed config sections that take effect only at the next start.
+	// Restart lists changed config sections, and changed chip identity files of the PSP
+	// directory ("psp.dir/chip.crt"), that take effect only at the next start.
 	Restart []string `json:"restart,omitempty"`
+	// Untrusted lists attached VMs whose provider the reloaded trust store no longer holds:
+	// they keep running (their keys are bound) until detached; a new attach of them fails.
+	Untrusted []string `json:"untrusted,omitempty"`
 }
 
-// Reload re-reads the configuration and brings the config's VMs in line with it: VMs no
-// longer listed (or listed with other settings) are detached, newly listed ones and ones
-// whose earlier attach failed are attached. VMs attached through the admin API are left
-// alone unless the config now names one. A configuration that does not load changes nothing.
+// Reload re-reads the configuration and the PSP directory's trust store, and brings the
+// config's VMs in line with them: VMs no longer listed (or listed with other settings) are
+// detached, newly listed ones and ones whose earlier attach failed are attached, under the
+// trust store as it is now (a provider added is accepted, one removed refused). VMs attached
+// through the admin API are left alone unless the config now names one. A configuration or
+// trust store that does not load changes nothing.
 func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 	if d.opts.Reload == nil {
 		return nil, ErrNoReload
@@ -346,7 +417,15 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 	if d.closed {
 		return nil, ErrClosed
 	}
+	changedIdentity, err := d.psp.Reload()
+	if err != nil {
+		return nil, fmt.Errorf("failed to reload (nothing changed): %w", err)
+	}
 	res := &ReloadResult{Failed: map[string]string{}}
+	for _, f := range changedIdentity {
+		res.Restart = append(res.Restart, "psp.dir/"+f)
+		d.log.Warn("PSP identity file changed; it takes effect at the next start", "file", f)
+	}
 	want := map[string]config.VMConfig{}
 	for _, vm := range cfg.VMs {
 		want[vm.Name] = vm
@@ -389,6 +468,12 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 		if !reflect.DeepEqual(s.old, s.new) {
 			res.Restart = append(res.Restart, s.key)
 			d.log.Warn("config section changed; it takes effect at the next start", "key", s.key)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(d.vms)) {
+		if !d.psp.Trusts(d.vms[name].provider) {
+			res.Untrusted = append(res.Untrusted, name)
+			d.log.Warn("attached VM's provider is no longer trusted; it keeps running until detached", "vm", name)
 		}
 	}
 	d.cfg = cfg
@@ -449,6 +534,7 @@ func (d *Daemon) Close(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
 		}
 		delete(d.vms, name)
+		d.release(a)
 	}
 	d.mu.Unlock()
 	errs = append(errs, d.eng.Close())

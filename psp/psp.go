@@ -92,6 +92,7 @@ type PSP struct {
 	maxASIDs int
 	rootKey  []byte // RootKeyFile: derives each image's root MAC key (roots.go)
 	counters counterStore
+	identity map[string][32]byte // digests of the identity files as loaded (reload.go)
 
 	mu     sync.Mutex                  // guards trust, slots, images
 	trust  map[string]crypto.PublicKey // PKIX DER → key
@@ -163,6 +164,9 @@ func Open(dir string, opts Options) (*PSP, error) {
 	p.counters.dir = dir
 	if p.maxASIDs <= 0 {
 		p.maxASIDs = DefaultASIDs
+	}
+	if p.identity, err = identityDigests(dir); err != nil {
+		return nil, err
 	}
 	if err := p.ReloadTrust(); err != nil {
 		return nil, err

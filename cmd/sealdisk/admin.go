@@ -266,7 +266,7 @@ measurement, certificate, ASID), bound to a nonce you choose. Check it with
 
 func adminReloadCmd() *cobra.Command {
 	return &cobra.Command{
-		Use: "reload", Example: "  sealdisk admin --socket /run/sealdisk/admin.sock reload", Short: "Re-read the config file (as SIGHUP does) and show what changed", Args: cobra.NoArgs,
+		Use: "reload", Example: "  sealdisk admin --socket /run/sealdisk/admin.sock reload", Short: "Re-read the config file and the PSP's trust store (as SIGHUP does) and show what changed", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := newAdminClient(cmd)
 			if err != nil {
@@ -283,6 +283,9 @@ func adminReloadCmd() *cobra.Command {
 			}
 			if len(r.Restart) > 0 {
 				fmt.Fprintf(w, "changed, takes effect at the next start: %s\n", strings.Join(r.Restart, " "))
+			}
+			if len(r.Untrusted) > 0 {
+				fmt.Fprintf(w, "provider no longer trusted, still attached until detached: %s\n", strings.Join(r.Untrusted, " "))
 			}
 			if len(r.Failed) > 0 {
 				return fmt.Errorf("%d VM(s) failed; see above", len(r.Failed))

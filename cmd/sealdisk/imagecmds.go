@@ -28,6 +28,7 @@ import (
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // progress returns a progress callback drawing a bar when stderr is a terminal.
@@ -95,14 +96,21 @@ func newImage(out string, f *certFlags, virtualSize uint64, l format.Layout) (*i
 	}, nil
 }
 
-// createTemp creates OUT.tmp with header h; finish(nil) syncs and closes it, renames it to
+// createTemp creates OUT.tmp with header h, held under an exclusive lock (a leftover of a
+// crashed run is replaced, one another run is writing refused); finish(nil) syncs and closes it, renames it to
 // OUT and syncs the directory; finish(err) removes it and returns err.
 func createTemp(out string, h *format.Header) (*image.Image, func(error) error, error) {
 	tmp := out + ".tmp"
-	os.Remove(tmp)
+	if err := claimTemp(out, tmp); err != nil {
+		return nil, nil, err
+	}
 	img, err := image.Create(tmp, h)
 	if err != nil {
 		return nil, nil, err
+	}
+	if err := img.Store.Lock(true); err != nil {
+		img.Close()
+		return nil, nil, fmt.Errorf("another tool is writing --out %s: %w", out, err)
 	}
 	return img, func(err error) error {
 		if err == nil {
@@ -252,6 +260,9 @@ removed.`,
 				return err
 			}
 			defer img.Close()
+			if err := img.Store.Lock(false); err != nil {
+				return inUse("unseal", in, err)
+			}
 			if img.FellBack() {
 				slog.Warn("primary header invalid; using backup", "image", in, "error", img.Status.PrimaryErr)
 			}
@@ -355,6 +366,13 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 			if err != nil {
 				return err
 			}
+			// Held across reading the key and rewriting the headers, which open the file
+			// themselves: the lock is this open's, so they are not refused by it.
+			hold, err := store.OpenLocked(in, false)
+			if err != nil {
+				return inUse("reseal", in, err)
+			}
+			defer hold.Close()
 			cert, gen, err := resealCert(in, pspDir, chip, providerKey)
 			if err != nil {
 				return err

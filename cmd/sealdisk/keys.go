@@ -85,13 +85,13 @@ keys to it.`,
 	trust := &cobra.Command{
 		Use:     "trust",
 		Short:   "Manage the PSP's trusted provider keys",
-		Example: "  sealdisk psp trust add --dir psp provider/provider.pub",
+		Example: "  sealdisk psp trust add --dir psp provider/provider.pub\n  sealdisk psp trust list --dir psp\n  sealdisk psp trust remove --dir psp 1a2b3c4d5e6f7081.pub",
 	}
 	var tdir string
 	add := &cobra.Command{
 		Use:     "add PROVIDER.pub",
 		Short:   "Trust a provider's public key",
-		Long:    "Copies the provider's PEM public key into the PSP's trust store (DIR/trust). Certificates signed by untrusted providers are refused.",
+		Long:    "Copies the provider's PEM public key into the PSP's trust store (DIR/trust). Certificates signed by untrusted providers are refused. A running 'sealdisk serve' accepts the provider after a reload (SIGHUP or 'sealdisk admin reload').",
 		Example: "  sealdisk psp trust add --dir psp provider/provider.pub",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -102,7 +102,55 @@ keys to it.`,
 		},
 	}
 	add.Flags().StringVar(&tdir, "dir", "", "PSP directory")
-	trust.AddCommand(add)
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the trusted provider keys",
+		Long: `Prints one line per provider key in the PSP's trust store (DIR/trust): its file name (the NAME
+'trust remove' takes), the certificate signature algorithm it verifies, and the SHA-256 of the
+key (as 'inspect' prints provider_key_sha256).`,
+		Example: "  sealdisk psp trust list --dir psp",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := need(map[string]string{"dir": tdir}); err != nil {
+				return err
+			}
+			keys, err := psp.TrustedProviders(tdir)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if len(keys) == 0 {
+				fmt.Fprintf(w, "no trusted provider keys in %s\n", filepath.Join(tdir, psp.TrustDir))
+			}
+			for _, k := range keys {
+				fmt.Fprintf(w, "%s  %s  sha256:%s\n", k.Name, k.Alg, k.SHA256)
+			}
+			return nil
+		},
+	}
+	list.Flags().StringVar(&tdir, "dir", "", "PSP directory")
+	remove := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Stop trusting a provider's public key",
+		Long: `Deletes the provider key NAME (a file name as 'trust list' prints it; .pub may be left off) from
+the PSP's trust store. Images that provider signed are refused from then on: by the offline
+tools at once, by a running 'sealdisk serve' after a reload (SIGHUP or 'sealdisk admin
+reload'). VMs already attached keep running until they are detached; the reload lists them.`,
+		Example: "  sealdisk psp trust remove --dir psp 1a2b3c4d5e6f7081.pub",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := need(map[string]string{"dir": tdir}); err != nil {
+				return err
+			}
+			if err := psp.RemoveTrustedProvider(tdir, args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed %s; reload a running server (SIGHUP or 'sealdisk admin reload') to refuse it there\n", args[0])
+			return nil
+		},
+	}
+	remove.Flags().StringVar(&tdir, "dir", "", "PSP directory")
+	trust.AddCommand(add, list, remove)
 	cmd.AddCommand(initCmd, trust)
 	return cmd
 }

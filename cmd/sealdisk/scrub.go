@@ -49,6 +49,9 @@ image is never changed.`,
 				return err
 			}
 			defer img.Close()
+			if err := img.Store.Lock(false); err != nil {
+				return inUse("scrub", args[0], err)
+			}
 			if img.Header.Version < format.HeaderVersion2 {
 				return fmt.Errorf("%s is a version-%d image, which has no integrity tree to scrub: `sealdisk unseal` checks every sector of it", args[0], img.Header.Version)
 			}

@@ -27,8 +27,10 @@ verified and opened, key bound to the VM's ASID in the engine — and serves eac
 as an NBD export (Unix socket by default; TCP only with TLS unless nbd.insecure_tcp) and, when
 fuse.mountpoint is set, as MOUNTPOINT/NAME.raw. A VM whose checks fail is not attached (the
 reason is logged) and the others still serve. SIGTERM/SIGINT: stop accepting, finish in-flight
-requests, flush, unmount, zeroise keys, exit 0. SIGHUP re-reads the config: VMs no longer
-listed are detached, new ones attached (as are ones whose attach failed before).
+requests, flush, unmount, zeroise keys, exit 0. SIGHUP re-reads the config and the PSP's trust
+store (psp trust add/remove): VMs no longer listed are detached, new ones attached (as are ones
+whose attach failed before), under the trust store as it is now. An image attached read-write
+is locked: a second attach of the same file, here or by another process, is refused.
 With admin.socket set, 'sealdisk admin' attaches, detaches, attests and reports status.
 
 Every config key is also a SEALDISK_* environment variable (SEALDISK_PSP_DIR) and, for the

@@ -37,6 +37,9 @@ images attach read-only; the upgraded one attaches read-write.`,
 				return err
 			}
 			defer src.Close()
+			if err := src.Store.Lock(false); err != nil {
+				return inUse("upgrade", in, err)
+			}
 			sh := src.Header
 			if sh.Version != format.HeaderVersion1 {
 				return fmt.Errorf("%s is already a version-%d image", in, sh.Version)
