@@ -11,8 +11,8 @@ import (
 // A pendingWrite is one append to the journal by one part: its blocks as written (headers and
 // ciphertexts), kept until they are applied in place — written to the data region, trims
 // punched — which may happen only once a commit has made them durable (FORMAT.md §6.2). Until
-// then the part keeps the lines of its sectors in the cache (pinned), so no read goes to the
-// data region for them.
+// then the part records each of its sectors (p.unapplied): a read of one without a cache line
+// opens the append's ciphertext here, never the data region, which is stale.
 type pendingWrite struct {
 	p      *part
 	buf    []byte // block headers and ciphertexts, as appended
@@ -21,7 +21,7 @@ type pendingWrite struct {
 	pos    uint64            // its offset in its epoch's journal, set by journal.append
 	end    uint64            // the LSN after it, set by journal.append
 	// applied is set once its data is in place, by the part or by a checkpoint (which holds
-	// d.ckpt exclusively, so never both at once); the part then unpins its lines.
+	// d.ckpt exclusively, so never both at once); the part then retires it.
 	applied atomic.Bool
 }
 
@@ -113,8 +113,8 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 	return nil
 }
 
-// applyCommitted applies the part's committed writes, oldest first, and unpins their lines.
-// A failure leaves the write pending (its lines pinned), to be tried again: the journal holds
+// applyCommitted applies the part's committed writes, oldest first, and retires them. A
+// failure leaves the write pending (its sectors read from it), to be tried again: the journal holds
 // it, and the checkpoint writes it in place before the journal is reused.
 func (p *part) applyCommitted() error {
 	d := p.d
@@ -138,16 +138,34 @@ func (p *part) applyCommitted() error {
 	return nil
 }
 
-// retire unpins the lines of an applied write and frees its buffer.
+// retire forgets an applied write's sectors (those no later append or zeroing took over) and
+// frees its buffer: their ciphertext is the data region's now.
 func (p *part) retire(w *pendingWrite) {
-	for _, b := range w.blocks {
-		for _, e := range b.ents {
-			if l := p.lines[e.LBA]; l != nil && l.pin == w {
-				l.pin = nil
-				p.pinned--
+	for i, e := range w.ents {
+		if r, ok := p.unapplied[e.LBA]; ok && r.w == w && r.i == i {
+			delete(p.unapplied, e.LBA)
+			if p.lines[e.LBA] == nil {
+				p.clearMask(e.LBA)
 			}
 		}
 	}
 	p.pendingBytes -= len(w.buf)
 	w.free()
+}
+
+// unappliedRef is a sector's latest ciphertext in a journal append not yet applied in place:
+// the i-th sector of w.
+type unappliedRef struct {
+	w *pendingWrite
+	i int
+}
+
+// openUnapplied decrypts lba's sector from its unapplied append into dst (sector size, with
+// TagSize bytes of capacity). The entry is the append's own, which the part's pages hold.
+func (p *part) openUnapplied(r unappliedRef, lba uint64, dst []byte) error {
+	p.d.e.Stats.CacheHits.Add(1)
+	if err := p.d.c.Open(lba, dst, r.w.data(r.i), &r.w.ents[r.i].Entry); err != nil {
+		return p.d.openFailed(nil, lba, err)
+	}
+	return nil
 }

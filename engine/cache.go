@@ -8,9 +8,10 @@ import (
 )
 
 // The plaintext write-back cache of a part: one line per cached sector, in an LRU list, with
-// a bit mask per metadata page's worth of sectors saying which have a line. Reads do not
-// allocate lines (read.go); writes do (write.go); shrink evicts beyond the bound, writing dirty
-// lines back first (writeback.go).
+// a bit mask per metadata page's worth of sectors saying which have a line or an unapplied
+// journal append (apply.go) — the sectors a read must not take from the data region. Reads do
+// not allocate lines (read.go); writes do (write.go); shrink evicts beyond the bound, writing
+// dirty lines back first (writeback.go).
 
 // line is one cached plaintext sector.
 type line struct {
@@ -19,9 +20,6 @@ type line struct {
 	data       []byte // sector bytes; cap sector+TagSize
 	dirty      bool
 	dirtyAt    time.Time
-	// pin is the journal append holding this sector's latest ciphertext until it is applied in
-	// place (apply.go): the line is not evicted before, since the data region is stale.
-	pin *pendingWrite
 }
 
 // lineList is the intrusive doubly linked LRU list of a part's lines, most recently used at
@@ -75,19 +73,24 @@ func (p *part) newLine(lba uint64) *line {
 func (p *part) drop(l *line) {
 	p.lineLRU.unlink(l)
 	delete(p.lines, l.lba)
-	if pg, m := l.lba/entriesPerPage, p.lineMask[l.lba/entriesPerPage]&^lineBit(l.lba); m == 0 {
-		delete(p.lineMask, pg)
-	} else {
-		p.lineMask[pg] = m
+	if _, ok := p.unapplied[l.lba]; !ok {
+		p.clearMask(l.lba)
 	}
 	if l.dirty {
 		l.dirty = false
 		p.dirty--
 	}
-	if l.pin != nil {
-		panic("BUG: engine: dropping a line whose journal append is not applied")
-	}
 	p.spare = append(p.spare, l)
+}
+
+// clearMask clears lba's bit in its page's lineMask: it has neither a line nor an unapplied
+// append.
+func (p *part) clearMask(lba uint64) {
+	if pg, m := lba/entriesPerPage, p.lineMask[lba/entriesPerPage]&^lineBit(lba); m == 0 {
+		delete(p.lineMask, pg)
+	} else {
+		p.lineMask[pg] = m
+	}
 }
 
 // insert caches l (from newLine) as most recently used.
@@ -102,7 +105,7 @@ func (p *part) insert(l *line) *line {
 func lineBit(lba uint64) uint64 { return 1 << (lba % entriesPerPage) }
 
 // cached returns lba's line, or nil. Most sectors have none, and their page's mask says so
-// without a lookup in lines.
+// without a lookup in lines. (A set bit with no line is an unapplied append: p.unapplied.)
 func (p *part) cached(lba uint64) *line {
 	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
 		return nil
@@ -110,8 +113,8 @@ func (p *part) cached(lba uint64) *line {
 	return p.lines[lba]
 }
 
-// uncached is how many sectors from lba on, at most n, have no line: one mask per metadata
-// page's worth of sectors.
+// uncached is how many sectors from lba on, at most n, have no line and no unapplied append
+// (their ciphertext is the data region's): one mask per metadata page's worth of sectors.
 func (p *part) uncached(lba uint64, n int64) int64 {
 	for k := int64(0); k < n; {
 		a := lba + uint64(k)
@@ -140,40 +143,24 @@ func (p *part) markClean(l *line) {
 }
 
 // shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
-// Lines pinned by a journal append wait until it is applied, and do not count against the
-// bound: the appends' own bound (maxPending, a quarter of the cache) commits them.
+// A line whose sector's append is not applied yet may go too: reads then open the append's
+// ciphertext, kept in memory until it is applied (p.unapplied).
 func (p *part) shrink() error {
-	for tries := 0; len(p.lines)-p.pinned > p.maxLines; tries++ {
+	for len(p.lines) > p.maxLines {
 		p.wb, p.victims = p.wb[:0], p.victims[:0]
-		want := min(64, len(p.lines)-p.pinned-p.maxLines+32)
-		for l, seen := p.lineLRU.tail, 0; l != nil && len(p.victims) < want && seen < len(p.lines); seen++ {
-			prev := l.prev
-			if l.pin != nil && !l.dirty {
-				p.lineLRU.touch(l) // out of the way of the next scan; evictable once applied
-			} else {
-				p.victims = append(p.victims, l)
-				if l.dirty {
-					p.wb = append(p.wb, l)
-				}
+		want := min(64, len(p.lines)-p.maxLines+32)
+		for l := p.lineLRU.tail; l != nil && len(p.victims) < want; l = l.prev {
+			p.victims = append(p.victims, l)
+			if l.dirty {
+				p.wb = append(p.wb, l)
 			}
-			l = prev
 		}
 		if err := p.writeback(p.wb); err != nil {
 			return err
 		}
-		dropped := 0
 		for _, l := range p.victims {
-			if l.pin == nil {
+			if p.lines[l.lba] == l { // a write-back's relieve may have dropped none, but be sure
 				p.drop(l)
-				dropped++
-			}
-		}
-		if dropped == 0 && len(p.lines)-p.pinned > p.maxLines {
-			if tries > 2 {
-				return nil // everything is pinned by appends that cannot be applied yet: over the bound until they are
-			}
-			if err := p.relieve(true); err != nil {
-				return err
 			}
 		}
 	}

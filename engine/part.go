@@ -50,12 +50,13 @@ type part struct {
 	spareMeta *metaPage   // an evicted page's memory, for the next miss
 	maxPages  int
 
-	// Journal appends not yet applied in place (apply.go), oldest first; their bytes, and how
-	// many lines they pin. maxPending bounds the bytes before a commit is forced.
+	// Journal appends not yet applied in place (apply.go), oldest first, and their bytes;
+	// maxPending bounds the bytes before a commit is forced. unapplied is each of their
+	// sectors' latest ciphertext, which reads use while the data region is stale.
 	pending      []*pendingWrite
 	pendingBytes int
-	pinned       int
 	maxPending   int
+	unapplied    map[uint64]unappliedRef
 
 	// scratch
 	ct, pagebuf []byte
@@ -74,22 +75,24 @@ type part struct {
 func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 	return &part{
 		d: d, shard: shard, lines: map[uint64]*line{}, lineMask: map[uint64]uint64{}, maxLines: maxLines,
+		unapplied: map[uint64]unappliedRef{},
 		pages: map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
 		pagebuf: make([]byte, 4096),
-		// pinned lines hold the cache: commit once a quarter of it waits to be applied
+		// appends' ciphertexts wait in memory: commit once a quarter of the cache's worth waits
 		maxPending: max(maxLines/4, 1) * int(d.ss),
 	}
 }
 
 // zeroise drops every line and page and clears every buffer that held plaintext (detach).
 func (p *part) zeroise() {
+	clear(p.unapplied) // the disk is closed: its appends are in place, or recovery's
 	for l := p.lineLRU.head; l != nil; {
 		n := l.next
-		l.pin = nil // the disk is closed: its appends are in place, or recovery's
 		p.drop(l)
 		l = n
 	}
+	clear(p.lineMask)
 	for _, l := range p.spare {
 		clear(l.data[:cap(l.data)])
 	}
@@ -97,7 +100,7 @@ func (p *part) zeroise() {
 	for _, w := range p.pending {
 		w.free()
 	}
-	p.pending, p.pendingBytes, p.pinned = nil, 0, 0
+	p.pending, p.pendingBytes = nil, 0
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
 	p.pageRing, p.hand, p.lastPage = nil, 0, nil

@@ -24,6 +24,22 @@ func (p *part) read(desc *dma.Descriptor) (*opening, error) {
 			copy(desc.Buf[sp.lo:sp.hi], l.data[sp.off:])
 			i++
 			continue
+		} else if r, ok := p.unappliedAt(desc.LBA + uint64(i)); ok {
+			sp := spanOf(desc, i, ss)
+			pt := p.ct[:ss]
+			err := p.openUnapplied(r, desc.LBA+uint64(i), pt)
+			if err == nil {
+				copy(desc.Buf[sp.lo:sp.hi], pt[sp.off:])
+			}
+			clear(pt)
+			if err != nil {
+				if o != nil {
+					o.release()
+				}
+				return nil, err
+			}
+			i++
+			continue
 		}
 		j := i + 1 + p.uncached(desc.LBA+uint64(i+1), int64(desc.Count)-i-1)
 		var err error
@@ -51,6 +67,14 @@ func (p *part) load(lba uint64) (*line, error) {
 		return l, nil
 	}
 	d := p.d
+	if r, ok := p.unappliedAt(lba); ok {
+		l := p.newLine(lba)
+		if err := p.openUnapplied(r, lba, l.data); err != nil {
+			p.spare = append(p.spare, l)
+			return nil, err
+		}
+		return p.insert(l), nil
+	}
 	d.e.Stats.CacheMisses.Add(1)
 	// No read at all when the entry is zero (never written).
 	ents, any, err := p.entries(p.ents[:0], lba, 1)
@@ -70,6 +94,15 @@ func (p *part) load(lba uint64) (*line, error) {
 		return nil, d.openFailed(nil, lba, err)
 	}
 	return p.insert(l), nil
+}
+
+// unappliedAt is lba's unapplied append, if its mask bit says it may have one.
+func (p *part) unappliedAt(lba uint64) (unappliedRef, bool) {
+	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
+		return unappliedRef{}, false
+	}
+	r, ok := p.unapplied[lba]
+	return r, ok
 }
 
 // readDirect decrypts the uncached sectors i..j-1 of a read descriptor, at least one of them

@@ -11,8 +11,8 @@ import (
 
 // Write-back (FORMAT.md §6.2): dirty lines are sealed in batches and appended to the journal as
 // data blocks, without a sync; their new entries take effect in the part's pages and the tree.
-// The lines stay cached (pinned) until a commit has made the append durable and it is written
-// in place (apply.go).
+// Until a commit has made the append durable and it is written in place (apply.go), reads of
+// its sectors without a line open its ciphertext in memory (p.unapplied), never the data region.
 
 // flushDirty writes back every dirty line (older than cutoff, when cutoff is set).
 func (p *part) flushDirty(cutoff time.Time) error {
@@ -67,12 +67,9 @@ func (p *part) writebackBatch(ls []*line) error {
 		}
 		return err
 	}
-	for _, l := range ls {
+	for i, l := range ls {
 		p.markClean(l)
-		if l.pin == nil {
-			p.pinned++
-		}
-		l.pin = w
+		p.unapplied[l.lba] = unappliedRef{w: w, i: i}
 	}
 	d.e.Stats.Writebacks.Add(uint64(len(ls)))
 	return nil

@@ -61,8 +61,8 @@ func (p *part) zero(desc *dma.Descriptor) error {
 }
 
 // zeroSectors journals whole sectors as zero blocks and gives them zero entries; their lines
-// read as zeros from then on (a line still pinned by an earlier append keeps its place, zeroed,
-// until the zeroing is applied).
+// are dropped and an earlier unapplied append of theirs forgotten, so they read as zeros (a
+// zero entry is never opened from data).
 func (p *part) zeroSectors(lbas []uint64) error {
 	for len(lbas) > 0 {
 		n := min(len(lbas), maxWriteback)
@@ -76,15 +76,11 @@ func (p *part) zeroSectors(lbas []uint64) error {
 			return err
 		}
 		for _, lba := range batch {
-			l := p.lines[lba]
-			switch {
-			case l == nil:
-			case l.pin == nil:
+			delete(p.unapplied, lba)
+			if l := p.lines[lba]; l != nil {
 				p.drop(l)
-			default:
-				clear(l.data)
-				p.markClean(l)
-				l.pin = w
+			} else {
+				p.clearMask(lba)
 			}
 		}
 	}
