@@ -76,7 +76,7 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 	return &part{
 		d: d, shard: shard, lines: map[uint64]*line{}, lineMask: map[uint64]uint64{}, maxLines: maxLines,
 		unapplied: map[uint64]unappliedRef{},
-		pages: map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
+		pages:     map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
 		pagebuf: make([]byte, 4096),
 		// appends' ciphertexts wait in memory: commit once a quarter of the cache's worth waits
