@@ -37,9 +37,12 @@ func (s *stepStore) tick() {
 	}
 }
 
-func (s *stepStore) WriteAt(p []byte, off int64) (int, error) { s.tick(); return s.Crash.WriteAt(p, off) }
-func (s *stepStore) Sync() error                               { s.tick(); return s.Crash.Sync() }
-func (s *stepStore) Punch(off, n int64) error                  { s.tick(); return s.Crash.Punch(off, n) }
+func (s *stepStore) WriteAt(p []byte, off int64) (int, error) {
+	s.tick()
+	return s.Crash.WriteAt(p, off)
+}
+func (s *stepStore) Sync() error              { s.tick(); return s.Crash.Sync() }
+func (s *stepStore) Punch(off, n int64) error { s.tick(); return s.Crash.Punch(off, n) }
 
 // stepRoots is the image's root keeper; armed, it takes the crash image when the PSP is
 // about to record a new counter — after the image's sync, before the PSP knows.
