@@ -20,6 +20,7 @@ type line struct {
 	data       []byte // sector bytes; cap sector+TagSize
 	dirty      bool
 	dirtyAt    time.Time
+	dirtyIdx   int // its index in part.dirtyLines while dirty
 }
 
 // lineList is the intrusive doubly linked LRU list of a part's lines, most recently used at
@@ -76,10 +77,7 @@ func (p *part) drop(l *line) {
 	if _, ok := p.unapplied[l.lba]; !ok {
 		p.clearMask(l.lba)
 	}
-	if l.dirty {
-		l.dirty = false
-		p.dirty--
-	}
+	p.markClean(l)
 	p.spare = append(p.spare, l)
 }
 
@@ -129,7 +127,8 @@ func (p *part) uncached(lba uint64, n int64) int64 {
 func (p *part) markDirty(l *line, now time.Time) {
 	if !l.dirty {
 		l.dirty = true
-		p.dirty++
+		l.dirtyIdx = len(p.dirtyLines)
+		p.dirtyLines = append(p.dirtyLines, l)
 	}
 	l.dirtyAt = now
 }
@@ -138,7 +137,10 @@ func (p *part) markDirty(l *line, now time.Time) {
 func (p *part) markClean(l *line) {
 	if l.dirty {
 		l.dirty = false
-		p.dirty--
+		last := p.dirtyLines[len(p.dirtyLines)-1]
+		p.dirtyLines[l.dirtyIdx], last.dirtyIdx = last, l.dirtyIdx
+		p.dirtyLines[len(p.dirtyLines)-1] = nil
+		p.dirtyLines = p.dirtyLines[:len(p.dirtyLines)-1]
 	}
 }
 

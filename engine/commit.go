@@ -44,6 +44,26 @@ func (d *Disk) commit(bump bool) error {
 	return d.publishLocked(c, root, bump)
 }
 
+// committer commits whenever a part asks (requestCommit), until Close closes d.kick. A
+// failed commit loses nothing: the appends stay pending and the next commit — a flush's, or
+// the part's own once its appends reach their hard bound — starts over (and reports).
+func (d *Disk) committer() {
+	defer close(d.committerDone)
+	for range d.kick {
+		if err := d.commit(false); err != nil {
+			d.e.opts.Logger.Warn("background commit failed; the next flush retries", "asid", d.asid, "error", err)
+		}
+	}
+}
+
+// requestCommit asks the background committer for a commit, without waiting.
+func (d *Disk) requestCommit() {
+	select {
+	case d.kick <- struct{}{}:
+	default: // one is asked for already
+	}
+}
+
 // cutLocked is the state to commit: the journal's end and the tree's root over every entry
 // appended so far. The caller holds d.ckpt exclusively.
 func (d *Disk) cutLocked() (cut, [32]byte) {

@@ -55,6 +55,11 @@ type Disk struct {
 	// signals drained, on which Close waits.
 	state   atomic.Int64
 	drained chan struct{} // capacity 1
+
+	// kick asks the background committer (commit.go) for a commit: the cache's pressure
+	// commits without stopping the shard that felt it. committerDone closes when it has stopped.
+	kick          chan struct{} // capacity 1
+	committerDone chan struct{}
 }
 
 const stateClosed = 1 << 62
@@ -89,6 +94,8 @@ func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sect
 			return nil, err
 		}
 		d.sess = s
+		d.kick, d.committerDone = make(chan struct{}, 1), make(chan struct{})
+		go d.committer()
 	}
 	lines := max(int(e.opts.CacheBytes/d.ss/int64(len(e.shards))), 16)
 	for i := range e.shards {
@@ -310,6 +317,10 @@ func (d *Disk) Close() error {
 				err = d.checkpoint()
 			}
 		}
+	}
+	if d.kick != nil {
+		close(d.kick)
+		<-d.committerDone
 	}
 	// Zeroise each part on its own shard, so no worker touches it concurrently.
 	req := &request{}

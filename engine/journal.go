@@ -20,7 +20,7 @@ type journal struct {
 	d    *Disk
 	size uint64 // bytes of the journal region (Options.journalBytes in tests)
 
-	mu     sync.Mutex // guards everything below; held across each append's pwrite
+	mu     sync.Mutex // guards everything below; an append claims its place under it and writes after
 	epoch  uint64
 	head   uint64   // bytes appended in this epoch
 	seq    uint64   // seq of the next block

@@ -40,8 +40,10 @@ type part struct {
 	lineMask map[uint64]uint64 // metadata page index -> bit i set: its sector i has a line (absent: 0)
 	lineLRU  lineList
 	maxLines int
-	dirty    int
-	spare    []*line // dropped lines kept with their buffers for reuse; zeroised at detach
+	// dirtyLines is every dirty line, in no order (line.dirtyIdx), so a flush or an idle
+	// write-back visits what is dirty, not the whole cache.
+	dirtyLines []*line
+	spare      []*line // dropped lines kept with their buffers for reuse; zeroised at detach
 
 	pages     map[uint64]*metaPage
 	pageRing  []*metaPage // every cached page, in CLOCK order; len ≤ maxPages
@@ -96,7 +98,7 @@ func (p *part) zeroise() {
 	for _, l := range p.spare {
 		clear(l.data[:cap(l.data)])
 	}
-	p.spare, p.victims, p.wb = nil, nil, nil
+	p.spare, p.victims, p.wb, p.dirtyLines = nil, nil, nil, nil
 	for _, w := range p.pending {
 		w.free()
 	}

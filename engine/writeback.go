@@ -19,12 +19,12 @@ func (p *part) flushDirty(cutoff time.Time) error {
 	if err := p.applyCommitted(); err != nil {
 		return err
 	}
-	if p.dirty == 0 {
+	if len(p.dirtyLines) == 0 {
 		return nil
 	}
 	p.wb = p.wb[:0]
-	for l := p.lineLRU.head; l != nil; l = l.next {
-		if l.dirty && (cutoff.IsZero() || l.dirtyAt.Before(cutoff)) {
+	for _, l := range p.dirtyLines { // not the whole cache: a flush costs what is dirty
+		if cutoff.IsZero() || l.dirtyAt.Before(cutoff) {
 			p.wb = append(p.wb, l)
 		}
 	}
@@ -118,7 +118,10 @@ func (p *part) appendWrite(w *pendingWrite) error {
 
 // relieve commits and applies the part's appends when they hold more than their share of the
 // cache (or always, with force): the cache's pressure, not each write-back, decides when the
-// journal is synced. Too many metadata pages changed since the checkpoint start a checkpoint.
+// journal is synced. Past their share the background committer is asked (the shard goes on
+// writing; the part applies what it committed at its next write-back); past twice their
+// share the part commits itself and waits. Too many metadata pages changed since the
+// checkpoint start a checkpoint.
 func (p *part) relieve(force bool) error {
 	d := p.d
 	if d.meta.len() > d.e.opts.MaxChangedPages {
@@ -128,6 +131,10 @@ func (p *part) relieve(force bool) error {
 	}
 	if !force && p.pendingBytes <= p.maxPending {
 		return nil
+	}
+	if !force && p.pendingBytes <= 2*p.maxPending {
+		d.requestCommit()
+		return p.applyCommitted()
 	}
 	if err := d.commit(false); err != nil {
 		return err

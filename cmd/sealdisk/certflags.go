@@ -31,6 +31,7 @@ type certFlags struct {
 	notBefore, notAfter           string
 	readOnly                      bool
 	brokerURL, keyID              string
+	noTree                        bool // layout, not certificate: version 2 without the integrity tree
 }
 
 func (f *certFlags) register(cmd *cobra.Command) {
@@ -47,6 +48,7 @@ func (f *certFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.notBefore, "not-before", "", "certificate start (RFC 3339); default now")
 	fl.StringVar(&f.notAfter, "not-after", "", "certificate end (RFC 3339); overrides --valid-for")
 	fl.BoolVar(&f.readOnly, "read-only", false, "mark the image read-only")
+	fl.BoolVar(&f.noTree, "no-integrity-tree", false, "omit the integrity tree: forged holes and rollbacks of sectors go undetected (whole-image rollback still is); for trusted storage and benchmarks")
 	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
 	fl.StringVar(&f.keyID, "key-id", "", "key id at the broker")
 }
