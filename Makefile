@@ -5,7 +5,7 @@ PKGS     := ./...
 # Go and the tools `go install` puts in GOPATH/bin (staticcheck), whatever the caller's PATH.
 export PATH := /usr/local/go/bin:$(shell PATH=/usr/local/go/bin:$$PATH go env GOPATH 2>/dev/null)/bin:$(PATH)
 
-.PHONY: all build deps lint unit e2e fuzz test demo bench bench-engine bench-fuse clean
+.PHONY: all build deps lint unit e2e fuzz test demo bench bench-smoke bench-seal bench-engine bench-fuse clean
 # The gate's steps run in order (deps before the tests that need them), even under make -j.
 .NOTPARALLEL:
 
@@ -48,12 +48,23 @@ fuzz:
 	  done; \
 	done
 
-test: deps lint unit e2e fuzz
+test: deps lint unit e2e fuzz bench-smoke
 
 demo: build
 	scripts/demo.sh
 
+# fio against the peers (nbdkit-luks, qemu-nbd LUKS, qemu-storage-daemon FUSE, gocryptfs,
+# plain nbdkit), images on the disk file system first, then tmpfs, interleaved rounds; JSON
+# lines in bench-results.jsonl. CONTENDED=1: every core busy; APPEND=1: add to BENCHMARKS.md.
 bench: build
+	scripts/bench.sh
+
+# The bench command itself, in a few seconds (1 s runs, sealdisk and nbdkit-luks): part of test.
+bench-smoke: build
+	SHORT=1 JSON=$$(mktemp /tmp/bench-smoke.XXXX.jsonl) scripts/bench.sh
+
+# Seal/unseal throughput beside qemu-img's LUKS conversion (BENCHMARKS.md).
+bench-seal: build
 	scripts/bench-seal.sh
 
 # Engine 4K/64K random I/O beside raw AES-256-GCM, same run (BENCHMARKS.md). Five runs of

@@ -69,3 +69,32 @@ func FuzzParseCertificate(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseRootSlot: parsing a root record slot never panics, and a record that parses
+// re-marshals (its body and authenticator) to the slot's bytes.
+func FuzzParseRootSlot(f *testing.F) {
+	h, err := NewHeader(testUUID, 1<<30, 4096, SuiteAES256GCM, false, Layout{}, certBytes(f, testCert()))
+	if err != nil {
+		f.Fatal(err)
+	}
+	rec := RootFor(h)
+	rec.Auth, rec.Seq, rec.Counter, rec.Epoch, rec.Head = RootByPSP, 3, 42, 2, 8192
+	f.Add(MarshalRootSlot(rec.MarshalBody(), bytes.Repeat([]byte{7}, 32)))
+	rec.Auth = RootByProvider
+	f.Add(MarshalRootSlot(rec.MarshalBody(), bytes.Repeat([]byte{9}, 103)))
+	f.Add(make([]byte, RootSlotSize))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		slot := make([]byte, RootSlotSize)
+		copy(slot, data)
+		rec, body, auth, err := ParseRootSlot(slot, h)
+		if err != nil {
+			return
+		}
+		if rec.UUID != h.UUID {
+			t.Fatal("a record of another image parsed")
+		}
+		if !bytes.Equal(MarshalRootSlot(body, auth), slot) || !bytes.Equal(rec.MarshalBody(), body) {
+			t.Fatal("a parsed root record re-marshals differently")
+		}
+	})
+}

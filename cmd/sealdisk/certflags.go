@@ -31,7 +31,8 @@ type certFlags struct {
 	notBefore, notAfter           string
 	readOnly                      bool
 	brokerURL, keyID              string
-	noTree                        bool // layout, not certificate: version 2 without the integrity tree
+	noTree                        bool   // layout, not certificate: version 2 without the integrity tree
+	journalSize                   string // layout: the journal region's size ("" = the default)
 }
 
 func (f *certFlags) register(cmd *cobra.Command) {
@@ -48,6 +49,7 @@ func (f *certFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.notBefore, "not-before", "", "certificate start (RFC 3339); default now")
 	fl.StringVar(&f.notAfter, "not-after", "", "certificate end (RFC 3339); overrides --valid-for")
 	fl.BoolVar(&f.readOnly, "read-only", false, "mark the image read-only")
+	fl.StringVar(&f.journalSize, "journal-size", "", "journal region size, 1M to 1G in whole MiB (default 256M): bounds what is written between checkpoints")
 	fl.BoolVar(&f.noTree, "no-integrity-tree", false, "omit the integrity tree: forged holes and rollbacks of sectors go undetected (whole-image rollback still is); for trusted storage and benchmarks")
 	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
 	fl.StringVar(&f.keyID, "key-id", "", "key id at the broker")
@@ -180,4 +182,17 @@ func parseSize(arg string) (uint64, error) {
 		return 0, fmt.Errorf("size %q exceeds the 1 PiB maximum", arg)
 	}
 	return n * mult, nil
+}
+
+// layout is the image layout the flags ask for.
+func (f *certFlags) layout() (format.Layout, error) {
+	l := format.Layout{NoTree: f.noTree}
+	if f.journalSize != "" {
+		n, err := parseSize(f.journalSize)
+		if err != nil {
+			return l, fmt.Errorf("--journal-size: %w", err)
+		}
+		l.JournalSize = n
+	}
+	return l, nil
 }

@@ -162,7 +162,11 @@ takes 128 KiB on disk.`,
 			if n%uint64(f.sectorSize) != 0 {
 				return fmt.Errorf("--size %d is not a multiple of the %d-byte sector size", n, f.sectorSize)
 			}
-			img, _, finish, err := newImage(out, &f, n, format.Layout{NoTree: f.noTree})
+			l, err := f.layout()
+			if err != nil {
+				return err
+			}
+			img, _, finish, err := newImage(out, &f, n, l)
 			if err != nil {
 				return err
 			}
@@ -209,7 +213,11 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 				return fmt.Errorf("--in %s is empty: nothing to seal", in)
 			}
 			vs := format.RoundUpVirtualSize(uint64(fi.Size()), f.sectorSize)
-			img, c, finish, err := newImage(out, &f, vs, format.Layout{NoTree: f.noTree})
+			l, err := f.layout()
+			if err != nil {
+				return err
+			}
+			img, c, finish, err := newImage(out, &f, vs, l)
 			if err != nil {
 				return err
 			}
