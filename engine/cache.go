@@ -166,5 +166,14 @@ func (p *part) shrink() error {
 			}
 		}
 	}
+	if len(p.dirtyLines) > p.maxDirty {
+		// Write back what is dirty now, the cheap way (no sync): a later flush then seals
+		// only what was written since. A failure fails no guest request — the lines stay
+		// dirty, and the flush that needs them reports it.
+		p.wb = append(p.wb[:0], p.dirtyLines...)
+		if err := p.writeback(p.wb); err != nil {
+			p.d.e.opts.Logger.Debug("background write-back failed; the lines stay dirty", "asid", p.d.asid, "error", err)
+		}
+	}
 	return nil
 }

@@ -99,7 +99,9 @@ func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sect
 	}
 	lines := max(int(e.opts.CacheBytes/d.ss/int64(len(e.shards))), 16)
 	for i := range e.shards {
-		d.parts = append(d.parts, newPart(d, i, lines, e.opts.MetaPages))
+		p := newPart(d, i, lines, e.opts.MetaPages)
+		p.maxDirty = max(int(e.opts.DirtyBytes/d.ss/int64(len(e.shards))), 1)
+		d.parts = append(d.parts, p)
 	}
 	return d, nil
 }

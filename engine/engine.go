@@ -23,8 +23,12 @@ import (
 
 // Options configure an Engine.
 type Options struct {
-	Shards        int           // 0 = one per core
-	CacheBytes    int64         // plaintext write-back cache per attached disk; 0 = 64 MiB
+	Shards     int   // 0 = one per core
+	CacheBytes int64 // plaintext write-back cache per attached disk; 0 = 64 MiB
+	// DirtyBytes bounds the cache's dirty data per disk: past it, dirty lines are written back
+	// (sealed and appended to the journal, no sync) while the guest goes on, so a flush never
+	// has more than this to seal. 0 = an eighth of CacheBytes.
+	DirtyBytes    int64
 	IdleFlush     time.Duration // write back dirty sectors idle this long; 0 = 5 s
 	RingSize      int           // descriptors per submission ring; 0 = 256
 	StripeSectors uint64        // sectors per stripe (multiple of 64); 0 = 256
@@ -58,6 +62,9 @@ func (o *Options) fill() {
 	}
 	if o.CacheBytes <= 0 {
 		o.CacheBytes = 64 << 20
+	}
+	if o.DirtyBytes <= 0 || o.DirtyBytes > o.CacheBytes {
+		o.DirtyBytes = o.CacheBytes / 8
 	}
 	if o.IdleFlush <= 0 {
 		o.IdleFlush = 5 * time.Second

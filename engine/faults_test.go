@@ -143,7 +143,7 @@ func TestStoreErrorsSurface(t *testing.T) {
 			im := newTestImage(t, 4<<20, ss, 0)
 			es := storetest.NewErrStore(storetest.NewMem(0), nil)
 			im.create(t, es)
-			e := New(Options{Shards: 2, CacheBytes: 256 << 10, StripeSectors: 64, Logger: quietLog})
+			e := New(Options{Shards: 2, CacheBytes: 256 << 10, DirtyBytes: 256 << 10, StripeSectors: 64, Logger: quietLog})
 			defer e.Close()
 			d := im.attach(t, e, 1, es)
 			c.run(t, d, es, im)

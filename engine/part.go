@@ -43,6 +43,7 @@ type part struct {
 	// dirtyLines is every dirty line, in no order (line.dirtyIdx), so a flush or an idle
 	// write-back visits what is dirty, not the whole cache.
 	dirtyLines []*line
+	maxDirty   int     // dirty lines past which shrink writes them back (Options.DirtyBytes)
 	spare      []*line // dropped lines kept with their buffers for reuse; zeroised at detach
 
 	pages     map[uint64]*metaPage

@@ -19,7 +19,7 @@ func TestEvictedBeforeApplied(t *testing.T) {
 	im.create(t, st)
 	// One shard, 1024 lines: an eviction writes back ~33 lines, well under the 256 sectors of
 	// appends that force a commit, so the evicted sectors stay unapplied.
-	e := New(Options{Shards: 1, CacheBytes: 1024 * ss})
+	e := New(Options{Shards: 1, CacheBytes: 1024 * ss, DirtyBytes: 1024 * ss})
 	defer e.Close()
 	d := im.attach(t, e, 1, st)
 	ctx := context.Background()
@@ -52,6 +52,28 @@ func TestEvictedBeforeApplied(t *testing.T) {
 	must(t, d.ReadAt(ctx, got, 0))
 	if !bytes.Equal(got, make([]byte, ss)) {
 		t.Fatalf("a trimmed sector read %x…, want zeros (an older append showed through)", got[:4])
+	}
+	must(t, d.Close())
+}
+
+// TestDirtyBound: past Options.DirtyBytes the cache writes its dirty lines back while the
+// guest goes on, so a flush has at most that much to seal.
+func TestDirtyBound(t *testing.T) {
+	const ss = 4096
+	im := newTestImage(t, 8<<20, ss, 0)
+	st := storetest.NewCrash()
+	im.create(t, st)
+	e := New(Options{Shards: 1, CacheBytes: 256 * ss, DirtyBytes: 32 * ss})
+	defer e.Close()
+	d := im.attach(t, e, 1, st)
+	for i := int64(0); i < 100; i++ {
+		must(t, d.WriteAt(ctx, bytes.Repeat([]byte{byte(i)}, ss), i*ss, false))
+	}
+	if n := len(d.parts[0].dirtyLines); n > 32 {
+		t.Fatalf("%d dirty lines after 100 writes, bound 32", n)
+	}
+	if got := d.parts[0].cached(0); got == nil {
+		t.Fatal("written-back lines should stay cached (clean)")
 	}
 	must(t, d.Close())
 }
