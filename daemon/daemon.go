@@ -179,7 +179,7 @@ func New(opts Options) (_ *Daemon, err error) {
 		}()
 	}
 	if cfg.Admin.Socket != "" {
-		ln, err := listenUnix(cfg.Admin.Socket, 0o600)
+		ln, err := nbd.ListenUnix(cfg.Admin.Socket, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("admin.socket: %w", err)
 		}
@@ -190,7 +190,7 @@ func New(opts Options) (_ *Daemon, err error) {
 		kind, addr, _ := strings.Cut(m, ":")
 		var ln net.Listener
 		if kind == "unix" {
-			ln, err = listenUnix(addr, 0o660)
+			ln, err = nbd.ListenUnix(addr, 0o660)
 		} else {
 			ln, err = net.Listen("tcp", addr)
 		}
@@ -550,31 +550,6 @@ func listenNBD(l string, c config.NBDConfig) (net.Listener, error) {
 	return nbd.ListenTCP(addr, c.TLSCert != "", c.InsecureTCP)
 }
 
-// listenUnix listens on a Unix socket with mode, replacing a stale socket file (a socket
-// nobody answers on) but refusing to take over a live one or a non-socket file.
-func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("failed to listen on %s: a file that is not a socket is in the way", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("failed to listen on %s: another server is answering on it", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("failed to remove stale socket %s: %w", path, err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("failed to listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("failed to set mode of %s: %w", path, err)
-	}
-	return ln, nil
-}
 
 // serverTLS builds the NBD server's TLS config from nbd.tls_cert/tls_key/tls_client_ca.
 func serverTLS(c config.NBDConfig) (*tls.Config, error) {
