@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/store"
 )
 
@@ -35,13 +36,25 @@ func benchDir(b *testing.B) string {
 // holds up on a machine whose speed drifts between cases. BenchmarkRawAESGCM is the same
 // ceiling as a benchmark of its own (docs: BENCHMARKS.md).
 func BenchmarkEngine(b *testing.B) {
+	for _, l := range []struct {
+		name string
+		l    format.Layout
+	}{{"tree", format.Layout{}}, {"notree", format.Layout{NoTree: true}}} {
+		b.Run(l.name, func(b *testing.B) { benchEngine(b, l.l) })
+	}
+}
+
+// benchEngine is BenchmarkEngine on one layout: with the integrity tree (the default) or
+// without, so that the tree's cost is the ratio of two cases of one run.
+func benchEngine(b *testing.B, l format.Layout) {
 	const size = 1 << 30
-	im := newTestImage(b, size, 4096, 0)
+	im := newTestImageLayout(b, size, 4096, l)
 	p := filepath.Join(benchDir(b), "vm.img")
 	f, err := store.CreateFile(p)
 	if err != nil {
 		b.Fatal(err)
 	}
+	defer os.Remove(p)
 	im.create(b, f)
 	e := New(Options{CacheBytes: 64 << 20, Shards: benchShards, NoMap: os.Getenv("SEALDISK_BENCH_NOMAP") != ""})
 	defer e.Close()

@@ -23,7 +23,12 @@ type testImage struct {
 
 // newTestImage is a version-2 image of size bytes; journal 0 is the default journal size.
 func newTestImage(t testing.TB, size uint64, ss uint32, journal uint64) *testImage {
-	im := fixture.Shared(t).Image(t, fixture.Spec{Size: size, SectorSize: ss, Layout: format.Layout{JournalSize: journal}})
+	return newTestImageLayout(t, size, ss, format.Layout{JournalSize: journal})
+}
+
+// newTestImageLayout is newTestImage in a given layout (format version, journal size, tree).
+func newTestImageLayout(t testing.TB, size uint64, ss uint32, l format.Layout) *testImage {
+	im := fixture.Shared(t).Image(t, fixture.Spec{Size: size, SectorSize: ss, Layout: l})
 	return &testImage{Image: im, h: im.Header, key: im.Key, b: im.Binding()}
 }
 
