@@ -21,13 +21,16 @@ RT=${RT:-5}; ROUNDS=${ROUNDS:-2}; SIZE_MIB=${SIZE_MIB:-1024}
 WHERE=${WHERE:-disk,tmpfs}; ONLY=${ONLY:-nbd,fuse}; DISK_DIR=${DISK_DIR:-/var/tmp}
 JSON=${JSON:-$REPO/bench-results.jsonl}
 if [ -n "${SHORT:-}" ]; then RT=1; ROUNDS=1; SIZE_MIB=64; WHERE=${WHERE_SHORT:-tmpfs}; ONLY=nbd; fi
-for t in fio nbdkit qemu-img qemu-nbd; do
-  command -v "$t" >/dev/null || { echo "bench: $t missing (make deps)" >&2; exit 1; }
-done
+# The peers come from Debian packages: install what is missing.
+need_tool() { # TOOL PACKAGE
+  command -v "$1" >/dev/null && return 0
+  echo "bench: installing $2 (for $1)" >&2
+  { [ -n "${APT_UPDATED:-}" ] || apt-get update -qq; } && APT_UPDATED=1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  command -v "$1" >/dev/null || { echo "bench: $1 missing and $2 did not install it" >&2; exit 1; }
+}
+need_tool fio fio; need_tool nbdkit nbdkit; need_tool qemu-img qemu-utils; need_tool qemu-nbd qemu-utils
 if [[ $ONLY == *fuse* ]]; then
-  for t in gocryptfs qemu-storage-daemon fusermount3; do
-    command -v "$t" >/dev/null || { echo "bench: $t missing (make deps)" >&2; exit 1; }
-  done
+  need_tool gocryptfs gocryptfs; need_tool qemu-storage-daemon qemu-system-x86; need_tool fusermount3 fuse3
 fi
 S=$REPO/bin/sealdisk
 go build -o "$S" ./cmd/sealdisk
@@ -180,7 +183,7 @@ start_hog() {
   for _ in $(seq "$(nproc)"); do (while :; do :; done) & HOG+=($!); done
 }
 
-out "# sealdisk bench $(date -u +%FT%TZ) commit $COMMIT nproc $(nproc) load $(cut -d' ' -f1-3 /proc/loadavg) RT=$RT ROUNDS=$ROUNDS SIZE_MIB=$SIZE_MIB CONTENDED=${CONTENDED:-0} fio $(fio --version)"
+out "# sealdisk bench $(date -u +%FT%TZ) commit $COMMIT cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) nproc $(nproc) load $(cut -d' ' -f1-3 /proc/loadavg) RT=$RT ROUNDS=$ROUNDS SIZE_MIB=$SIZE_MIB CONTENDED=${CONTENDED:-0} fio $(fio --version)"
 start_hog
 for place in ${WHERE//,/ }; do
   case $place in
@@ -191,6 +194,34 @@ for place in ${WHERE//,/ }; do
 done
 stop_hog
 out "# end $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg); JSON lines in $JSON"
+python3 - "$JSON" <<'PY' | tee -a "$TXT"
+import json, statistics, sys
+from collections import defaultdict
+rows = [json.loads(l) for l in open(sys.argv[1])]
+med = defaultdict(list)
+for r in rows:
+    med[(r["place"], r["server"], r["workload"])].append(r)
+def m(place, server, wl, key):
+    v = [r[key] for r in med.get((place, server, wl), []) if r[key] is not None]
+    return statistics.median(v) if v else None
+pairs = [("sealdisk-nbd", p) for p in ("nbdkit-luks", "qemu-nbd-luks", "nbdkit-file", "sealdisk-notree")] + \
+        [("sealdisk-fuse", p) for p in ("gocryptfs", "qsd-fuse-luks")]
+places = sorted({r["place"] for r in rows}, key=lambda p: p != "disk")
+wls = list(dict.fromkeys(r["workload"] for r in rows))
+print("# ratios, medians over rounds: throughput (MB/s or IOPS) sealdisk/peer, then server CPU s/GiB sealdisk/peer")
+for place in places:
+    print(f"# {place}: " + " | ".join(f"{a.split('-')[1]}/{b}" for a, b in pairs if m(place, a, wls[0], 'iops') and m(place, b, wls[0], 'iops')))
+    for wl in wls:
+        key = "mb_s" if "1M" in wl else "iops"
+        cells = []
+        for a, b in pairs:
+            x, y = m(place, a, wl, key), m(place, b, wl, key)
+            if x is None or y is None:
+                continue
+            cx, cy = m(place, a, wl, "cpu_s_per_gib"), m(place, b, wl, "cpu_s_per_gib")
+            cells.append(f"{x / y:5.2f}x cpu {cx / cy if cx and cy else 0:4.2f}")
+        print(f"{place:5s} {wl:26s} " + " | ".join(cells))
+PY
 if [ -n "${APPEND:-}" ]; then
   {
     echo
