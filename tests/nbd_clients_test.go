@@ -152,91 +152,6 @@ func TestServeQemuIOPatterns(t *testing.T) {
 	}
 }
 
-// serveEdgeScript: protocol edges through libnbd against the served sealed image.
-const serveEdgeScript = `
-import errno, os
-uri = os.environ["NBD_URI"]
-
-def conn():
-    g = nbd.NBD()
-    g.add_meta_context("base:allocation")
-    g.connect_uri(uri)
-    return g
-
-def expect_err(fn, want, what):
-    try:
-        fn()
-    except nbd.Error as e:
-        assert e.errno == errno.errorcode[want], "%s: errno %s, want %s (%s)" % (what, e.errno, errno.errorcode[want], e)
-    else:
-        raise AssertionError(what + ": no error")
-
-h = conn()
-size = h.get_size()
-M = h.get_block_size(nbd.SIZE_MAXIMUM)
-assert M >= 32 * 1024 * 1024, "maximum block %d" % M
-M = 32 * 1024 * 1024
-for cap in ("can_multi_conn", "can_fua", "can_trim", "can_zero", "can_flush", "can_cache"):
-    assert getattr(h, cap)(), cap
-
-h.set_strict_mode(0)
-expect_err(lambda: h.pread(2, size - 1), errno.EINVAL, "read past end")
-expect_err(lambda: h.pwrite(b"ab", size - 1), errno.ENOSPC, "write past end")
-expect_err(lambda: h.trim(4096, size), errno.EINVAL, "trim past end")
-expect_err(lambda: h.zero(2, size - 1), errno.ENOSPC, "zero past end")
-assert h.pread(0, 0) == b"", "zero-length read"
-h.pwrite(b"", 0)
-assert h.pread(4, 0) is not None, "connection still usable after refusals"
-h.set_strict_mode(nbd.STRICT_MASK)
-
-# A 32 MiB request each way.
-big = os.urandom(M)
-h.pwrite(big, 0)
-assert h.pread(M, 0) == big, "32 MiB round trip"
-
-# 64 pipelined requests in flight at once.
-bufs = [nbd.Buffer(4096) for _ in range(64)]
-cookies = [h.aio_pread(bufs[i], i * 65536) for i in range(64)]
-assert h.aio_in_flight() > 1, "requests were not pipelined"
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-for i, c in enumerate(cookies):
-    assert h.aio_command_completed(c)
-    assert bufs[i].to_bytearray() == big[i * 65536:i * 65536 + 4096], "pipelined read %d" % i
-w = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i + 1]) * 4096), M + i * 4096) for i in range(64)]
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-for c in w:
-    assert h.aio_command_completed(c)
-assert h.pread(64 * 4096, M) == b"".join(bytes([i + 1]) * 4096 for i in range(64)), "pipelined writes"
-
-# Flush across two connections.
-h2 = conn()
-h.pwrite(b"multi-conn", 4 * 65536 + 7)
-h2.flush()
-assert h2.pread(10, 4 * 65536 + 7) == b"multi-conn"
-
-# Write zeroes then read; trim then block status; FUA.
-h.pwrite(b"\xbb" * 65536, 65536, nbd.CMD_FLAG_FUA)
-h.zero(65536, 65536)
-assert h.pread(65536, 65536) == bytes(65536), "write zeroes"
-h.pwrite(b"\xcc" * 65536, 131072)
-h.zero(65536 - 100, 131072 + 50, nbd.CMD_FLAG_NO_HOLE)
-assert h.pread(65536, 131072) == b"\xcc" * 50 + bytes(65536 - 100) + b"\xcc" * 50, "unaligned zero"
-h.trim(1024 * 1024, M + 1024 * 1024)
-assert h.pread(1024 * 1024, M + 1024 * 1024) == bytes(1024 * 1024), "trimmed range reads zero"
-ext = []
-def cb(metacontext, offset, entries, err):
-    ext.extend(entries)
-h.block_status(1024 * 1024, M + 1024 * 1024, cb)
-assert ext[1] & nbd.STATE_HOLE, "trimmed range is not a hole: %r" % ext
-h.cache(M, 0)
-h.flush()
-for g in (h, h2):
-    g.shutdown()
-print("edge cases ok")
-`
-
 func TestServeNbdshEdgeCases(t *testing.T) {
 	env := clienttool.NbdshEnv(t)
 	e := newEnv(t)
@@ -247,7 +162,7 @@ func TestServeNbdshEdgeCases(t *testing.T) {
 	}
 	e.seal(t, src, src+".img")
 	s := startServe(t, e, src+".img", false)
-	out := nbdClient(t, append(env, "NBD_URI="+s.uri()), "nbdsh", "-c", serveEdgeScript)
+	out := nbdClient(t, append(env, "NBD_URI="+s.uri()), "nbdsh", "-c", clienttool.EdgeScript)
 	if !strings.Contains(out, "edge cases ok") {
 		t.Fatalf("nbdsh:\n%s", out)
 	}
