@@ -550,7 +550,6 @@ func listenNBD(l string, c config.NBDConfig) (net.Listener, error) {
 	return nbd.ListenTCP(addr, c.TLSCert != "", c.InsecureTCP)
 }
 
-
 // serverTLS builds the NBD server's TLS config from nbd.tls_cert/tls_key/tls_client_ca.
 func serverTLS(c config.NBDConfig) (*tls.Config, error) {
 	if _, err := psp.ReadPrivateFile(c.TLSKey); err != nil {

@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-
 )
 
 // TestAttachArguments: flag mistakes are refused before anything is opened.
