@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sealdisk/sealdisk/broker"
 	"github.com/sealdisk/sealdisk/config"
 	"github.com/sealdisk/sealdisk/engine"
 	"github.com/sealdisk/sealdisk/fusefs"
@@ -134,7 +135,13 @@ func New(opts Options) (_ *Daemon, err error) {
 			d.Close(context.Background())
 		}
 	}()
-	if d.psp, err = psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: d.eng}); err != nil {
+	fetcher, err := broker.NewClient(broker.ClientOptions{
+		CAFile: cfg.PSP.BrokerCA, CertFile: cfg.PSP.BrokerClientCert, KeyFile: cfg.PSP.BrokerClientKey, Attempts: cfg.PSP.BrokerAttempts,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("psp.broker_*: %w", err)
+	}
+	if d.psp, err = psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: d.eng, Fetcher: fetcher, Logger: log}); err != nil {
 		return nil, err
 	}
 	if len(cfg.NBD.Listen) > 0 {
