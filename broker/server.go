@@ -75,7 +75,7 @@ type Server struct {
 
 	reg        *prometheus.Registry
 	requests   *prometheus.CounterVec
-	releases   prometheus.Counter
+	releases   *prometheus.CounterVec
 	refusals   *prometheus.CounterVec
 	releaseDur prometheus.Histogram
 }
@@ -108,7 +108,7 @@ func NewServer(cfg *Config, opts ServerOptions) (*Server, error) {
 		s.now = time.Now
 	}
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sealdisk_broker_requests_total", Help: "Protocol requests by endpoint (challenge, release)."}, []string{"endpoint"})
-	s.releases = prometheus.NewCounter(prometheus.CounterOpts{Name: "sealdisk_broker_releases_total", Help: "Keys released."})
+	s.releases = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sealdisk_broker_releases_total", Help: "Keys released, by key id (only ids with a policy)."}, []string{"key_id"})
 	s.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sealdisk_broker_refusals_total", Help: "Releases refused, by reason class."}, []string{"reason"})
 	s.releaseDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sealdisk_broker_release_seconds", Help: "Time to answer a release.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)})
 	s.reg.MustRegister(s.requests, s.releases, s.refusals, s.releaseDur)
@@ -263,7 +263,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusInternalServerError, ErrorResponse{Error: "release refused", Ref: e.Ref})
 		return
 	}
-	s.releases.Inc()
+	s.releases.WithLabelValues(e.KeyID).Inc()
 	s.log.Info("key released", "ref", e.Ref, "key_id", e.KeyID, "chip", e.Chip, "vm", e.VM, "image", e.Image, "lease_end", e.LeaseEnd, "client", e.Client)
 	writeJSON(w, http.StatusOK, ReleaseResponse{Grant: rel.Grant, SealedKey: rel.SealedKey})
 }

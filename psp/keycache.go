@@ -309,6 +309,9 @@ func (p *PSP) expireSlot(a ASID, ref remoteRef) {
 	}
 	p.log.Warn("remote key lease ended: the VM's key is cleared until it is detached and attached again",
 		"vm", s.launch.VM, "asid", a, "broker", ref.url, "key_id", ref.keyID)
+	if p.onLeaseEnd != nil {
+		p.onLeaseEnd(a, s.launch.VM)
+	}
 }
 
 // discardLogger is the PSP's logger when Options.Logger is nil.

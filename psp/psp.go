@@ -82,6 +82,10 @@ type Options struct {
 	// FetchTimeout bounds one fetch, retries included; 0 = 30 s.
 	FetchTimeout time.Duration
 	Logger       *slog.Logger // remote-key lease events; nil = discard
+	// OnLeaseEnd is called (in its own goroutine's time, outside the PSP's locks) after a
+	// remote key's lease ended unrenewed and the PSP cleared vm's engine slot at asid; the
+	// ASID stays allocated until Detach. Nil: nothing is called.
+	OnLeaseEnd func(asid ASID, vm string)
 }
 
 // PSP is one chip. It is safe for concurrent use.
@@ -102,6 +106,7 @@ type PSP struct {
 	identity     map[string][32]byte // digests of the identity files as loaded (reload.go)
 	fetcher      KeyFetcher
 	fetchTimeout time.Duration
+	onLeaseEnd   func(ASID, string)
 	log          *slog.Logger
 	keys         keyCache // remote keys (keycache.go)
 
@@ -165,7 +170,7 @@ func Open(dir string, opts Options) (*PSP, error) {
 		dir: dir, kem: kem, kemID: kemID, id: cc.ID, attest: attest,
 		chip: cc.Cert, chipPEM: chipPEM, vendor: vendor,
 		now: opts.Now, binder: opts.Binder, maxASIDs: opts.ASIDs,
-		slots: make(map[ASID]*slot), fetcher: opts.Fetcher, fetchTimeout: opts.FetchTimeout, log: opts.Logger,
+		slots: make(map[ASID]*slot), fetcher: opts.Fetcher, fetchTimeout: opts.FetchTimeout, log: opts.Logger, onLeaseEnd: opts.OnLeaseEnd,
 	}
 	if p.fetchTimeout <= 0 {
 		p.fetchTimeout = 30 * time.Second

@@ -284,7 +284,7 @@ themselves do not change (they encrypt the images).`,
 }
 
 func brokerAuditCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "audit", Short: "Check the audit log"}
+	cmd := &cobra.Command{Use: "audit", Short: "Check the audit log", Example: "  sealdisk broker audit verify --config broker.yaml"}
 	cmd.AddCommand(&cobra.Command{
 		Use:     "verify",
 		Short:   "Verify the audit log's hash chain",
