@@ -57,7 +57,6 @@ type harness struct {
 	log      *syncBuffer
 	offset   atomic.Int64 // the broker's clock runs this many ns ahead
 	images   map[string]*fixture.Image
-	url      string
 	cfgPath  string
 }
 
@@ -97,9 +96,13 @@ const policies = `
 
 var keyIDs = []string{"k-ok", "k-meas", "k-vendor", "k-window", "k-revoked", "k-nostore", "k-nopolicy", "k-vm", "k-rate"}
 
-func newHarness(t *testing.T, extra string) *harness {
+func newHarness(t testing.TB, extra string) *harness {
 	t.Helper()
-	w := fixture.Shared(t)
+	return newHarnessIn(t, extra, fixture.Shared(t))
+}
+
+func newHarnessIn(t testing.TB, extra string, w *fixture.World) *harness {
+	t.Helper()
 	d := t.TempDir()
 	h := &harness{w: w, dir: d, identity: filepath.Join(d, "identity"), store: filepath.Join(d, "store"),
 		fw: filepath.Join(d, "OVMF.fd"), log: &syncBuffer{}, images: map[string]*fixture.Image{}}
@@ -114,7 +117,7 @@ func newHarness(t *testing.T, extra string) *harness {
 	return h
 }
 
-func (h *harness) writeConfig(t *testing.T, name, extra string, m []byte) string {
+func (h *harness) writeConfig(t testing.TB, name, extra string, m []byte) string {
 	t.Helper()
 	pol := fmt.Sprintf(policies, filepath.Join(h.w.VendorDir, "vendor.crt"), filepath.Join(h.w.ProviderDir, "provider.pub"),
 		filepath.Join(h.dir, "vendor2", "vendor.crt"), strings.Repeat("11", 48))
@@ -127,7 +130,7 @@ func (h *harness) writeConfig(t *testing.T, name, extra string, m []byte) string
 }
 
 // start runs a server for the config at path and returns its base URL.
-func (h *harness) start(t *testing.T, path string) string {
+func (h *harness) start(t testing.TB, path string) string {
 	t.Helper()
 	cfg, err := broker.LoadConfig(path)
 	must(t, err)
@@ -147,7 +150,7 @@ func (h *harness) start(t *testing.T, path string) string {
 
 // putKeys makes one image per key id referencing url and stores its key (except k-nostore),
 // then revokes k-revoked.
-func (h *harness) putKeys(t *testing.T, url string) {
+func (h *harness) putKeys(t testing.TB, url string) {
 	t.Helper()
 	st, err := broker.OpenStore(h.store, h.identity)
 	must(t, err)
@@ -176,7 +179,7 @@ func (c *capture) FetchKey(_ context.Context, req psp.KeyRequest) (*psp.Release,
 
 // attester launches image id's VM under vm and returns the PSP's attest function and the
 // certificate bytes.
-func (h *harness) attester(t *testing.T, id, vm string) (func([]byte) ([]byte, error), []byte) {
+func (h *harness) attester(t testing.TB, id, vm string) (func([]byte) ([]byte, error), []byte) {
 	t.Helper()
 	c := &capture{}
 	p, err := psp.Open(h.w.ChipDir, psp.Options{Binder: &binder{}, Fetcher: c})
@@ -189,7 +192,7 @@ func (h *harness) attester(t *testing.T, id, vm string) (func([]byte) ([]byte, e
 	return c.req.Attest, c.req.Cert
 }
 
-func (h *harness) client(t *testing.T, withCert bool) *http.Client {
+func (h *harness) client(t testing.TB, withCert bool) *http.Client {
 	t.Helper()
 	b, err := os.ReadFile(h.tls.CA)
 	must(t, err)
@@ -204,7 +207,7 @@ func (h *harness) client(t *testing.T, withCert bool) *http.Client {
 	return &http.Client{Transport: &http.Transport{TLSClientConfig: tc}}
 }
 
-func post(t *testing.T, c *http.Client, url string, in any) (int, []byte) {
+func post(t testing.TB, c *http.Client, url string, in any) (int, []byte) {
 	t.Helper()
 	b, _ := json.Marshal(in)
 	resp, err := c.Post(url, "application/json", bytes.NewReader(b))
@@ -214,7 +217,7 @@ func post(t *testing.T, c *http.Client, url string, in any) (int, []byte) {
 	return resp.StatusCode, out
 }
 
-func (h *harness) challenge(t *testing.T, c *http.Client, url, keyID string) []byte {
+func (h *harness) challenge(t testing.TB, c *http.Client, url, keyID string) []byte {
 	t.Helper()
 	code, body := post(t, c, url+"/v1/challenge", broker.ChallengeRequest{KeyID: keyID})
 	if code != 200 {
