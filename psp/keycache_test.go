@@ -26,6 +26,10 @@ type fakeBroker struct {
 	key   []byte
 	lease time.Duration
 
+	// grant changes the grant before it is sealed; tamper changes the release after.
+	grant  func(*psp.Grant)
+	tamper func(*psp.Release)
+
 	mu    sync.Mutex // guards calls, fail, gate
 	calls int
 	fail  error
@@ -53,10 +57,18 @@ func (f *fakeBroker) FetchKey(_ context.Context, req psp.KeyRequest) (*psp.Relea
 	if err != nil {
 		return nil, err
 	}
-	return psp.SealRelease(f.w.Chip, psp.Grant{
+	g := psp.Grant{
 		KeyID: req.KeyID, ImageUUID: body.ImageUUID, ChipID: body.ChipID, Nonce: hex.EncodeToString(nonce),
 		LeaseEnd: time.Now().Add(f.lease).UTC().Format(time.RFC3339),
-	}, f.key)
+	}
+	if f.grant != nil {
+		f.grant(&g)
+	}
+	rel, err := psp.SealRelease(f.w.Chip, g, f.key)
+	if err == nil && f.tamper != nil {
+		f.tamper(rel)
+	}
+	return rel, err
 }
 
 func (f *fakeBroker) count() int {
@@ -246,5 +258,35 @@ func TestRemoteKeyStaleRelease(t *testing.T) {
 	}
 	if r.b.loadCount() != 0 || len(r.p.Launches()) != 0 {
 		t.Fatal("a stale release bound a key")
+	}
+}
+
+// TestRemoteKeyReleaseChecks: a release for another nonce, image or key id, or whose grant was
+// changed after sealing (a longer lease), is refused and binds nothing.
+func TestRemoteKeyReleaseChecks(t *testing.T) {
+	for name, c := range map[string]struct {
+		grant  func(*psp.Grant)
+		tamper func(*psp.Release)
+		want   string
+	}{
+		"another nonce":  {grant: func(g *psp.Grant) { g.Nonce = strings.Repeat("00", 32) }, want: "another challenge"},
+		"another image":  {grant: func(g *psp.Grant) { g.ImageUUID = "00000000-0000-4000-8000-000000000000" }, want: "for image"},
+		"another key id": {grant: func(g *psp.Grant) { g.KeyID = "disk-9" }, want: "for key"},
+		"a longer lease": {tamper: func(r *psp.Release) {
+			r.Grant = bytes.Replace(r.Grant, []byte(`"lease_end":"20`), []byte(`"lease_end":"21`), 1)
+		}, want: "HPKE open"},
+		"another sealed key": {tamper: func(r *psp.Release) { r.SealedKey[len(r.SealedKey)-1] ^= 1 }, want: "HPKE open"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			r := newRemote(t, time.Minute, false)
+			r.fb.grant, r.fb.tamper = c.grant, c.tamper
+			_, err := r.launch("vm1")
+			if !errors.Is(err, psp.ErrRelease) || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want ErrRelease with %q", err, c.want)
+			}
+			if r.b.loadCount() != 0 || len(r.p.Launches()) != 0 {
+				t.Fatal("a bad release bound a key")
+			}
+		})
 	}
 }
