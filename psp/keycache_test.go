@@ -275,7 +275,7 @@ func TestRemoteKeyReleaseChecks(t *testing.T) {
 		"a longer lease": {tamper: func(r *psp.Release) {
 			r.Grant = bytes.Replace(r.Grant, []byte(`"lease_end":"20`), []byte(`"lease_end":"21`), 1)
 		}, want: "HPKE open"},
-		"a widened scope": {tamper: func(r *psp.Release) {
+		"a changed scope": {tamper: func(r *psp.Release) {
 			r.Grant = bytes.Replace(r.Grant, []byte(`{"version":1,`), []byte(`{"version":1,"vms":["vm1"],`), 1)
 		}, want: "HPKE open"},
 		"another sealed key": {tamper: func(r *psp.Release) { r.SealedKey[len(r.SealedKey)-1] ^= 1 }, want: "HPKE open"},

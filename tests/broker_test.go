@@ -150,8 +150,8 @@ func TestBrokerEndToEnd(t *testing.T) {
 	b := newBrokerEnv(t, e)
 	addr := freePort(t)
 	const lease = 6 * time.Second
-	cfg := b.config(t, "a", addr, lease.String(), "root", "data", "spare")
-	for _, id := range []string{"root", "data", "spare"} {
+	cfg := b.config(t, "a", addr, lease.String(), "root", "data", "spare", "rev")
+	for _, id := range []string{"root", "data", "spare", "rev"} {
 		b.put(t, cfg, id)
 	}
 	list := run(t, "broker", "list", "--config", cfg)
@@ -167,6 +167,8 @@ func TestBrokerEndToEnd(t *testing.T) {
 	e.seal(t, data, dataImg, b.remoteArgs(br.url, "data")...)
 	spareImg := filepath.Join(e.dir, "spare.img")
 	run(t, append([]string{"create", "--out", spareImg, "--size", "1M"}, e.certArgs(b.remoteArgs(br.url, "spare")...)...)...)
+	revImg := filepath.Join(e.dir, "rev.img")
+	run(t, append([]string{"create", "--out", revImg, "--size", "1M"}, e.certArgs(b.remoteArgs(br.url, "rev")...)...)...)
 	insp := run(t, "inspect", dataImg, "--trust", filepath.Join(e.psp, "trust"))
 	if !strings.Contains(insp, br.url) || !strings.Contains(insp, "data") {
 		t.Fatalf("inspect does not show the broker:\n%s", insp)
@@ -201,14 +203,26 @@ func TestBrokerEndToEnd(t *testing.T) {
 		t.Fatalf("after one lease: %d releases of data, want 2 (one renewal shared by both VMs)", n)
 	}
 
+	// Revocation: refused at the next fetch (the renewal), so the VM goes at its lease end
+	// (while the guest boots), and attaching it again is refused.
+	s.adminRun(t, "attach", "--name", "rev", "--image", revImg, "--firmware", e.fw)
+	run(t, "broker", "revoke", "--config", cfg, "rev")
+
 	if guest {
 		marker := fmt.Sprintf("broker-%d", time.Now().UnixNano())
 		checkConsole(t, bootGuest(t, "file=nbd+unix:///root?socket="+s.sock+",format=raw,if=virtio", marker), marker)
 	}
+	waitFor(t, s.server, "VM rev detached after its key was revoked", func() bool { return !strings.Contains(s.vmNames(t), "rev") })
+	if out, err := runErr("admin", "--socket", s.admin, "attach", "--name", "rev", "--image", revImg, "--firmware", e.fw); err == nil || !strings.Contains(out, "refused") || !strings.Contains(out, br.url) {
+		t.Fatalf("attach of a revoked key: %v\n%s", err, out)
+	}
+	if !strings.Contains(br.log.String(), "key revoked") {
+		t.Fatalf("the broker did not log the revocation as the reason:\n%s", br.log)
+	}
 
 	// A second broker process on the same store accepts the first one's challenge.
 	addrB := freePort(t)
-	brB := b.start(t, b.config(t, "b", addrB, lease.String(), "root", "data", "spare"), addrB)
+	brB := b.start(t, b.config(t, "b", addrB, lease.String(), "root", "data", "spare", "rev"), addrB)
 	crossReplica(t, b, s, br, brB, dataImg)
 	brB.stop(t)
 
