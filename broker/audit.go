@@ -143,9 +143,12 @@ func VerifyAudit(path, identityDir string) (n uint64, head string, err error) {
 		return 0, "", fmt.Errorf("failed to open audit log: %w", err)
 	}
 	defer f.Close()
-	a := &auditLog{path: path, key: id.auditKey}
+	return (&auditLog{path: path, key: id.auditKey}).verify(f)
+}
+
+func (a *auditLog) verify(r io.Reader) (n uint64, head string, err error) {
 	prev := zeroMAC
-	sc := bufio.NewScanner(f)
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		var l auditLine

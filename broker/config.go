@@ -122,8 +122,8 @@ func (c *Config) validate() error {
 			bad("keys."+id, "empty policy")
 			continue
 		}
-		if err := c.checkPolicy(p); err != nil {
-			errs = append(errs, fmt.Errorf("keys.%s.%w", id, err))
+		if err := c.checkPolicy("keys."+id+".", p); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
@@ -142,10 +142,10 @@ func (c *Config) CheckServe() error {
 	return errors.Join(errs...)
 }
 
-func (c *Config) checkPolicy(p *Policy) error {
+func (c *Config) checkPolicy(prefix string, p *Policy) error {
 	var errs []error
 	bad := func(key, format string, a ...any) {
-		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, a...)...))
+		errs = append(errs, fmt.Errorf("%s%s: "+format, append([]any{prefix, key}, a...)...))
 	}
 	if len(p.VendorRoots) == 0 {
 		bad("vendor_roots", "at least one vendor root certificate is required")
