@@ -13,7 +13,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sealdisk/sealdisk/broker"
-	"github.com/sealdisk/sealdisk/psp"
 )
 
 func brokerCmd() *cobra.Command {
@@ -185,19 +184,6 @@ An existing id, even a revoked one, is refused.`,
 	cmd.Flags().BoolVar(&generate, "generate", false, "generate the key")
 	cmd.Flags().StringVar(&keyOut, "key-out", "", "with --generate: also write the key here (mode 0600)")
 	return cmd
-}
-
-// readImageKeyFile reads a 32-byte raw image key from a file of mode 0600.
-func readImageKeyFile(path string) ([]byte, error) {
-	b, err := psp.ReadPrivateFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("--key-file: %w", err)
-	}
-	if len(b) != 32 {
-		clear(b)
-		return nil, fmt.Errorf("--key-file %s: %d bytes, want 32 raw bytes", path, len(b))
-	}
-	return b, nil
 }
 
 func brokerListCmd() *cobra.Command {

@@ -237,7 +237,7 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 }
 
 func unsealCmd() *cobra.Command {
-	var in, out, pspDir string
+	var in, out, pspDir, keyFile string
 	var force bool
 	cmd := &cobra.Command{
 		Use:   "unseal",
@@ -269,10 +269,10 @@ removed.`,
 			// run writes the plaintext: through the engine's read path for version 2 (root
 			// record, counter, tree), by the version-1 journal replay otherwise.
 			run := func(ctx context.Context, dst *os.File, prog image.Progress) error {
-				return unsealV2(ctx, img, pspDir, dst, prog)
+				return unsealV2(ctx, img, pspDir, keyFile, dst, prog)
 			}
 			if img.Header.Version < format.HeaderVersion2 {
-				c, err := openCipher(img, pspDir)
+				c, err := openCipher(img, pspDir, keyFile)
 				if err != nil {
 					return err
 				}
@@ -330,16 +330,17 @@ removed.`,
 	cmd.Flags().StringVar(&out, "out", "", "raw image to write")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
 	cmd.Flags().BoolVar(&force, "force", false, "overwrite --out")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "an image whose key is in a key broker: its key (32 raw bytes, mode 0600)")
 	return cmd
 }
 
 // openCipher verifies the certificate with the PSP and returns the image's sector cipher.
-func openCipher(img *image.Image, pspDir string) (*sector.Cipher, error) {
+func openCipher(img *image.Image, pspDir, keyFile string) (*sector.Cipher, error) {
 	p, err := psp.Open(pspDir, psp.Options{})
 	if err != nil {
 		return nil, err
 	}
-	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	key, err := offlineKey(p, img, keyFile)
 	if err != nil {
 		return nil, err
 	}
