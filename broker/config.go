@@ -173,15 +173,18 @@ func (c *Config) checkPolicy(prefix string, p *Policy) error {
 			p.providers[k] = v
 		}
 	}
-	for _, h := range p.Chips {
+	// Reports carry lower-case hex; compare like with like.
+	for i, h := range p.Chips {
 		if b, err := hex.DecodeString(h); err != nil || len(b) != 32 {
 			bad("chips", "%q is not a 64-digit hex chip id", h)
 		}
+		p.Chips[i] = strings.ToLower(h)
 	}
-	for _, h := range p.Measurements {
+	for i, h := range p.Measurements {
 		if b, err := hex.DecodeString(h); err != nil || (len(b) != 48 && len(b) != 32) {
 			bad("measurements", "%q is not a hex SHA-384 or SM3 digest", h)
 		}
+		p.Measurements[i] = strings.ToLower(h)
 	}
 	for i, u := range p.Images {
 		uu, err := parseUUID(u)

@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"net/http"
 	"os"
@@ -57,5 +58,17 @@ func TestServeOnUnixSocket(t *testing.T) {
 	}
 	if n := h.challenge(t, c, "https://localhost", "k-ok"); len(n) != 57 {
 		t.Fatalf("nonce of %d bytes", len(n))
+	}
+}
+
+// TestTLS13Only: a client that offers at most TLS 1.2 gets no connection.
+func TestTLS13Only(t *testing.T) {
+	h := newHarness(t, "")
+	url := h.start(t, h.cfgPath)
+	c := h.client(t, false)
+	c.Transport.(*http.Transport).TLSClientConfig.MinVersion = tls.VersionTLS12
+	c.Transport.(*http.Transport).TLSClientConfig.MaxVersion = tls.VersionTLS12
+	if _, err := c.Get(url + "/metrics"); err == nil || !strings.Contains(err.Error(), "protocol version") {
+		t.Fatalf("TLS 1.2 client: %v, want a protocol version failure", err)
 	}
 }
