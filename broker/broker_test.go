@@ -160,6 +160,12 @@ func TestRefusals(t *testing.T) {
 	if code != 400 || !strings.Contains(string(body), "bogus") {
 		t.Fatalf("malformed release: %d %s", code, body)
 	}
+	// A huge key id is refused before it reaches a log line (a line too long for the audit
+	// tail reader would stop every later release).
+	code, body = post(t, c, url+"/v1/release", broker.ReleaseRequest{KeyID: strings.Repeat("k", 200<<10)})
+	if code != 400 || !strings.Contains(string(body), "key_id must be") || strings.Contains(h.log.String(), strings.Repeat("k", 300)) {
+		t.Fatalf("huge key id: %d %.200s", code, body)
+	}
 	if code, _, body := attempt("k-ok", "vm1"); code != 200 {
 		t.Fatalf("after the refusals: %d %s", code, body)
 	}

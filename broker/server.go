@@ -213,8 +213,8 @@ func (s *Server) challenge(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: "bad challenge request: " + err.Error()})
 		return
 	}
-	if req.KeyID == "" {
-		writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: "bad challenge request: key_id is empty"})
+	if !validKeyID(req.KeyID) {
+		writeJSON(w, http.StatusBadRequest, ErrorResponse{Error: "bad challenge request: key_id must be 1..256 printable ASCII characters"})
 		return
 	}
 	// Any key id gets a nonce, so a challenge does not tell which ids exist.
@@ -249,6 +249,11 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, e, refuse("malformed", "malformed release request: %v", err), http.StatusBadRequest, "bad release request: "+err.Error())
 		return
 	}
+	if !validKeyID(req.KeyID) {
+		// Bounded before it goes into a log or audit line.
+		s.refuse(w, e, refuse("malformed", "malformed release request: key_id is not 1..256 printable ASCII characters"), http.StatusBadRequest, "bad release request: key_id must be 1..256 printable ASCII characters")
+		return
+	}
 	e.KeyID = req.KeyID
 	rel, ref := s.decide(r, &req, e)
 	if ref != nil {
@@ -277,6 +282,19 @@ func (s *Server) refuse(w http.ResponseWriter, e *AuditEntry, ref *refusal, code
 		s.log.Error("failed to audit a refusal", "ref", e.Ref, "error", err)
 	}
 	writeJSON(w, code, ErrorResponse{Error: msg, Ref: e.Ref})
+}
+
+// validKeyID is FORMAT.md's rule for a certificate's key_id.
+func validKeyID(id string) bool {
+	if id == "" || len(id) > 256 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x20 || id[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 func clientName(r *http.Request) string {
