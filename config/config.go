@@ -83,6 +83,14 @@ type LogConfig struct {
 type PSPConfig struct {
 	Dir   string `mapstructure:"dir"`
 	ASIDs int    `mapstructure:"asids"`
+	// Remote keys (docs/BROKER.md): the CA of key brokers' TLS certificates (empty: the
+	// system roots) and an optional client certificate for brokers that require one.
+	BrokerCA         string `mapstructure:"broker_ca"`
+	BrokerClientCert string `mapstructure:"broker_client_cert"`
+	BrokerClientKey  string `mapstructure:"broker_client_key"` // mode 0600
+	// BrokerAttempts bounds the tries of one key fetch while a broker is unreachable (backoff
+	// 250 ms, doubling); 0 = 4.
+	BrokerAttempts int `mapstructure:"broker_attempts"`
 }
 
 // Defaults are applied before the file, environment and flags.
@@ -91,6 +99,10 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("log.format", "text")
 	v.SetDefault("psp.dir", "")
 	v.SetDefault("psp.asids", 509)
+	v.SetDefault("psp.broker_ca", "")
+	v.SetDefault("psp.broker_client_cert", "")
+	v.SetDefault("psp.broker_client_key", "")
+	v.SetDefault("psp.broker_attempts", 0)
 	v.SetDefault("engine.shards", 0)
 	v.SetDefault("engine.cache_size", "256M")
 	v.SetDefault("engine.idle_flush", "5s")
@@ -173,6 +185,12 @@ func (c *Config) Validate() error {
 		if fi, err := os.Stat(c.PSP.Dir); err != nil || !fi.IsDir() {
 			errs = append(errs, &KeyError{"psp.dir", fmt.Sprintf("%s is not a directory", c.PSP.Dir)})
 		}
+	}
+	if (c.PSP.BrokerClientCert == "") != (c.PSP.BrokerClientKey == "") {
+		errs = append(errs, &KeyError{"psp.broker_client_cert", "broker_client_cert and broker_client_key go together"})
+	}
+	if c.PSP.BrokerAttempts < 0 || c.PSP.BrokerAttempts > 20 {
+		errs = append(errs, &KeyError{"psp.broker_attempts", fmt.Sprintf("%d is outside 0..20", c.PSP.BrokerAttempts)})
 	}
 	if c.Engine.Shards < 0 || c.Engine.Shards > 256 {
 		errs = append(errs, &KeyError{"engine.shards", fmt.Sprintf("%d is outside 0..256", c.Engine.Shards)})

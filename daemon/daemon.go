@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sealdisk/sealdisk/broker"
 	"github.com/sealdisk/sealdisk/config"
 	"github.com/sealdisk/sealdisk/engine"
 	"github.com/sealdisk/sealdisk/fusefs"
@@ -134,7 +135,14 @@ func New(opts Options) (_ *Daemon, err error) {
 			d.Close(context.Background())
 		}
 	}()
-	if d.psp, err = psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: d.eng}); err != nil {
+	fetcher, err := broker.NewClient(broker.ClientOptions{
+		CAFile: cfg.PSP.BrokerCA, CertFile: cfg.PSP.BrokerClientCert, KeyFile: cfg.PSP.BrokerClientKey, Attempts: cfg.PSP.BrokerAttempts,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("psp.broker_*: %w", err)
+	}
+	if d.psp, err = psp.Open(cfg.PSP.Dir, psp.Options{ASIDs: cfg.PSP.ASIDs, Binder: d.eng, Fetcher: fetcher, Logger: log,
+		OnLeaseEnd: func(a psp.ASID, vm string) { go d.leaseEnded(a, vm) }}); err != nil {
 		return nil, err
 	}
 	if len(cfg.NBD.Listen) > 0 {
@@ -383,6 +391,22 @@ func (d *Daemon) detach(ctx context.Context, name string) error {
 	}
 	d.log.Info("VM detached", "vm", name, "asid", a.Launch.ASID)
 	return nil
+}
+
+// leaseEnded detaches a VM whose remote key's lease ran out unrenewed (the broker was
+// unreachable or refused: a revoked key): the PSP has cleared its key already, so its export
+// and FUSE file go and its image is unlocked. Status lists the reason under not_attached; a
+// reload or an admin attach attaches it again once the broker releases the key.
+func (d *Daemon) leaseEnded(a psp.ASID, vm string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v := d.vms[vm]
+	if d.closed || v == nil || v.Launch.ASID != a {
+		return
+	}
+	d.log.Warn("VM detached: its remote key's lease ended without renewal", "vm", vm, "asid", a)
+	d.detach(context.Background(), vm)
+	d.failures[vm] = "remote key lease ended without renewal (broker unreachable or key revoked)"
 }
 
 // ReloadResult says what a reload changed.

@@ -38,8 +38,8 @@
 // refusal, each with its own sentinel: ErrUnknownProvider, ErrBadSignature, ErrWrongChip,
 // ErrNotYetValid / ErrExpired, ErrImageMismatch (format's, naming the field),
 // ErrFirmwareMismatch (Launch only, before any key is unwrapped or any ASID taken),
-// ErrRemoteKey (the certificate names a key broker, which this build cannot reach) and
-// ErrKeyUnseal. Launch then needs a free ASID (ErrASIDExhausted, ErrASIDInUse, ErrASIDRange);
+// ErrRemoteKey (the certificate names a key broker and this PSP has no broker client, or an
+// offline tool was asked to unseal it) and ErrKeyUnseal. Launch then needs a free ASID (ErrASIDExhausted, ErrASIDInUse, ErrASIDRange);
 // Detach and Attest need a bound one (ErrNoKeyBound).
 //
 // # Attestation reports
@@ -58,4 +58,14 @@
 // (ErrReportChain), the signature and that the body names the certificate's chip
 // (ErrReportSignature), and the nonce in constant time (ErrReportNonce). docs/ATTESTATION.md
 // is the reference for verifiers.
+//
+// # Remote keys
+//
+// A certificate with the remote flag is opened through Options.Fetcher (remote.go; the
+// broker package's Client): after steps 2–7 the PSP signs a report of the launch over the
+// broker's nonce, and opens the broker's release (a grant and the key HPKE-sealed to this
+// chip, ReleaseInfo) after checking the grant names this image, key id, chip and nonce and a
+// lease that has not ended. keycache.go keeps the key for the lease (single flight, renewal,
+// zeroised at the lease end or the last Detach; an expired lease clears the VMs' engine slots
+// and calls Options.OnLeaseEnd). docs/BROKER.md is the protocol.
 package psp

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -39,7 +40,7 @@ var (
 	ErrASIDInUse        = errors.New("ASID already in use")
 	ErrASIDRange        = errors.New("ASID outside the pool")
 	ErrKeyUnseal        = errors.New("failed to unseal image key")
-	ErrRemoteKey        = errors.New("certificate references a remote key broker, which this build cannot reach yet")
+	ErrRemoteKey        = errors.New("certificate references a remote key broker")
 	ErrNoKeyBound       = errors.New("no key bound to this ASID")
 )
 
@@ -75,24 +76,39 @@ type Options struct {
 	ASIDs  int              // pool size; 0 = DefaultASIDs
 	Now    func() time.Time // clock; nil = time.Now
 	Binder KeyBinder        // nil: Launch refuses
+	// Fetcher fetches the keys of certificates that reference a key broker (keycache.go);
+	// nil: such launches fail with ErrRemoteKey.
+	Fetcher KeyFetcher
+	// FetchTimeout bounds one fetch, retries included; 0 = 30 s.
+	FetchTimeout time.Duration
+	Logger       *slog.Logger // remote-key lease events; nil = discard
+	// OnLeaseEnd is called (in its own goroutine's time, outside the PSP's locks) after a
+	// remote key's lease ended unrenewed and the PSP cleared vm's engine slot at asid; the
+	// ASID stays allocated until Detach. Nil: nothing is called.
+	OnLeaseEnd func(asid ASID, vm string)
 }
 
 // PSP is one chip. It is safe for concurrent use.
 type PSP struct {
-	dir      string
-	kem      hpke.PrivateKey
-	kemID    uint16
-	id       [32]byte
-	attest   crypto.Signer
-	chip     *x509.Certificate
-	chipPEM  []byte
-	vendor   *x509.Certificate
-	now      func() time.Time
-	binder   KeyBinder
-	maxASIDs int
-	rootKey  []byte // RootKeyFile: derives each image's root MAC key (roots.go)
-	counters counterStore
-	identity map[string][32]byte // digests of the identity files as loaded (reload.go)
+	dir          string
+	kem          hpke.PrivateKey
+	kemID        uint16
+	id           [32]byte
+	attest       crypto.Signer
+	chip         *x509.Certificate
+	chipPEM      []byte
+	vendor       *x509.Certificate
+	now          func() time.Time
+	binder       KeyBinder
+	maxASIDs     int
+	rootKey      []byte // RootKeyFile: derives each image's root MAC key (roots.go)
+	counters     counterStore
+	identity     map[string][32]byte // digests of the identity files as loaded (reload.go)
+	fetcher      KeyFetcher
+	fetchTimeout time.Duration
+	onLeaseEnd   func(ASID, string)
+	log          *slog.Logger
+	keys         keyCache // remote keys (keycache.go)
 
 	mu     sync.Mutex                  // guards trust, slots, images
 	trust  map[string]crypto.PublicKey // PKIX DER → key
@@ -109,6 +125,7 @@ const (
 	slotBinding  slotState = iota // reserved; LoadKey not yet returned
 	slotBound                     // key loaded: attestable, detachable
 	slotClearing                  // Detach is in ClearKey
+	slotExpired                   // its remote key's lease ended: key cleared, ASID still held
 )
 
 type slot struct {
@@ -153,7 +170,13 @@ func Open(dir string, opts Options) (*PSP, error) {
 		dir: dir, kem: kem, kemID: kemID, id: cc.ID, attest: attest,
 		chip: cc.Cert, chipPEM: chipPEM, vendor: vendor,
 		now: opts.Now, binder: opts.Binder, maxASIDs: opts.ASIDs,
-		slots: make(map[ASID]*slot),
+		slots: make(map[ASID]*slot), fetcher: opts.Fetcher, fetchTimeout: opts.FetchTimeout, log: opts.Logger, onLeaseEnd: opts.OnLeaseEnd,
+	}
+	if p.fetchTimeout <= 0 {
+		p.fetchTimeout = 30 * time.Second
+	}
+	if p.log == nil {
+		p.log = discardLogger
 	}
 	if p.now == nil {
 		p.now = time.Now
@@ -373,7 +396,7 @@ func KeyInfo(uuid [16]byte, chipID [32]byte) []byte {
 
 func (p *PSP) unseal(c *format.Certificate) ([]byte, error) {
 	if c.Remote {
-		return nil, fmt.Errorf("%w (broker %s, key %s)", ErrRemoteKey, c.BrokerURL, c.KeyID)
+		return nil, fmt.Errorf("%w (broker %s, key %s): only a running PSP with a broker client fetches it (sealdisk serve)", ErrRemoteKey, c.BrokerURL, c.KeyID)
 	}
 	if c.KEM != p.kemID {
 		return nil, fmt.Errorf("%w: sealed with KEM %s, chip has %s", ErrKeyUnseal, format.KEMName(c.KEM), format.KEMName(p.kemID))
@@ -503,7 +526,15 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 		p.release(asid)
 		return nil, err
 	}
-	key, err := p.unseal(req.Cert)
+	var key []byte
+	var remote *keyEntry
+	if req.Cert.Remote {
+		// The report the broker sees is the PSP's own record of this launch, checked up to
+		// here: certificate, image and firmware (remote.go).
+		key, remote, err = p.acquire(req.Cert, p.reserved(asid))
+	} else {
+		key, err = p.unseal(req.Cert)
+	}
 	if err != nil {
 		p.release(asid)
 		return nil, err
@@ -514,6 +545,9 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	})
 	zero(key)
 	if err != nil {
+		if remote != nil {
+			p.dropKey(remote)
+		}
 		p.release(asid)
 		return nil, fmt.Errorf("failed to bind key to ASID %d: %w", asid, err)
 	}
@@ -525,6 +559,10 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	s.state = slotBound
 	out := s.launch.clone()
 	p.mu.Unlock()
+	if remote != nil && !p.bindKey(remote, asid) {
+		return nil, errors.Join(fmt.Errorf("failed to launch VM %q: %w (broker %s, key %s) while it was being bound",
+			req.VM, ErrLeaseEnded, req.Cert.BrokerURL, req.Cert.KeyID), p.Detach(asid))
+	}
 	return out, nil
 }
 
@@ -555,6 +593,13 @@ func (p *PSP) reserve(want ASID, l Launch) (ASID, error) {
 	return want, nil
 }
 
+// reserved returns a copy of the launch record of an ASID in slotBinding.
+func (p *PSP) reserved(a ASID) *Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.slots[a].launch.clone()
+}
+
 func (p *PSP) release(a ASID) {
 	p.mu.Lock()
 	delete(p.slots, a)
@@ -566,6 +611,12 @@ func (p *PSP) release(a ASID) {
 func (p *PSP) Detach(a ASID) error {
 	p.mu.Lock()
 	s, ok := p.slots[a]
+	if ok && s.state == slotExpired {
+		// The lease's end already cleared the engine slot and forgot the ASID's key.
+		delete(p.slots, a)
+		p.mu.Unlock()
+		return nil
+	}
 	if !ok || s.state != slotBound {
 		p.mu.Unlock()
 		return fmt.Errorf("failed to detach: %w: ASID %d", ErrNoKeyBound, a)
@@ -580,6 +631,8 @@ func (p *PSP) Detach(a ASID) error {
 		p.mu.Unlock()
 		return fmt.Errorf("failed to clear key slot %d: %w", a, err)
 	}
+	// Before release: once released, a may carry another launch's key.
+	p.unbindKey(a)
 	p.release(a)
 	return nil
 }

@@ -30,7 +30,7 @@ type certFlags struct {
 	validFor                      time.Duration
 	notBefore, notAfter           string
 	readOnly                      bool
-	brokerURL, keyID              string
+	brokerURL, keyID, keyFile     string
 	noTree                        bool   // layout, not certificate: version 2 without the integrity tree
 	journalSize                   string // layout: the journal region's size ("" = the default)
 }
@@ -53,6 +53,7 @@ func (f *certFlags) register(cmd *cobra.Command) {
 	fl.BoolVar(&f.noTree, "no-integrity-tree", false, "omit the integrity tree: forged holes and rollbacks of sectors go undetected (whole-image rollback still is); for trusted storage and benchmarks")
 	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
 	fl.StringVar(&f.keyID, "key-id", "", "key id at the broker")
+	fl.StringVar(&f.keyFile, "key-file", "", "with --broker-url: the image key (32 raw bytes, mode 0600), as given to 'broker put'")
 }
 
 func (f *certFlags) suiteID() (format.Suite, error) {
@@ -67,8 +68,11 @@ func (f *certFlags) issue(uuid [16]byte, virtualSize uint64) (*format.Certificat
 	if err := need(map[string]string{"chip": f.chip, "vendor-root": f.vendorRoot, "provider-key": f.providerKey}); err != nil {
 		return nil, nil, err
 	}
-	if f.brokerURL != "" || f.keyID != "" {
-		return nil, nil, fmt.Errorf("--broker-url/--key-id: remote key brokers are not available in this build yet; seal the key to the chip instead")
+	remote := f.brokerURL != "" || f.keyID != "" || f.keyFile != ""
+	if remote {
+		if err := need(map[string]string{"broker-url": f.brokerURL, "key-id": f.keyID, "key-file": f.keyFile}); err != nil {
+			return nil, nil, fmt.Errorf("a remote key needs --broker-url, --key-id and --key-file: %w", err)
+		}
 	}
 	if f.sectorSize != 512 && f.sectorSize != 4096 {
 		return nil, nil, fmt.Errorf("--sector-size must be 512 or 4096, got %d", f.sectorSize)
@@ -128,14 +132,26 @@ func (f *certFlags) issue(uuid [16]byte, virtualSize uint64) (*format.Certificat
 		return nil, nil, err
 	}
 	f.signer = signer
-	key := make([]byte, sector.KeySize)
-	if _, err := rand.Read(key); err != nil {
-		return nil, nil, fmt.Errorf("failed to generate image key: %w", err)
-	}
-	c, err := provider.Issue(signer, provider.IssueRequest{
+	req := provider.IssueRequest{
 		Chip: chip, UUID: uuid, VirtualSize: virtualSize, SectorSize: f.sectorSize, Suite: suite,
-		MeasureAlg: alg, Measurements: ms, NotBefore: nb, NotAfter: na, ReadOnly: f.readOnly, ImageKey: key,
-	})
+		MeasureAlg: alg, Measurements: ms, NotBefore: nb, NotAfter: na, ReadOnly: f.readOnly,
+	}
+	var key []byte
+	if remote {
+		// The key lives in the broker only: the certificate names it, the data is encrypted
+		// with it here.
+		if key, err = readImageKeyFile(f.keyFile); err != nil {
+			return nil, nil, err
+		}
+		req.BrokerURL, req.KeyID = f.brokerURL, f.keyID
+	} else {
+		key = make([]byte, sector.KeySize)
+		if _, err := rand.Read(key); err != nil {
+			return nil, nil, fmt.Errorf("failed to generate image key: %w", err)
+		}
+		req.ImageKey = key
+	}
+	c, err := provider.Issue(signer, req)
 	if err != nil {
 		clear(key)
 		return nil, nil, err

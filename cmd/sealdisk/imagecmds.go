@@ -245,7 +245,7 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 }
 
 func unsealCmd() *cobra.Command {
-	var in, out, pspDir string
+	var in, out, pspDir, keyFile string
 	var force bool
 	cmd := &cobra.Command{
 		Use:   "unseal",
@@ -277,10 +277,10 @@ removed.`,
 			// run writes the plaintext: through the engine's read path for version 2 (root
 			// record, counter, tree), by the version-1 journal replay otherwise.
 			run := func(ctx context.Context, dst *os.File, prog image.Progress) error {
-				return unsealV2(ctx, img, pspDir, dst, prog)
+				return unsealV2(ctx, img, pspDir, keyFile, dst, prog)
 			}
 			if img.Header.Version < format.HeaderVersion2 {
-				c, err := openCipher(img, pspDir)
+				c, err := openCipher(img, pspDir, keyFile)
 				if err != nil {
 					return err
 				}
@@ -338,16 +338,17 @@ removed.`,
 	cmd.Flags().StringVar(&out, "out", "", "raw image to write")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
 	cmd.Flags().BoolVar(&force, "force", false, "overwrite --out")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "an image whose key is in a key broker: its key (32 raw bytes, mode 0600)")
 	return cmd
 }
 
 // openCipher verifies the certificate with the PSP and returns the image's sector cipher.
-func openCipher(img *image.Image, pspDir string) (*sector.Cipher, error) {
+func openCipher(img *image.Image, pspDir, keyFile string) (*sector.Cipher, error) {
 	p, err := psp.Open(pspDir, psp.Options{})
 	if err != nil {
 		return nil, err
 	}
-	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	key, err := offlineKey(p, img, keyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -356,13 +357,15 @@ func openCipher(img *image.Image, pspDir string) (*sector.Cipher, error) {
 }
 
 func resealCmd() *cobra.Command {
-	var in, pspDir, toChip, root, providerKey string
+	var in, pspDir, toChip, root, providerKey, keyFile string
 	cmd := &cobra.Command{
 		Use:   "reseal",
 		Short: "Re-seal an image's certificate to another chip (host migration)",
 		Long: `Opens the image key with the current PSP, seals it to another chip and has the provider sign the
 new certificate; every other certificate field is kept. Only the two header copies are
-rewritten (backup first, then primary); the data, metadata and journal are untouched.`,
+rewritten (backup first, then primary); the data, metadata and journal are untouched.
+An image whose key lives in a broker keeps its broker URL and key id (allow the new chip in
+the broker's policy); a version-2 one needs --key-file to carry its root record.`,
 		Example: `  sealdisk reseal --in vm.img --psp /var/lib/sealdisk/psp --to-chip host2-chip.crt \
       --vendor-root vendor/vendor.crt --provider-key provider/provider.key`,
 		Args: cobra.NoArgs,
@@ -381,7 +384,7 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 				return inUse("reseal", in, err)
 			}
 			defer hold.Close()
-			cert, gen, err := resealCert(in, pspDir, chip, providerKey)
+			cert, gen, err := resealCert(in, pspDir, chip, providerKey, keyFile)
 			if err != nil {
 				return err
 			}
@@ -397,13 +400,14 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 	cmd.Flags().StringVar(&toChip, "to-chip", "", "chip certificate of the new host")
 	cmd.Flags().StringVar(&root, "vendor-root", "", "vendor root the new chip certificate must chain to")
 	cmd.Flags().StringVar(&providerKey, "provider-key", "", "provider private key that signs the new certificate")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "remote-key version-2 image: its key (32 raw bytes, mode 0600)")
 	return cmd
 }
 
 // resealCert opens the image key of in with the PSP in pspDir and issues a certificate sealing
 // it to chip, every other field kept. It returns the certificate and the header generation
 // the rewrite will carry.
-func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey string) ([]byte, uint64, error) {
+func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey, keyFile string) ([]byte, uint64, error) {
 	img, err := image.Open(in, false)
 	if err != nil {
 		return nil, 0, err
@@ -416,26 +420,45 @@ func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey string) ([]by
 	if err != nil {
 		return nil, 0, err
 	}
-	key, err := p.UnsealImageKey(img.Cert, img.Header)
-	if err != nil {
-		return nil, 0, err
+	old := img.Cert
+	req := provider.IssueRequest{
+		Chip: chip, UUID: old.UUID, VirtualSize: old.VirtualSize, SectorSize: old.SectorSize,
+		Suite: old.Suite, MeasureAlg: old.MeasureAlg, Measurements: old.Measurements,
+		NotBefore: old.NotBefore, NotAfter: old.NotAfter, ReadOnly: old.ReadOnly,
+	}
+	var key []byte
+	if old.Remote {
+		// The key stays in the broker; only a version-2 image's root record needs it here.
+		if _, err := p.VerifyCertificate(old, img.Header); err != nil {
+			return nil, 0, err
+		}
+		req.BrokerURL, req.KeyID = old.BrokerURL, old.KeyID
+		if keyFile != "" {
+			if key, err = readImageKeyFile(keyFile); err != nil {
+				return nil, 0, err
+			}
+		} else if img.Header.Version >= format.HeaderVersion2 {
+			return nil, 0, fmt.Errorf("reseal of %s: its key is in broker %s (key %s) and a version-2 image's root record needs it: pass --key-file", in, old.BrokerURL, old.KeyID)
+		}
+	} else {
+		if key, err = p.UnsealImageKey(old, img.Header); err != nil {
+			return nil, 0, err
+		}
+		req.ImageKey = key
 	}
 	defer clear(key)
 	signer, err := provider.LoadSigner(providerKey)
 	if err != nil {
 		return nil, 0, err
 	}
-	old := img.Cert
-	nc, err := provider.Issue(signer, provider.IssueRequest{
-		Chip: chip, UUID: old.UUID, VirtualSize: old.VirtualSize, SectorSize: old.SectorSize,
-		Suite: old.Suite, MeasureAlg: old.MeasureAlg, Measurements: old.Measurements,
-		NotBefore: old.NotBefore, NotAfter: old.NotAfter, ReadOnly: old.ReadOnly, ImageKey: key,
-	})
+	nc, err := provider.Issue(signer, req)
 	if err != nil {
 		return nil, 0, err
 	}
-	if err := carryRoot(img, p, key, signer); err != nil {
-		return nil, 0, err
+	if key != nil {
+		if err := carryRoot(img, p, key, signer); err != nil {
+			return nil, 0, err
+		}
 	}
 	return nc.Bytes(), img.Header.Generation + 1, nil
 }

@@ -63,7 +63,7 @@ creating, sealing, unsealing, inspecting and re-sealing images.`,
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error (config log.level)")
 	root.PersistentFlags().String("log-format", "text", "log format: text or json (config log.format)")
 	root.AddCommand(vendorCmd(), pspCmd(), providerCmd(), measureCmd(), createCmd(), sealCmd(),
-		unsealCmd(), inspectCmd(), resealCmd(), scrubCmd(), upgradeCmd(), attestCmd(), serveCmd(), adminCmd(), attachCmd(), versionCmd())
+		unsealCmd(), inspectCmd(), resealCmd(), scrubCmd(), upgradeCmd(), attestCmd(), serveCmd(), adminCmd(), attachCmd(), brokerCmd(), versionCmd())
 	return root
 }
 

@@ -88,8 +88,22 @@ func TestCommandsInProcess(t *testing.T) {
 	if _, err := sealdisk(t, append([]string{"create", "--size", "1M", "--out", p("x.img")}, cert...)...); err == nil || !strings.Contains(err.Error(), "--firmware or --measurement") {
 		t.Fatalf("create without measurements: %v", err)
 	}
-	if _, err := sealdisk(t, append([]string{"create", "--size", "1M", "--out", p("x.img"), "--firmware", p("fw"), "--broker-url", "https://kb.example", "--key-id", "k1"}, cert...)...); err == nil || !strings.Contains(err.Error(), "remote key brokers are not available") {
-		t.Fatalf("create with a remote key: %v", err)
+	// A remote key: the image key comes from a 0600 file (as 'broker put --key-out' writes
+	// it); the certificate names the broker and key id and carries no sealed key.
+	remote := append([]string{"create", "--size", "1M", "--out", p("remote.img"), "--firmware", p("fw"), "--broker-url", "https://kb.example", "--key-id", "k1"}, cert...)
+	if _, err := sealdisk(t, remote...); err == nil || !strings.Contains(err.Error(), "--key-file") {
+		t.Fatalf("create with a remote key and no key file: %v", err)
+	}
+	if err := os.WriteFile(p("k1.key"), bytes.Repeat([]byte{7}, 32), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sealdisk(t, append(remote, "--key-file", p("k1.key"))...); err == nil || !strings.Contains(err.Error(), "permissions") {
+		t.Fatalf("create with a world-readable key file: %v", err)
+	}
+	os.Chmod(p("k1.key"), 0o600)
+	ok(t, append(remote, "--key-file", p("k1.key"))...)
+	if rm := inspect(t, p("remote.img"), "--trust", p("psp/trust")); rm["remote_key"] != true || rm["broker_url"] != "https://kb.example" || rm["key_id"] != "k1" {
+		t.Fatalf("inspect of a remote-key image: %v", rm)
 	}
 	ok(t, append([]string{"create", "--size", "2M", "--out", p("blank.img"), "--measurement", digest, "--read-only"}, cert...)...)
 	m := inspect(t, p("blank.img"), "--trust", p("psp/trust"))

@@ -44,12 +44,12 @@ func (offlineRoots) Advance(counter uint64, _ [32]byte) error {
 	return fmt.Errorf("BUG: an offline tool tried to advance the image's counter to %d", counter)
 }
 
-func openOffline(img *image.Image, pspDir string) (*offlineDisk, error) {
+func openOffline(img *image.Image, pspDir, keyFile string) (*offlineDisk, error) {
 	p, err := psp.Open(pspDir, psp.Options{})
 	if err != nil {
 		return nil, err
 	}
-	key, err := p.UnsealImageKey(img.Cert, img.Header)
+	key, err := offlineKey(p, img, keyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -162,8 +162,8 @@ func (o *offlineDisk) chunk(ctx context.Context, buf []byte, off int64, fn func(
 
 // unsealV2 writes the plaintext of a version-2 image into dst (sized to the virtual size;
 // all-zero plaintext stays a hole). The first sector that fails stops it.
-func unsealV2(ctx context.Context, img *image.Image, pspDir string, dst *os.File, progress image.Progress) error {
-	o, err := openOffline(img, pspDir)
+func unsealV2(ctx context.Context, img *image.Image, pspDir, keyFile string, dst *os.File, progress image.Progress) error {
+	o, err := openOffline(img, pspDir, keyFile)
 	if err != nil {
 		return err
 	}

@@ -27,7 +27,7 @@ type scrubOut struct {
 }
 
 func scrubCmd() *cobra.Command {
-	var pspDir string
+	var pspDir, keyFile string
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "scrub IMAGE",
@@ -56,7 +56,7 @@ image is never changed.`,
 				return fmt.Errorf("%s is a version-%d image, which has no integrity tree to scrub: `sealdisk unseal` checks every sector of it", args[0], img.Header.Version)
 			}
 			start := time.Now()
-			o, err := openOffline(img, pspDir)
+			o, err := openOffline(img, pspDir, keyFile)
 			if err != nil {
 				return fmt.Errorf("failed to scrub %s: %w", args[0], err)
 			}
@@ -114,6 +114,7 @@ image is never changed.`,
 		},
 	}
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
+	cmd.Flags().StringVar(&keyFile, "key-file", "", "an image whose key is in a key broker: its key (32 raw bytes, mode 0600)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
 	return cmd
 }

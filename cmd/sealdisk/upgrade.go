@@ -44,7 +44,7 @@ images attach read-only; the upgraded one attaches read-write.`,
 			if sh.Version != format.HeaderVersion1 {
 				return fmt.Errorf("%s is already a version-%d image", in, sh.Version)
 			}
-			c, err := openCipher(src, pspDir)
+			c, err := openCipher(src, pspDir, "")
 			if err != nil {
 				return err
 			}
