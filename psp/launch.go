@@ -1,0 +1,234 @@
+package psp
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/sealdisk/sealdisk/format"
+)
+
+// Launches: admitting a VM's disk (FORMAT.md §3.4), the ASID pool and its slots, detach.
+
+// slotState is where an allocated ASID is in its life. Binder calls happen outside p.mu, so
+// the states in between keep a concurrent Detach, Attest or Launch off a slot that is being
+// loaded or cleared.
+type slotState int
+
+const (
+	slotBinding  slotState = iota // reserved; LoadKey not yet returned
+	slotBound                     // key loaded: attestable, detachable
+	slotClearing                  // Detach is in ClearKey
+	slotExpired                   // its remote key's lease ended: key cleared, ASID still held
+)
+
+type slot struct {
+	state  slotState
+	launch Launch // the PSP's own record; callers get copies
+}
+
+// LaunchRequest asks the PSP to admit a VM's disk.
+type LaunchRequest struct {
+	VM           string
+	Cert         *format.Certificate
+	Header       *format.Header
+	FirmwarePath string
+	ASID         ASID // 0 = allocate
+}
+
+// Launch is an admitted VM disk: what the PSP checked, for attestation.
+type Launch struct {
+	VM          string
+	ASID        ASID
+	Measurement []byte
+	MeasureAlg  format.MeasureAlg
+	FirmwareOK  bool
+	SignatureOK bool
+	CertDigest  [48]byte // SHA-384 of the certificate bytes
+	Suite       format.Suite
+	UUID        [16]byte
+	Time        time.Time
+}
+
+func (l Launch) clone() *Launch {
+	l.Measurement = bytes.Clone(l.Measurement)
+	return &l
+}
+
+// Launch runs FORMAT.md §3.4 in order: verify (2–6), measure firmware (7; on a mismatch no
+// key is unwrapped and the engine is not touched), allocate an ASID, unseal (8), bind the key
+// into the engine, zeroise the PSP's copy. Every refusal leaves no ASID allocated.
+func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
+	if p.binder == nil {
+		return nil, errors.New("failed to launch: this PSP has no engine to bind keys into")
+	}
+	if req.Cert == nil || req.Header == nil {
+		return nil, errors.New("failed to launch: a certificate and the image header are required")
+	}
+	v, err := p.VerifyCertificate(req.Cert, req.Header)
+	if err != nil {
+		return nil, err
+	}
+	m, err := Measure(req.FirmwarePath, req.Cert.MeasureAlg)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	for _, want := range req.Cert.Measurements {
+		ok = ok || bytes.Equal(m, want)
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: %s %s of %s is not among the certificate's %d allowed measurements",
+			ErrFirmwareMismatch, req.Cert.MeasureAlg, hex.EncodeToString(m), req.FirmwarePath, len(req.Cert.Measurements))
+	}
+	l := Launch{
+		VM: req.VM, Measurement: m, MeasureAlg: req.Cert.MeasureAlg, FirmwareOK: true,
+		SignatureOK: v.Signature == "valid", CertDigest: v.CertDigest, Suite: req.Cert.Suite,
+		UUID: req.Cert.UUID, Time: p.now().UTC(),
+	}
+	asid, err := p.reserve(req.ASID, l)
+	if err != nil {
+		return nil, err
+	}
+	roots, err := p.rootsFor(req.Cert)
+	if err != nil {
+		p.release(asid)
+		return nil, err
+	}
+	var key []byte
+	var remote *keyEntry
+	if req.Cert.Remote {
+		// The report the broker sees is the PSP's own record of this launch, checked up to
+		// here: certificate, image and firmware (remote.go).
+		key, remote, err = p.acquire(req.Cert, p.reserved(asid))
+	} else {
+		key, err = p.unseal(req.Cert)
+	}
+	if err != nil {
+		p.release(asid)
+		return nil, err
+	}
+	err = p.binder.LoadKey(asid, Binding{
+		Suite: req.Cert.Suite, Key: key, UUID: req.Cert.UUID,
+		SectorSize: int(req.Cert.SectorSize), ReadOnly: req.Cert.ReadOnly, Roots: roots,
+	})
+	zero(key)
+	if err != nil {
+		if remote != nil {
+			p.dropKey(remote)
+		}
+		p.release(asid)
+		return nil, fmt.Errorf("failed to bind key to ASID %d: %w", asid, err)
+	}
+	p.mu.Lock()
+	s := p.slots[asid]
+	if s == nil || s.state != slotBinding {
+		panic(fmt.Sprintf("BUG: psp: ASID %d changed state while its key was being loaded", asid))
+	}
+	s.state = slotBound
+	out := s.launch.clone()
+	p.mu.Unlock()
+	if remote != nil && !p.bindKey(remote, asid) {
+		return nil, errors.Join(fmt.Errorf("failed to launch VM %q: %w (broker %s, key %s) while it was being bound",
+			req.VM, ErrLeaseEnded, req.Cert.BrokerURL, req.Cert.KeyID), p.Detach(asid))
+	}
+	return out, nil
+}
+
+// reserve allocates want (0: the lowest free ASID) in state slotBinding.
+func (p *PSP) reserve(want ASID, l Launch) (ASID, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if want == 0 {
+		for a := ASID(1); int(a) <= p.maxASIDs; a++ {
+			if _, busy := p.slots[a]; !busy {
+				want = a
+				break
+			}
+		}
+		if want == 0 {
+			return 0, fmt.Errorf("%w: all %d ASIDs are bound", ErrASIDExhausted, p.maxASIDs)
+		}
+	} else {
+		if int64(want) > int64(p.maxASIDs) {
+			return 0, fmt.Errorf("%w: ASID %d is not in 1..%d", ErrASIDRange, want, p.maxASIDs)
+		}
+		if s, busy := p.slots[want]; busy {
+			return 0, fmt.Errorf("%w: ASID %d is held by VM %q", ErrASIDInUse, want, s.launch.VM)
+		}
+	}
+	l.ASID = want
+	p.slots[want] = &slot{state: slotBinding, launch: l}
+	return want, nil
+}
+
+// reserved returns a copy of the launch record of an ASID in slotBinding.
+func (p *PSP) reserved(a ASID) *Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.slots[a].launch.clone()
+}
+
+func (p *PSP) release(a ASID) {
+	p.mu.Lock()
+	delete(p.slots, a)
+	p.mu.Unlock()
+}
+
+// Detach clears the engine key slot and frees the ASID. An ASID whose launch has not finished
+// binding, or which another Detach is clearing, is not bound yet/any more: ErrNoKeyBound.
+func (p *PSP) Detach(a ASID) error {
+	p.mu.Lock()
+	s, ok := p.slots[a]
+	if ok && s.state == slotExpired {
+		// The lease's end already cleared the engine slot and forgot the ASID's key.
+		delete(p.slots, a)
+		p.mu.Unlock()
+		return nil
+	}
+	if !ok || s.state != slotBound {
+		p.mu.Unlock()
+		return fmt.Errorf("failed to detach: %w: ASID %d", ErrNoKeyBound, a)
+	}
+	s.state = slotClearing
+	p.mu.Unlock()
+	if err := p.binder.ClearKey(a); err != nil {
+		// The engine may still hold the key: keep the ASID bound so the caller can retry
+		// and so no other VM is given a slot that is not clean.
+		p.mu.Lock()
+		s.state = slotBound
+		p.mu.Unlock()
+		return fmt.Errorf("failed to clear key slot %d: %w", a, err)
+	}
+	// Before release: once released, a may carry another launch's key.
+	p.unbindKey(a)
+	p.release(a)
+	return nil
+}
+
+// Launches lists the bound launches by ASID (copies).
+func (p *PSP) Launches() []*Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]*Launch, 0, len(p.slots))
+	for _, s := range p.slots {
+		if s.state == slotBound {
+			out = append(out, s.launch.clone())
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ASID < out[j].ASID })
+	return out
+}
+
+// bound returns a copy of the launch bound to a, or nil.
+func (p *PSP) bound(a ASID) *Launch {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if s, ok := p.slots[a]; ok && s.state == slotBound {
+		return s.launch.clone()
+	}
+	return nil
+}
