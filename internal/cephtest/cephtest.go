@@ -46,7 +46,7 @@ type Cluster struct {
 	Admin   string // client.admin's keyring
 	MonAddr string // 127.0.0.1:PORT
 
-	mon, osd *exec.Cmd
+	mon, osd  *exec.Cmd
 	removeDir bool
 }
 
