@@ -28,6 +28,7 @@ import (
 	"github.com/sealdisk/sealdisk/nbd"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/locate"
 )
 
 // Errors the admin API maps to HTTP status codes.
@@ -255,7 +256,11 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 			return fmt.Errorf("failed to attach VM %q: %w: ASID %d is VM %q's", vm.Name, ErrConflict, vm.ASID, o.Config.Name)
 		}
 	}
-	img, err := image.Open(vm.Image, vm.ReadOnly)
+	st, err := locate.Open(vm.Image, vm.ReadOnly, d.cfg.Ceph.RBD())
+	if err != nil {
+		return err
+	}
+	img, err := image.OpenStore(st)
 	if err != nil {
 		return err
 	}

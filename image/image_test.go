@@ -14,6 +14,7 @@ import (
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 func TestSealUnsealRoundTrip(t *testing.T) {

@@ -32,7 +32,7 @@ images attach read-only; the upgraded one attaches read-write.`,
 			if _, err := os.Stat(out); err == nil {
 				return fmt.Errorf("--out %s already exists; refusing to overwrite an image", out)
 			}
-			src, err := image.Open(in, true)
+			src, err := openImage(in, true)
 			if err != nil {
 				return err
 			}

@@ -318,16 +318,25 @@ func Require(t testing.TB) {
 // Main runs the tests and stops the shared cluster if one was started; call it from TestMain.
 func Main(m *testing.M) int {
 	code := m.Run()
-	if shared.c != nil {
-		if testing.Verbose() {
-			fmt.Fprintf(os.Stderr, "cephtest: cluster started in %v\n", shared.started.Round(time.Millisecond))
-		}
-		if err := shared.c.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			if code == 0 {
-				code = 1
-			}
-		}
+	if err := StopShared(); err != nil && code == 0 {
+		code = 1
 	}
 	return code
+}
+
+// StopShared stops the shared cluster if one was started, for a TestMain that cannot use Main;
+// an unclean stop is printed and returned.
+func StopShared() error {
+	if shared.c == nil {
+		return nil
+	}
+	if testing.Verbose() {
+		fmt.Fprintf(os.Stderr, "cephtest: cluster started in %v\n", shared.started.Round(time.Millisecond))
+	}
+	err := shared.c.Stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+	}
+	shared.c = nil
+	return err
 }

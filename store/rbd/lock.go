@@ -62,27 +62,32 @@ func (s *Store) Lock(exclusive bool) error {
 	return fmt.Errorf("failed to lock %s read-write (exclusive): %w", s.loc, err)
 }
 
-// holder describes the exclusive lock's owner and the image's watchers, "" when no other
-// client holds the lock.
+// holder describes the exclusive lock's holder, "" when no client holds it.
 func (s *Store) holder() string {
-	owners, err := s.img.LockGetOwners()
-	if err != nil || len(owners) == 0 {
+	// rbd_lock_get_owners needs the header watch a read-only open does not set up; the
+	// managed lock is a cls lock on the header object, which rbd_list_lockers lists for both.
+	_, lockers, err := s.img.ListLockers()
+	if err != nil || len(lockers) == 0 {
 		return ""
 	}
+	// A holder that died (kill -9, a lost host) keeps its cls lock until the next writer
+	// breaks it; once the OSD has dropped its watch it holds nothing, and readers go ahead.
+	alive := map[string]bool{}
+	if ws, err := s.img.ListWatchers(); err == nil {
+		for _, w := range ws {
+			alive[w.Addr] = true
+		}
+	}
 	var who []string
-	for _, o := range owners {
-		who = append(who, o.Owner)
+	for _, l := range lockers {
+		if alive[l.Addr] {
+			who = append(who, l.Client+" at "+l.Addr)
+		}
+	}
+	if who == nil {
+		return ""
 	}
 	desc := "RBD exclusive lock held by " + strings.Join(who, ", ")
-	if ws, err := s.img.ListWatchers(); err == nil {
-		var addrs []string
-		for _, w := range ws {
-			addrs = append(addrs, fmt.Sprintf("client.%d at %s", w.Id, w.Addr))
-		}
-		if addrs != nil {
-			desc += " (watchers: " + strings.Join(addrs, ", ") + ")"
-		}
-	}
 	return desc + " — a sealdisk serve with it attached, or an offline tool writing it"
 }
 

@@ -211,12 +211,20 @@ func TestExclusiveLock(t *testing.T) {
 	}
 	defer b.Close()
 	err = b.Lock(true)
-	if !errors.Is(err, store.ErrLocked) || !strings.Contains(err.Error(), loc.String()) || !strings.Contains(err.Error(), "watchers") {
+	if !errors.Is(err, store.ErrLocked) || !strings.Contains(err.Error(), loc.String()) || !strings.Contains(err.Error(), "held by client.") {
 		t.Fatalf("second exclusive lock: %v", err)
 	}
 	t.Log(err)
 	if err := b.Lock(false); !errors.Is(err, store.ErrLocked) {
 		t.Fatalf("shared lock beside a writer: %v", err)
+	}
+	ro, err := rbd.Open(cfg, loc, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if err := ro.Lock(false); !errors.Is(err, store.ErrLocked) {
+		t.Fatalf("shared lock of a read-only open beside a writer: %v", err)
 	}
 	if _, err := b.WriteAt([]byte{1}, 0); err == nil {
 		t.Fatal("a second client wrote an image another holds the exclusive lock of")
@@ -286,9 +294,26 @@ func TestKilledHolder(t *testing.T) {
 	if err := s.Lock(true); !errors.Is(err, store.ErrLocked) {
 		t.Fatalf("lock beside a live holder: %v", err)
 	}
+	ro, err := rbd.Open(cfg, loc, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
 	cmd.Process.Kill()
 	cmd.Wait()
 	start := time.Now()
+	// a reader goes ahead once the dead holder's watch is gone, though its lock is not broken
+	for {
+		err := ro.Lock(false)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, store.ErrLocked) || time.Since(start) > 60*time.Second {
+			t.Fatalf("reader after the holder was killed: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Logf("shared lock %v after the holder was killed", time.Since(start).Round(100*time.Millisecond))
 	for {
 		err := s.Lock(true)
 		if err == nil {
