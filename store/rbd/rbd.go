@@ -19,6 +19,9 @@ import (
 // Built reports whether this binary can open RBD images.
 const Built = true
 
+// maxSector is the largest sector size of a sealed image (FORMAT.md §2).
+const maxSector = 4096
+
 // Store is a store.Image over one RBD image, on a cluster connection of its own (closed with
 // it). librbd's image handle is safe for concurrent I/O; mu only orders I/O against resizes.
 type Store struct {
@@ -146,6 +149,16 @@ func (s *Store) init() error {
 		return err
 	}
 	s.size = int64(size)
+	// The journal needs an aligned sector write to be atomic (FORMAT.md §6). RADOS applies a
+	// write to one object atomically, so a sector must never straddle two objects: the stripe
+	// unit (the object size unless fancy striping is on) must be a multiple of 4 KiB.
+	unit, err := s.img.GetStripeUnit()
+	if err != nil {
+		return err
+	}
+	if unit%maxSector != 0 {
+		return fmt.Errorf("the image's stripe unit is %d bytes, not a multiple of %d: a sector write could span two RADOS objects and tear in a crash (create it with the default striping)", unit, maxSector)
+	}
 	if s.readOnly {
 		return nil
 	}

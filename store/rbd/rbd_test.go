@@ -160,6 +160,14 @@ func TestOpenErrors(t *testing.T) {
 	if _, err := rbd.Open(cfg, rbd.Location{Pool: cephtest.Pool, Image: plain}, false); err == nil || !strings.Contains(err.Error(), "exclusive-lock") {
 		t.Fatalf("image without exclusive-lock: %v", err)
 	}
+	// a stripe unit under a sector would let one sector write tear across two objects
+	striped := cephtest.UniqueImage("striped")
+	if out, err := c.RBD("create", "--size", "1M", "--stripe-unit", "512", "--stripe-count", "2", cephtest.Pool+"/"+striped); err != nil {
+		t.Fatal(err, string(out))
+	}
+	if _, err := rbd.Open(cfg, rbd.Location{Pool: cephtest.Pool, Image: striped}, true); err == nil || !strings.Contains(err.Error(), "stripe unit is 512 bytes") {
+		t.Fatalf("image striped at 512 bytes: %v", err)
+	}
 }
 
 func TestRenameRemove(t *testing.T) {
