@@ -183,7 +183,7 @@ takes 128 KiB on disk.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&out, "out", "", "image file to create")
+	cmd.Flags().StringVar(&out, "out", "", "image to create: a file or rbd:POOL/IMAGE")
 	cmd.Flags().StringVar(&size, "size", "", "virtual disk size, e.g. 20G")
 	f.register(cmd)
 	return cmd
@@ -240,7 +240,7 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 		},
 	}
 	cmd.Flags().StringVar(&in, "in", "", "raw disk image to seal")
-	cmd.Flags().StringVar(&out, "out", "", "sealed image to create")
+	cmd.Flags().StringVar(&out, "out", "", "sealed image to create: a file or rbd:POOL/IMAGE")
 	f.register(cmd)
 	return cmd
 }
@@ -335,7 +335,7 @@ removed.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&in, "in", "", "sealed image")
+	cmd.Flags().StringVar(&in, "in", "", "sealed image: a file or rbd:POOL/IMAGE")
 	cmd.Flags().StringVar(&out, "out", "", "raw image to write")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
 	cmd.Flags().BoolVar(&force, "force", false, "overwrite --out")
@@ -399,7 +399,7 @@ rewritten (backup first, then primary); the data, metadata and journal are untou
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&in, "in", "", "sealed image (rewritten in place)")
+	cmd.Flags().StringVar(&in, "in", "", "sealed image, a file or rbd:POOL/IMAGE (rewritten in place)")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to now")
 	cmd.Flags().StringVar(&toChip, "to-chip", "", "chip certificate of the new host")
 	cmd.Flags().StringVar(&root, "vendor-root", "", "vendor root the new chip certificate must chain to")
