@@ -191,7 +191,7 @@ func TestRBDTwoServesAndKill9(t *testing.T) {
 	killed := time.Now()
 
 	// The dead client's watch lingers until the OSD times it out (osd_client_watch_timeout,
-	// 5 s on the test cluster); then librbd breaks its lock for the next client.
+	// cephtest.WatchTimeout on the test cluster); then librbd breaks its lock for the next client.
 	for {
 		out, err := c.RBD("status", strings.TrimPrefix(loc, "rbd:"))
 		if err != nil {

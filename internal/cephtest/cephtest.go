@@ -50,8 +50,18 @@ type Cluster struct {
 	removeDir bool
 }
 
-// Start makes and starts a cluster in dir ("" for a new temporary directory, removed by Stop).
-func Start(dir string) (c *Cluster, err error) {
+// WatchTimeout is the test cluster's osd_client_watch_timeout: how long the OSD keeps the watch
+// of a client that stopped answering, so how long a killed client's exclusive lock outlives it.
+// Short, for the kill -9 tests; not so short that a client slowed by a loaded machine loses its
+// watch (Ceph's default is 30 s).
+const WatchTimeout = 10 * time.Second
+
+// Start makes and starts a cluster in dir ("" for a new temporary directory, removed by Stop)
+// with the WatchTimeout of the tests.
+func Start(dir string) (*Cluster, error) { return StartWith(dir, WatchTimeout) }
+
+// StartWith is Start with another osd_client_watch_timeout.
+func StartWith(dir string, watchTimeout time.Duration) (c *Cluster, err error) {
 	for _, tool := range Tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			return nil, fmt.Errorf("failed to start a Ceph cluster: %s not found (scripts/deps.sh installs ceph-mon ceph-osd ceph-common): %w", tool, err)
@@ -84,7 +94,7 @@ func Start(dir string) (c *Cluster, err error) {
 		}
 	}
 	fsid := uuid.NewString()
-	if err := os.WriteFile(c.Conf, []byte(c.config(fsid)), 0o600); err != nil {
+	if err := os.WriteFile(c.Conf, []byte(c.config(fsid, watchTimeout)), 0o600); err != nil {
 		return nil, err
 	}
 	monKeyring := filepath.Join(c.Dir, "mon.a.keyring")
@@ -143,10 +153,9 @@ func Start(dir string) (c *Cluster, err error) {
 	return c, nil
 }
 
-// config is the cluster's ceph.conf. The watch timeout is short so that a client killed with
-// SIGKILL loses its exclusive lock in seconds (the kill -9 tests); the rest keeps one OSD
-// happy with pools of size 1 and starts fast.
-func (c *Cluster) config(fsid string) string {
+// config is the cluster's ceph.conf: one OSD happy with pools of size 1, a fast start, and the
+// given watch timeout.
+func (c *Cluster) config(fsid string, watchTimeout time.Duration) string {
 	d := c.Dir
 	return fmt.Sprintf(`[global]
 fsid = %s
@@ -177,8 +186,8 @@ bluestore block size = 21474836480
 bluestore fsck on mkfs = false
 osd max object name len = 256
 osd max object namespace len = 64
-osd client watch timeout = 5
-`, fsid, c.MonAddr, d)
+osd client watch timeout = %[4]d
+`, fsid, c.MonAddr, d, int(watchTimeout/time.Second))
 }
 
 // Ceph runs the ceph CLI as client.admin.

@@ -11,12 +11,14 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/sealdisk/sealdisk/internal/cephtest"
 )
 
 func main() {
-	c, err := cephtest.Start("")
+	// Ceph's default watch timeout: a benchmark on a loaded machine must not lose watches.
+	c, err := cephtest.StartWith("", 30*time.Second)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
