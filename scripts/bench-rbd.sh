@@ -20,9 +20,16 @@ S=$PWD/bin/sealdisk
 make -s build
 W=$(mktemp -d /tmp/sealdisk-rbd.XXXX)
 go build -o "$W/cluster" ./internal/cephtest/cluster
+# the clients first, each waited for (a librbd client stuck on a stopped cluster never exits),
+# then the cluster
 cleanup() {
-  for p in sealdisk qsd cluster; do [ -e "$W/$p.pid" ] && kill "$(cat "$W/$p.pid")" 2>/dev/null || true; done
-  for _ in $(seq 50); do [ -e "$W/cluster.pid" ] && kill -0 "$(cat "$W/cluster.pid")" 2>/dev/null || break; sleep 0.2; done
+  for p in sealdisk qsd cluster; do
+    [ -e "$W/$p.pid" ] || continue
+    pid=$(cat "$W/$p.pid")
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
   rm -rf "$W"
 }
 trap cleanup EXIT
