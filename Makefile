@@ -12,7 +12,7 @@ TAGFLAGS  = -tags '$(TAGS)'
 # Go and the tools `go install` puts in GOPATH/bin (staticcheck), whatever the caller's PATH.
 export PATH := /usr/local/go/bin:$(shell PATH=/usr/local/go/bin:$$PATH go env GOPATH 2>/dev/null)/bin:$(PATH)
 
-.PHONY: all build deps lint unit e2e fuzz test demo bench bench-engine bench-fuse clean
+.PHONY: all build deps lint unit e2e fuzz test demo bench bench-engine bench-fuse bench-rbd clean
 # The gate's steps run in order (deps before the tests that need them), even under make -j.
 .NOTPARALLEL:
 
@@ -72,6 +72,11 @@ bench-engine:
 # FUSE file vs qemu-storage-daemon's LUKS FUSE export and gocryptfs, same run (BENCHMARKS.md).
 bench-fuse:
 	scripts/bench-fuse.sh
+
+# NBD on Ceph RBD: sealdisk vs qemu's rbd driver with librbd LUKS2 vs plain rbd, one throwaway
+# cluster, same run (BENCHMARKS.md).
+bench-rbd:
+	scripts/bench-rbd.sh
 
 clean:
 	rm -rf bin demo
