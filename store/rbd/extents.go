@@ -2,7 +2,11 @@
 
 package rbd
 
-import "fmt"
+import (
+	"fmt"
+
+	librbd "github.com/ceph/go-ceph/rbd"
+)
 
 // Extents lists the allocated ranges within [from, to) with rbd_diff_iterate2 against no
 // snapshot, at object granularity (fast with the object-map and fast-diff features, which
@@ -30,4 +34,13 @@ func (s *Store) Extents(from, to int64) ([][2]int64, error) {
 		return nil, fmt.Errorf("failed to map %s: %w", s.loc, err)
 	}
 	return out, nil
+}
+
+// diffConfig asks for the allocated objects of [off, off+n) against no snapshot.
+func diffConfig(off, n uint64, fn func(off, n uint64, exists int)) librbd.DiffIterateConfig {
+	return librbd.DiffIterateConfig{
+		SnapName: librbd.NoSnapshot, Offset: off, Length: n,
+		IncludeParent: librbd.IncludeParent, WholeObject: librbd.EnableWholeObject,
+		Callback: func(off, n uint64, exists int, _ interface{}) int { fn(off, n, exists); return 0 },
+	}
 }
