@@ -3,6 +3,7 @@ module github.com/sealdisk/sealdisk
 go 1.26.0
 
 require (
+	github.com/ceph/go-ceph v0.40.0
 	github.com/emmansun/gmsm v0.15.5
 	github.com/go-viper/mapstructure/v2 v2.4.0
 	github.com/google/uuid v1.6.0

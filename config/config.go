@@ -16,6 +16,8 @@ import (
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
+
+	"github.com/sealdisk/sealdisk/store/rbd"
 )
 
 // Config is the whole configuration.
@@ -26,8 +28,20 @@ type Config struct {
 	NBD    NBDConfig    `mapstructure:"nbd"`
 	FUSE   FUSEConfig   `mapstructure:"fuse"`
 	Admin  AdminConfig  `mapstructure:"admin"`
+	Ceph   CephConfig   `mapstructure:"ceph"`
 	VMs    []VMConfig   `mapstructure:"vms"`
 }
+
+// CephConfig says how to reach the Ceph cluster holding rbd:POOL/IMAGE images. Paths only: the
+// cephx key stays in the keyring file (docs/OPERATOR.md, "Images on Ceph RBD").
+type CephConfig struct {
+	Conf    string `mapstructure:"conf"`    // ceph.conf; "" = librados's default search
+	ID      string `mapstructure:"id"`      // cephx user without "client."; "" = admin
+	Keyring string `mapstructure:"keyring"` // keyring file; "" = the one ceph.conf names
+}
+
+// RBD is the store's view of c.
+func (c CephConfig) RBD() rbd.Config { return rbd.Config{Conf: c.Conf, ID: c.ID, Keyring: c.Keyring} }
 
 // AdminConfig configures the admin API and the metrics endpoint (both off when empty).
 type AdminConfig struct {
@@ -116,6 +130,9 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("fuse.allow_other", false)
 	v.SetDefault("admin.socket", "")
 	v.SetDefault("admin.metrics_listen", "")
+	v.SetDefault("ceph.conf", "")
+	v.SetDefault("ceph.id", "")
+	v.SetDefault("ceph.keyring", "")
 }
 
 // Load reads path (optional: "" skips the file), SEALDISK_* environment variables
@@ -201,6 +218,16 @@ func (c *Config) Validate() error {
 	if d, err := time.ParseDuration(c.Engine.IdleFlush); err != nil || d <= 0 {
 		errs = append(errs, &KeyError{"engine.idle_flush", fmt.Sprintf("%q: want a positive duration, e.g. 5s", c.Engine.IdleFlush)})
 	}
+	for _, f := range []struct{ key, path string }{{"ceph.conf", c.Ceph.Conf}, {"ceph.keyring", c.Ceph.Keyring}} {
+		if f.path != "" {
+			if fi, err := os.Stat(f.path); err != nil || fi.IsDir() {
+				errs = append(errs, &KeyError{f.key, fmt.Sprintf("%s is not a readable file", f.path)})
+			}
+		}
+	}
+	if strings.HasPrefix(c.Ceph.ID, "client.") || strings.ContainsAny(c.Ceph.ID, " \t\n") {
+		errs = append(errs, &KeyError{"ceph.id", fmt.Sprintf("%q: give the cephx user without \"client.\" (sealdisk for client.sealdisk)", c.Ceph.ID)})
+	}
 	tls := c.NBD.TLSCert != "" || c.NBD.TLSKey != ""
 	if tls && (c.NBD.TLSCert == "" || c.NBD.TLSKey == "") {
 		errs = append(errs, &KeyError{"nbd.tls_cert", "tls_cert and tls_key go together"})
@@ -281,6 +308,12 @@ func (vm VMConfig) check(prefix string, maxASID int) []error {
 		errs = append(errs, &KeyError{prefix + "asid", fmt.Sprintf("%d is outside 0..%d (0 = allocate)", vm.ASID, maxASID)})
 	}
 	for _, f := range []struct{ key, path string }{{"image", vm.Image}, {"firmware", vm.Firmware}} {
+		if f.key == "image" && strings.HasPrefix(f.path, "rbd:") {
+			if _, err := rbd.ParseLocation(f.path); err != nil {
+				errs = append(errs, &KeyError{prefix + f.key, err.Error()})
+			}
+			continue // the cluster is asked at attach, not at load
+		}
 		if f.path == "" {
 			errs = append(errs, &KeyError{prefix + f.key, "is required"})
 		} else if fi, err := os.Stat(f.path); err != nil || fi.IsDir() {

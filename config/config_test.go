@@ -97,14 +97,26 @@ func TestServeConfig(t *testing.T) {
 		"engine:\n  idle_flush: -1s\n":                                                           "engine.idle_flush",
 		"engine:\n  shards: -1\n":                                                                "engine.shards",
 		"nbd:\n  tls_cert: /nonexistent\n  tls_key: /nonexistent\n":                              "nbd.tls_cert",
+		"vms:\n  - name: x\n    image: rbd:pool\n    firmware: " + fw + "\n":                     "vms[0].image",
+		"ceph:\n  conf: /nonexistent\n":                                                          "ceph.conf",
+		"ceph:\n  keyring: /nonexistent\n":                                                       "ceph.keyring",
+		"ceph:\n  id: client.sealdisk\n":                                                         "ceph.id",
+		"ceph:\n  key: AQBsecret==\n":                                                            "key",
 	} {
 		_, err := Load(write(t, yaml), nil)
 		if err == nil || !strings.Contains(err.Error(), key) {
 			t.Errorf("%q: want an error naming %s, got %v", yaml, key, err)
+		} else if strings.Contains(err.Error(), "AQBsecret") {
+			t.Errorf("%q: the error repeats a secret: %v", yaml, err)
 		}
 	}
 	if _, err := Load(write(t, "nbd:\n  listen: [\"tcp:127.0.0.1:0\"]\n  insecure_tcp: true\n"), nil); err != nil {
 		t.Fatal(err)
+	}
+	// an RBD image is checked for form at load, and asked of the cluster only at attach
+	rbdVM := "ceph:\n  conf: " + img + "\n  id: sealdisk\n  keyring: " + img + "\nvms:\n  - name: x\n    image: rbd:pool/vm1\n    firmware: " + fw + "\n"
+	if c, err := Load(write(t, rbdVM), nil); err != nil || c.Ceph.RBD().ID != "sealdisk" || c.VMs[0].Image != "rbd:pool/vm1" {
+		t.Fatalf("%+v %v", c, err)
 	}
 }
 

@@ -29,6 +29,7 @@ import (
 	"github.com/sealdisk/sealdisk/nbd"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/locate"
 )
 
 // Errors the admin API maps to HTTP status codes.
@@ -70,7 +71,7 @@ type VM struct {
 	Disk     *engine.Disk
 	Attached time.Time
 	// File is the image file's (dev, inode): the key of Daemon.images.
-	File store.FileID
+	File string // the image store's Identity
 	// provider is the key that signed the image's certificate (PKIX DER), so a reload can
 	// say which attached VMs' providers are no longer trusted.
 	provider []byte
@@ -98,7 +99,7 @@ type Daemon struct {
 	// was configured with: one VM read-write, or any number read-only. The file lock
 	// (store.File.Lock) enforces the same rule against other processes; this map is what
 	// lets a refusal inside the daemon name the VM that holds the image.
-	images map[store.FileID][]string
+	images map[string][]string
 
 	wg       sync.WaitGroup // listener goroutines (NBD, admin, metrics)
 	errc     chan error     // a listener that failed for good
@@ -125,7 +126,7 @@ func New(opts Options) (_ *Daemon, err error) {
 	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
 	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
 	d := &Daemon{
-		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[store.FileID][]string{}, started: time.Now(),
+		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[string][]string{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
 	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
@@ -263,7 +264,11 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 			return fmt.Errorf("failed to attach VM %q: %w: ASID %d is VM %q's", vm.Name, ErrConflict, vm.ASID, o.Config.Name)
 		}
 	}
-	img, err := image.Open(vm.Image, vm.ReadOnly)
+	st, err := locate.Open(vm.Image, vm.ReadOnly, d.cfg.Ceph.RBD())
+	if err != nil {
+		return err
+	}
+	img, err := image.OpenStore(st)
 	if err != nil {
 		return err
 	}
@@ -310,8 +315,8 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 // them writes) is refused naming that VM; one held by another process is refused by the
 // lock. It returns the file's identity for d.images; the lock goes when the engine closes f
 // at detach. The caller holds mu.
-func (d *Daemon) claimImage(vm config.VMConfig, f *store.File) (store.FileID, error) {
-	id, err := f.ID()
+func (d *Daemon) claimImage(vm config.VMConfig, f store.Image) (string, error) {
+	id, err := f.Identity()
 	if err != nil {
 		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
 	}

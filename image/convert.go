@@ -12,10 +12,9 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 // chunkBytes is the unit of bulk conversion: large enough that syscalls are rare, small
@@ -28,7 +27,7 @@ type Progress func(done, total int64)
 // extents returns the data ranges of f in [0, size), using SEEK_DATA/SEEK_HOLE so that a
 // mostly-sparse input is walked in time proportional to its data, not its size.
 func extents(f *os.File, size int64) ([][2]int64, error) {
-	ext, err := extentsAt(int(f.Fd()), 0, size)
+	ext, err := store.Extents(int(f.Fd()), 0, size)
 	if err != nil {
 		return nil, fmt.Errorf("failed to map %s: %w", f.Name(), err)
 	}
@@ -297,7 +296,7 @@ func Unseal(ctx context.Context, img *Image, c *sector.Cipher, ov Overlay, dst O
 // metaExtents lists sector ranges whose metadata is allocated.
 func metaExtents(img *Image) ([][2]int64, error) {
 	h := img.Header
-	ext, err := extentsAt(int(img.Store.Fd()), int64(h.MetaOffset), int64(h.MetaOffset+h.MetaSize))
+	ext, err := img.Store.Extents(int64(h.MetaOffset), int64(h.MetaOffset+h.MetaSize))
 	if err != nil {
 		return nil, err
 	}
@@ -308,33 +307,6 @@ func metaExtents(img *Image) ([][2]int64, error) {
 		if first < end {
 			out = append(out, [2]int64{first, end})
 		}
-	}
-	return out, nil
-}
-
-// extentsAt lists the data ranges of fd within [from, to).
-func extentsAt(fd int, from, to int64) ([][2]int64, error) {
-	var out [][2]int64
-	for off := from; off < to; {
-		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break
-		}
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
-			return [][2]int64{{off, to}}, nil
-		}
-		if err != nil {
-			return nil, fmt.Errorf("failed to find data: %w", err)
-		}
-		if d >= to {
-			break
-		}
-		hole, err := unix.Seek(fd, d, unix.SEEK_HOLE)
-		if err != nil {
-			return nil, fmt.Errorf("failed to find hole: %w", err)
-		}
-		out = append(out, [2]int64{d, min(hole, to)})
-		off = hole
 	}
 	return out, nil
 }

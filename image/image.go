@@ -11,29 +11,35 @@ import (
 	"github.com/sealdisk/sealdisk/store"
 )
 
-// Image is an open sealed image file.
+// Image is an open sealed image: a file or an RBD image (store.Image).
 type Image struct {
 	Header *format.Header
 	Cert   *format.Certificate
 	Status format.HeaderStatus
-	Store  *store.File
+	Store  store.Image
 }
 
-// Open reads and checks the headers and the certificate; it needs no key.
+// Open reads and checks the headers and the certificate of the image file at path; it needs
+// no key.
 func Open(path string, readOnly bool) (*Image, error) {
 	s, err := store.OpenFile(path, readOnly)
 	if err != nil {
 		return nil, err
 	}
+	return OpenStore(s)
+}
+
+// OpenStore is Open on an opened store (a file or an RBD image); on failure it closes s.
+func OpenStore(s store.Image) (*Image, error) {
 	img, err := open(s)
 	if err != nil {
 		s.Close()
-		return nil, fmt.Errorf("failed to open image %s: %w", path, err)
+		return nil, fmt.Errorf("failed to open image %s: %w", s.Name(), err)
 	}
 	return img, nil
 }
 
-func open(s *store.File) (*Image, error) {
+func open(s store.Image) (*Image, error) {
 	h, st, err := format.ReadHeader(s)
 	if err != nil {
 		return nil, err
@@ -61,13 +67,18 @@ func Create(path string, h *format.Header) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
+	return CreateStore(s, h)
+}
+
+// CreateStore is Create on a new, empty store (a file or an RBD image); on failure it closes s.
+func CreateStore(s store.Image, h *format.Header) (*Image, error) {
 	if err := s.Truncate(int64(h.FileSize())); err != nil {
 		s.Close()
 		return nil, err
 	}
 	if err := format.WriteHeaders(s, h); err != nil {
 		s.Close()
-		return nil, fmt.Errorf("failed to create image %s: %w", path, err)
+		return nil, fmt.Errorf("failed to create image %s: %w", s.Name(), err)
 	}
 	c, err := format.ParseCertificate(h.Cert)
 	if err != nil {
@@ -110,7 +121,17 @@ func (img *Image) Rewrite(cert []byte) error {
 // copies with the next generation (FORMAT.md §2 "Rewriting"). Data, metadata and journal are
 // not touched.
 func Reseal(path string, newCert []byte) error {
-	img, err := Open(path, false)
+	s, err := store.OpenFile(path, false)
+	if err != nil {
+		return err
+	}
+	return ResealStore(s, newCert)
+}
+
+// ResealStore is Reseal on an opened store, which it closes.
+func ResealStore(s store.Image, newCert []byte) error {
+	path := s.Name()
+	img, err := OpenStore(s)
 	if err != nil {
 		return err
 	}
@@ -125,10 +146,11 @@ func Reseal(path string, newCert []byte) error {
 }
 
 // AllocatedData returns the bytes allocated in the data region (holes excluded), found with
-// SEEK_DATA/SEEK_HOLE; on filesystems without them it is the region's size.
+// the store's Extents (SEEK_DATA/SEEK_HOLE, rbd diff); where the store cannot tell it is the
+// region's size.
 func (img *Image) AllocatedData() (int64, error) {
 	h := img.Header
-	ext, err := extentsAt(int(img.Store.Fd()), int64(h.DataOffset), int64(h.FileSize()))
+	ext, err := img.Store.Extents(int64(h.DataOffset), int64(h.FileSize()))
 	if err != nil {
 		return 0, err
 	}

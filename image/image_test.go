@@ -14,6 +14,7 @@ import (
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
+	"github.com/sealdisk/sealdisk/store"
 )
 
 func TestSealUnsealRoundTrip(t *testing.T) {
@@ -75,7 +76,7 @@ func allocated(t *testing.T, path string, from, to int64) int64 {
 	f, err := os.Open(path)
 	must(t, err)
 	defer f.Close()
-	ext, err := extentsAt(int(f.Fd()), from, to)
+	ext, err := store.Extents(int(f.Fd()), from, to)
 	must(t, err)
 	var n int64
 	for _, e := range ext {

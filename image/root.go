@@ -67,12 +67,12 @@ func (img *Image) computeTree(st tree.Store) (tree.Digest, error) {
 }
 
 // eachMetaPage calls fn, in page order, for every metadata page that is not all zeros,
-// walking only the allocated part of the metadata region (SEEK_DATA/SEEK_HOLE). pg is the
+// walking only the allocated part of the metadata region (store.Image.Extents). pg is the
 // whole page, zero past the last sector's entry.
 func (img *Image) eachMetaPage(fn func(idx uint64, pg []byte) error) error {
 	h := img.Header
 	metaEnd := int64(h.MetaOffset + h.Sectors()*format.MetaEntrySize)
-	ext, err := extentsAt(int(img.Store.Fd()), int64(h.MetaOffset), metaEnd)
+	ext, err := img.Store.Extents(int64(h.MetaOffset), metaEnd)
 	if err != nil {
 		return fmt.Errorf("failed to map the metadata region: %w", err)
 	}

@@ -18,18 +18,31 @@ import (
 
 var sealdisk string // path of the binary built for this run
 
+// buildFlags and atExit are set by files behind build tags (rbd_test.go): the flags the binary
+// is built with, and what TestMain stops after the tests (the Ceph cluster).
+var (
+	buildFlags []string
+	atExit     []func() error
+)
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "sealdisk-e2e-")
 	if err != nil {
 		panic(err)
 	}
 	sealdisk = filepath.Join(dir, "sealdisk")
-	out, err := exec.Command("go", "build", "-o", sealdisk, "../cmd/sealdisk").CombinedOutput()
+	args := append(append([]string{"build"}, buildFlags...), "-o", sealdisk, "../cmd/sealdisk")
+	out, err := exec.Command("go", args...).CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build failed: %v\n%s", err, out)
 		os.Exit(1)
 	}
 	code := m.Run()
+	for _, f := range atExit {
+		if f() != nil && code == 0 {
+			code = 1
+		}
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

@@ -28,7 +28,7 @@ import (
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
-	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/locate"
 )
 
 // progress returns a progress callback drawing a bar when stderr is a terminal.
@@ -65,7 +65,10 @@ func signalContext() (context.Context, context.CancelFunc) {
 // newImage creates OUT.tmp with a fresh UUID and certificate, in the given layout (the zero
 // Layout: the current version); finish writes the first root record and renames it into place.
 func newImage(out string, f *certFlags, virtualSize uint64, l format.Layout) (*image.Image, *sector.Cipher, func(error) error, error) {
-	if _, err := os.Stat(out); err == nil {
+	if ok, err := locate.Exists(out, cephConfig); err != nil || ok {
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("--out %s: %w", out, err)
+		}
 		return nil, nil, nil, fmt.Errorf("--out %s already exists; refusing to overwrite an image", out)
 	}
 	id := uuid.New()
@@ -96,16 +99,22 @@ func newImage(out string, f *certFlags, virtualSize uint64, l format.Layout) (*i
 	}, nil
 }
 
-// createTemp creates OUT.tmp with header h, held under an exclusive lock (a leftover of a
-// crashed run is replaced, one another run is writing refused); finish(nil) syncs and closes it, renames it to
-// OUT and syncs the directory; finish(err) removes it and returns err.
+// createTemp creates OUT.tmp (a file, or the RBD image OUT's name plus .tmp) with header h,
+// held under an exclusive lock (a leftover of a crashed run is replaced, one another run is
+// writing refused); finish(nil) syncs and closes it and renames it to OUT (syncing the
+// directory of a file); finish(err) removes it and returns err.
 func createTemp(out string, h *format.Header) (*image.Image, func(error) error, error) {
 	tmp := out + ".tmp"
 	if err := claimTemp(out, tmp); err != nil {
 		return nil, nil, err
 	}
-	img, err := image.Create(tmp, h)
+	st, err := locate.Create(tmp, cephConfig)
 	if err != nil {
+		return nil, nil, err
+	}
+	img, err := image.CreateStore(st, h)
+	if err != nil {
+		locate.Remove(tmp, cephConfig)
 		return nil, nil, err
 	}
 	if err := img.Store.Lock(true); err != nil {
@@ -120,13 +129,13 @@ func createTemp(out string, h *format.Header) (*image.Image, func(error) error, 
 			err = cerr
 		}
 		if err == nil {
-			err = os.Rename(tmp, out)
+			err = locate.Rename(tmp, out, cephConfig)
 		}
 		if err != nil {
-			os.Remove(tmp)
+			locate.Remove(tmp, cephConfig)
 			return err
 		}
-		return syncDir(filepath.Dir(out))
+		return nil
 	}, nil
 }
 
@@ -178,7 +187,7 @@ takes 128 KiB on disk.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&out, "out", "", "image file to create")
+	cmd.Flags().StringVar(&out, "out", "", "image to create: a file or rbd:POOL/IMAGE")
 	cmd.Flags().StringVar(&size, "size", "", "virtual disk size, e.g. 20G")
 	f.register(cmd)
 	return cmd
@@ -239,7 +248,7 @@ holes. The output appears only when complete (written as OUT.tmp, then renamed).
 		},
 	}
 	cmd.Flags().StringVar(&in, "in", "", "raw disk image to seal")
-	cmd.Flags().StringVar(&out, "out", "", "sealed image to create")
+	cmd.Flags().StringVar(&out, "out", "", "sealed image to create: a file or rbd:POOL/IMAGE")
 	f.register(cmd)
 	return cmd
 }
@@ -263,7 +272,7 @@ removed.`,
 			if _, err := os.Stat(out); err == nil && !force {
 				return fmt.Errorf("--out %s exists; add --force to overwrite", out)
 			}
-			img, err := image.Open(in, true)
+			img, err := openImage(in, true)
 			if err != nil {
 				return err
 			}
@@ -334,7 +343,7 @@ removed.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&in, "in", "", "sealed image")
+	cmd.Flags().StringVar(&in, "in", "", "sealed image: a file or rbd:POOL/IMAGE")
 	cmd.Flags().StringVar(&out, "out", "", "raw image to write")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
 	cmd.Flags().BoolVar(&force, "force", false, "overwrite --out")
@@ -377,25 +386,31 @@ the broker's policy); a version-2 one needs --key-file to carry its root record.
 			if err != nil {
 				return err
 			}
-			// Held across reading the key and rewriting the headers, which open the file
-			// themselves: the lock is this open's, so they are not refused by it.
-			hold, err := store.OpenLocked(in, false)
+			// One open, locked exclusive, reads the key, writes the carried root record and
+			// rewrites the headers: on RBD a second client could not write beside the lock.
+			img, err := openImage(in, false)
 			if err != nil {
+				return err
+			}
+			defer img.Close()
+			if err := img.Store.Lock(true); err != nil {
 				return inUse("reseal", in, err)
 			}
-			defer hold.Close()
-			cert, gen, err := resealCert(in, pspDir, chip, providerKey, keyFile)
+			cert, gen, err := resealCert(img, pspDir, chip, providerKey, keyFile)
 			if err != nil {
 				return err
 			}
-			if err := image.Reseal(in, cert); err != nil {
-				return err
+			if err := img.Rewrite(cert); err != nil {
+				return fmt.Errorf("failed to reseal %s: %w", in, err)
+			}
+			if err := img.Store.Sync(); err != nil {
+				return fmt.Errorf("failed to reseal %s: %w", in, err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "resealed %s to chip %x (header generation %d)\n", in, chip.ID, gen)
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&in, "in", "", "sealed image (rewritten in place)")
+	cmd.Flags().StringVar(&in, "in", "", "sealed image, a file or rbd:POOL/IMAGE (rewritten in place)")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to now")
 	cmd.Flags().StringVar(&toChip, "to-chip", "", "chip certificate of the new host")
 	cmd.Flags().StringVar(&root, "vendor-root", "", "vendor root the new chip certificate must chain to")
@@ -404,17 +419,12 @@ the broker's policy); a version-2 one needs --key-file to carry its root record.
 	return cmd
 }
 
-// resealCert opens the image key of in with the PSP in pspDir and issues a certificate sealing
+// resealCert opens the image key of img with the PSP in pspDir and issues a certificate sealing
 // it to chip, every other field kept. It returns the certificate and the header generation
 // the rewrite will carry.
-func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey, keyFile string) ([]byte, uint64, error) {
-	img, err := image.Open(in, false)
-	if err != nil {
-		return nil, 0, err
-	}
-	defer img.Close()
+func resealCert(img *image.Image, pspDir string, chip *psp.ChipCert, providerKey, keyFile string) ([]byte, uint64, error) {
 	if img.FellBack() {
-		slog.Warn("primary header invalid; using backup (reseal rewrites both)", "image", in, "error", img.Status.PrimaryErr)
+		slog.Warn("primary header invalid; using backup (reseal rewrites both)", "image", img.Store.Name(), "error", img.Status.PrimaryErr)
 	}
 	p, err := psp.Open(pspDir, psp.Options{})
 	if err != nil {
@@ -438,7 +448,7 @@ func resealCert(in, pspDir string, chip *psp.ChipCert, providerKey, keyFile stri
 				return nil, 0, err
 			}
 		} else if img.Header.Version >= format.HeaderVersion2 {
-			return nil, 0, fmt.Errorf("reseal of %s: its key is in broker %s (key %s) and a version-2 image's root record needs it: pass --key-file", in, old.BrokerURL, old.KeyID)
+			return nil, 0, fmt.Errorf("reseal of %s: its key is in broker %s (key %s) and a version-2 image's root record needs it: pass --key-file", img.Store.Name(), old.BrokerURL, old.KeyID)
 		}
 	} else {
 		if key, err = p.UnsealImageKey(old, img.Header); err != nil {
@@ -607,7 +617,7 @@ With --json the output is one object with stable snake_case keys.`,
 		Example: "  sealdisk inspect vm.img --trust psp/trust\n  sealdisk inspect vm.img --provider-pub provider/provider.pub\n  sealdisk inspect vm.img --json | jq .signature",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			img, err := image.Open(args[0], true)
+			img, err := openImage(args[0], true)
 			if err != nil {
 				return err
 			}
@@ -637,7 +647,16 @@ With --json the output is one object with stable snake_case keys.`,
 			pk := sha256.Sum256(c.ProviderKey)
 			o.ProviderKey = hex.EncodeToString(pk[:])
 			o.CertDigest = hex.EncodeToString(sha384(c.Bytes()))
-			if fi, err := os.Stat(args[0]); err == nil {
+			if locate.IsRBD(args[0]) {
+				// RBD allocates whole objects: the sum of the allocated ones.
+				ext, err := img.Store.Extents(0, int64(h.FileSize()))
+				if err != nil {
+					return err
+				}
+				for _, e := range ext {
+					o.AllocatedBytes += e[1] - e[0]
+				}
+			} else if fi, err := os.Stat(args[0]); err == nil {
 				if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 					o.AllocatedBytes = st.Blocks * 512
 				}

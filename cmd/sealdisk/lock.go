@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/locate"
 )
 
 // The offline tools take the image lock the server takes (docs/OPERATOR.md, "One owner per
@@ -24,18 +25,22 @@ func inUse(tool, path string, err error) error {
 // claimTemp makes the path tmp free for a new image: a leftover of a tool that crashed is
 // removed, one another seal or create is still writing (it holds the lock) is refused.
 func claimTemp(out, tmp string) error {
-	f, err := store.OpenLocked(tmp, false)
+	f, err := locate.Open(tmp, false, cephConfig)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
+	if err != nil {
+		return err
+	}
+	err = f.Lock(true)
+	f.Close()
 	if errors.Is(err, store.ErrLocked) {
 		return fmt.Errorf("another seal or create is writing --out %s (its %s is locked): %w", out, tmp, err)
 	}
 	if err != nil {
 		return err
 	}
-	f.Close()
-	if err := os.Remove(tmp); err != nil {
+	if err := locate.Remove(tmp, cephConfig); err != nil {
 		return fmt.Errorf("failed to remove the leftover %s: %w", tmp, err)
 	}
 	return nil

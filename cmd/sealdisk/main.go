@@ -56,12 +56,16 @@ creating, sealing, unsealing, inspecting and re-sealing images.`,
 				h = slog.NewJSONHandler(os.Stderr, opts)
 			}
 			slog.SetDefault(slog.New(h))
+			cephConfig = cfg.Ceph.RBD()
 			return nil
 		},
 	}
 	root.PersistentFlags().StringVar(&cfgPath, "config", "", "YAML config file (keys also settable as SEALDISK_* environment variables)")
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error (config log.level)")
 	root.PersistentFlags().String("log-format", "text", "log format: text or json (config log.format)")
+	root.PersistentFlags().String("ceph-conf", "", "ceph.conf for rbd:POOL/IMAGE images (config ceph.conf)")
+	root.PersistentFlags().String("ceph-id", "", "cephx user for rbd: images, without \"client.\" (config ceph.id)")
+	root.PersistentFlags().String("ceph-keyring", "", "keyring file of that user (config ceph.keyring); never the key itself")
 	root.AddCommand(vendorCmd(), pspCmd(), providerCmd(), measureCmd(), createCmd(), sealCmd(),
 		unsealCmd(), inspectCmd(), resealCmd(), scrubCmd(), upgradeCmd(), attestCmd(), serveCmd(), adminCmd(), attachCmd(), brokerCmd(), versionCmd())
 	return root

@@ -11,7 +11,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/sealdisk/sealdisk/format"
-	"github.com/sealdisk/sealdisk/image"
 )
 
 type scrubOut struct {
@@ -44,7 +43,7 @@ image is never changed.`,
 			if err := need(map[string]string{"psp": pspDir}); err != nil {
 				return err
 			}
-			img, err := image.Open(args[0], true)
+			img, err := openImage(args[0], true)
 			if err != nil {
 				return err
 			}

@@ -72,7 +72,7 @@ keys below, a flag.`,
 	f.String("admin-metrics-listen", "", "Prometheus metrics: tcp:HOST:PORT or unix:PATH (config admin.metrics_listen)")
 	// quick start: one VM from flags
 	f.String("psp", "", "PSP directory (same as --psp-dir)")
-	f.String("image", "", "quick start: the sealed image of a single VM")
+	f.String("image", "", "quick start: the sealed image of a single VM (a file or rbd:POOL/IMAGE)")
 	f.String("firmware", "", "quick start: that VM's firmware file")
 	f.String("name", "", "quick start: VM and export name (default: the image file name without .img)")
 	f.Bool("read-only", false, "quick start: attach read-only")

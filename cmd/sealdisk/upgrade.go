@@ -32,7 +32,7 @@ images attach read-only; the upgraded one attaches read-write.`,
 			if _, err := os.Stat(out); err == nil {
 				return fmt.Errorf("--out %s already exists; refusing to overwrite an image", out)
 			}
-			src, err := image.Open(in, true)
+			src, err := openImage(in, true)
 			if err != nil {
 				return err
 			}
@@ -89,8 +89,8 @@ images attach read-only; the upgraded one attaches read-write.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&in, "in", "", "version-1 sealed image")
-	cmd.Flags().StringVar(&out, "out", "", "version-2 image to write")
+	cmd.Flags().StringVar(&in, "in", "", "version-1 sealed image (a file or rbd:POOL/IMAGE)")
+	cmd.Flags().StringVar(&out, "out", "", "version-2 image to write (a file or rbd:POOL/IMAGE)")
 	cmd.Flags().StringVar(&pspDir, "psp", "", "PSP directory the image is sealed to")
 	return cmd
 }
