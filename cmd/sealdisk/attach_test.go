@@ -1,7 +1,6 @@
 package main
 
 import (
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -35,5 +34,3 @@ func TestAttachArguments(t *testing.T) {
 		}
 	}
 }
-
-func quietLog() *slog.Logger { return slog.New(slog.DiscardHandler) }
