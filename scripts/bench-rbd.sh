@@ -3,8 +3,7 @@
 # with librbd's built-in LUKS2 encryption (qemu-storage-daemon, encrypt.format=luks2) and
 # against the same driver on a plain RBD image — one throwaway cluster (internal/cephtest:
 # one mon, one BlueStore OSD over a sparse file on the root filesystem, loopback), same run,
-# the shared fio script (../shared/bench/fio-nbd.sh: fio's nbd engine, so the client path is
-# the same for all three). Each image is 1 GiB, fully written with random data first, so reads
+# fio's nbd engine as the client for all three (fio_nbd below). Each image is 1 GiB, fully written with random data first, so reads
 # decrypt real sectors. The three are measured alternately (ROUNDS times). The run holds
 # /tmp/sealdisk-bench.lock so other benchmarks on the machine do not overlap it.
 # usage: scripts/bench-rbd.sh   (RT=seconds per workload, default 8; ROUNDS, default 2)
@@ -14,7 +13,18 @@ if [ -z "${SEALDISK_BENCH_LOCKED:-}" ]; then
 fi
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
-FIO=${FIO_NBD:-$(cd .. && pwd)/shared/bench/fio-nbd.sh}
+# fio_nbd URI LABEL: one line per workload: label workload MB/s IOPS (RT seconds each).
+fio_nbd() {
+  local uri=$1 label=$2 w out bw iops
+  for w in "read 1M 8" "write 1M 8" "randread 4k 32" "randwrite 4k 32"; do
+    set -- $w
+    out=$(fio --name=x --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" --iodepth="$3" --size=1g \
+      --runtime="${RT:-8}" --time_based --output-format=terse --terse-version=3 2>&1 | tail -1)
+    if [[ $1 == *read* ]]; then bw=$(echo "$out" | cut -d';' -f7); iops=$(echo "$out" | cut -d';' -f8)
+    else bw=$(echo "$out" | cut -d';' -f48); iops=$(echo "$out" | cut -d';' -f49); fi
+    printf "%-14s %-16s %8.1f MB/s %9s IOPS\n" "$label" "$1-$2-qd$3" "$(echo "$bw/1024" | bc -l)" "$iops"
+  done
+}
 ROUNDS=${ROUNDS:-2}
 S=$PWD/bin/sealdisk
 make -s build
@@ -72,8 +82,8 @@ done
 rm raw
 echo "# luks2 export (after its header): $(qemu-img info "nbd+unix:///luks?socket=$W/qsd.sock" | grep "virtual size")"
 for _ in $(seq "$ROUNDS"); do
-  bash "$FIO" "nbd+unix:///vm?socket=$W/sealdisk.sock" sealdisk-rbd
-  bash "$FIO" "nbd+unix:///luks?socket=$W/qsd.sock" qemu-rbd-luks2
-  bash "$FIO" "nbd+unix:///plain?socket=$W/qsd.sock" qemu-rbd-plain
+  fio_nbd "nbd+unix:///vm?socket=$W/sealdisk.sock" sealdisk-rbd
+  fio_nbd "nbd+unix:///luks?socket=$W/qsd.sock" qemu-rbd-luks2
+  fio_nbd "nbd+unix:///plain?socket=$W/qsd.sock" qemu-rbd-plain
 done
 echo "# end $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
