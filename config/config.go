@@ -184,62 +184,95 @@ type KeyError struct {
 
 func (e *KeyError) Error() string { return fmt.Sprintf("invalid config key %s: %s", e.Key, e.Reason) }
 
-// Validate checks values that types alone cannot.
+// Validate checks values that types alone cannot, section by section; every error names its key.
 func (c *Config) Validate() error {
 	var errs []error
-	switch c.Log.Level {
+	for _, check := range []func() []error{c.Log.check, c.PSP.check, c.Engine.check, c.Ceph.check, c.NBD.check, c.Admin.check, c.checkVMs} {
+		errs = append(errs, check()...)
+	}
+	return errors.Join(errs...)
+}
+
+// check validates log.*.
+func (c LogConfig) check() []error {
+	var errs []error
+	switch c.Level {
 	case "debug", "info", "warn", "error":
 	default:
-		errs = append(errs, &KeyError{"log.level", fmt.Sprintf("%q is not debug, info, warn or error", c.Log.Level)})
+		errs = append(errs, &KeyError{"log.level", fmt.Sprintf("%q is not debug, info, warn or error", c.Level)})
 	}
-	if c.Log.Format != "text" && c.Log.Format != "json" {
-		errs = append(errs, &KeyError{"log.format", fmt.Sprintf("%q is not text or json", c.Log.Format)})
+	if c.Format != "text" && c.Format != "json" {
+		errs = append(errs, &KeyError{"log.format", fmt.Sprintf("%q is not text or json", c.Format)})
 	}
-	if c.PSP.ASIDs < 1 || c.PSP.ASIDs > 1<<16 {
-		errs = append(errs, &KeyError{"psp.asids", fmt.Sprintf("%d is outside 1..65536", c.PSP.ASIDs)})
+	return errs
+}
+
+// check validates psp.*.
+func (c PSPConfig) check() []error {
+	var errs []error
+	if c.ASIDs < 1 || c.ASIDs > 1<<16 {
+		errs = append(errs, &KeyError{"psp.asids", fmt.Sprintf("%d is outside 1..65536", c.ASIDs)})
 	}
-	if c.PSP.Dir != "" {
-		if fi, err := os.Stat(c.PSP.Dir); err != nil || !fi.IsDir() {
-			errs = append(errs, &KeyError{"psp.dir", fmt.Sprintf("%s is not a directory", c.PSP.Dir)})
+	if c.Dir != "" {
+		if fi, err := os.Stat(c.Dir); err != nil || !fi.IsDir() {
+			errs = append(errs, &KeyError{"psp.dir", fmt.Sprintf("%s is not a directory", c.Dir)})
 		}
 	}
-	if (c.PSP.BrokerClientCert == "") != (c.PSP.BrokerClientKey == "") {
+	if (c.BrokerClientCert == "") != (c.BrokerClientKey == "") {
 		errs = append(errs, &KeyError{"psp.broker_client_cert", "broker_client_cert and broker_client_key go together"})
 	}
-	if c.PSP.BrokerAttempts < 0 || c.PSP.BrokerAttempts > 20 {
-		errs = append(errs, &KeyError{"psp.broker_attempts", fmt.Sprintf("%d is outside 0..20", c.PSP.BrokerAttempts)})
+	if c.BrokerAttempts < 0 || c.BrokerAttempts > 20 {
+		errs = append(errs, &KeyError{"psp.broker_attempts", fmt.Sprintf("%d is outside 0..20", c.BrokerAttempts)})
 	}
-	if c.Engine.Shards < 0 || c.Engine.Shards > 256 {
-		errs = append(errs, &KeyError{"engine.shards", fmt.Sprintf("%d is outside 0..256", c.Engine.Shards)})
+	return errs
+}
+
+// check validates engine.*.
+func (c EngineConfig) check() []error {
+	var errs []error
+	if c.Shards < 0 || c.Shards > 256 {
+		errs = append(errs, &KeyError{"engine.shards", fmt.Sprintf("%d is outside 0..256", c.Shards)})
 	}
-	if n, err := ParseSize(c.Engine.CacheSize); err != nil || n < 1<<20 {
-		errs = append(errs, &KeyError{"engine.cache_size", fmt.Sprintf("%q: want a size of at least 1M, e.g. 256M", c.Engine.CacheSize)})
+	if n, err := ParseSize(c.CacheSize); err != nil || n < 1<<20 {
+		errs = append(errs, &KeyError{"engine.cache_size", fmt.Sprintf("%q: want a size of at least 1M, e.g. 256M", c.CacheSize)})
 	}
-	if d, err := time.ParseDuration(c.Engine.IdleFlush); err != nil || d <= 0 {
-		errs = append(errs, &KeyError{"engine.idle_flush", fmt.Sprintf("%q: want a positive duration, e.g. 5s", c.Engine.IdleFlush)})
+	if d, err := time.ParseDuration(c.IdleFlush); err != nil || d <= 0 {
+		errs = append(errs, &KeyError{"engine.idle_flush", fmt.Sprintf("%q: want a positive duration, e.g. 5s", c.IdleFlush)})
 	}
-	for _, f := range []struct{ key, path string }{{"ceph.conf", c.Ceph.Conf}, {"ceph.keyring", c.Ceph.Keyring}} {
+	return errs
+}
+
+// check validates ceph.*.
+func (c CephConfig) check() []error {
+	var errs []error
+	for _, f := range []struct{ key, path string }{{"ceph.conf", c.Conf}, {"ceph.keyring", c.Keyring}} {
 		if f.path != "" {
 			if fi, err := os.Stat(f.path); err != nil || fi.IsDir() {
 				errs = append(errs, &KeyError{f.key, fmt.Sprintf("%s is not a readable file", f.path)})
 			}
 		}
 	}
-	if strings.HasPrefix(c.Ceph.ID, "client.") || strings.ContainsAny(c.Ceph.ID, " \t\n") {
-		errs = append(errs, &KeyError{"ceph.id", fmt.Sprintf("%q: give the cephx user without \"client.\" (sealdisk for client.sealdisk)", c.Ceph.ID)})
+	if strings.HasPrefix(c.ID, "client.") || strings.ContainsAny(c.ID, " \t\n") {
+		errs = append(errs, &KeyError{"ceph.id", fmt.Sprintf("%q: give the cephx user without \"client.\" (sealdisk for client.sealdisk)", c.ID)})
 	}
-	tls := c.NBD.TLSCert != "" || c.NBD.TLSKey != ""
-	if tls && (c.NBD.TLSCert == "" || c.NBD.TLSKey == "") {
+	return errs
+}
+
+// check validates nbd.*.
+func (c NBDConfig) check() []error {
+	var errs []error
+	tls := c.TLSCert != "" || c.TLSKey != ""
+	if tls && (c.TLSCert == "" || c.TLSKey == "") {
 		errs = append(errs, &KeyError{"nbd.tls_cert", "tls_cert and tls_key go together"})
 	}
-	for _, f := range []struct{ key, path string }{{"nbd.tls_cert", c.NBD.TLSCert}, {"nbd.tls_key", c.NBD.TLSKey}, {"nbd.tls_client_ca", c.NBD.TLSClientCA}} {
+	for _, f := range []struct{ key, path string }{{"nbd.tls_cert", c.TLSCert}, {"nbd.tls_key", c.TLSKey}, {"nbd.tls_client_ca", c.TLSClientCA}} {
 		if f.path != "" {
 			if _, err := os.Stat(f.path); err != nil {
 				errs = append(errs, &KeyError{f.key, fmt.Sprintf("%s: %v", f.path, errors.Unwrap(err))})
 			}
 		}
 	}
-	for i, l := range c.NBD.Listen {
+	for i, l := range c.Listen {
 		key := fmt.Sprintf("nbd.listen[%d]", i)
 		kind, addr, ok := strings.Cut(l, ":")
 		switch {
@@ -249,19 +282,25 @@ func (c *Config) Validate() error {
 		case kind == "tcp":
 			if _, _, err := net.SplitHostPort(addr); err != nil {
 				errs = append(errs, &KeyError{key, fmt.Sprintf("%q: %v", l, err)})
-			} else if !tls && !c.NBD.InsecureTCP {
+			} else if !tls && !c.InsecureTCP {
 				errs = append(errs, &KeyError{key, fmt.Sprintf("%q: TCP needs nbd.tls_cert/tls_key, or nbd.insecure_tcp: true", l)})
 			}
 		default:
 			errs = append(errs, &KeyError{key, fmt.Sprintf("%q: unknown listener kind %q (unix or tcp)", l, kind)})
 		}
 	}
-	if c.Admin.Socket != "" {
-		if fi, err := os.Stat(filepath.Dir(c.Admin.Socket)); err != nil || !fi.IsDir() {
-			errs = append(errs, &KeyError{"admin.socket", fmt.Sprintf("%s: its directory does not exist", c.Admin.Socket)})
+	return errs
+}
+
+// check validates admin.*.
+func (c AdminConfig) check() []error {
+	var errs []error
+	if c.Socket != "" {
+		if fi, err := os.Stat(filepath.Dir(c.Socket)); err != nil || !fi.IsDir() {
+			errs = append(errs, &KeyError{"admin.socket", fmt.Sprintf("%s: its directory does not exist", c.Socket)})
 		}
 	}
-	if m := c.Admin.MetricsListen; m != "" {
+	if m := c.MetricsListen; m != "" {
 		kind, addr, ok := strings.Cut(m, ":")
 		switch {
 		case !ok || addr == "" || (kind != "unix" && kind != "tcp"):
@@ -272,6 +311,12 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
+	return errs
+}
+
+// checkVMs validates vms[]: each VM, and names, exports and ASIDs across them.
+func (c *Config) checkVMs() []error {
+	var errs []error
 	names, exports, asids := map[string]bool{}, map[string]bool{}, map[int]bool{}
 	for i, vm := range c.VMs {
 		key := func(f string) string { return fmt.Sprintf("vms[%d].%s", i, f) }
@@ -290,7 +335,7 @@ func (c *Config) Validate() error {
 		asids[vm.ASID] = vm.ASID != 0
 		errs = append(errs, vm.check(fmt.Sprintf("vms[%d].", i), c.PSP.ASIDs)...)
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // Check validates one VM on its own (the admin API's attach call; Validate adds the checks
