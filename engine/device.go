@@ -73,7 +73,7 @@ var (
 	// ErrPermission: no key is bound to the descriptor's ASID, or the ASID does not match.
 	ErrPermission = errors.New("permission denied: no key bound to this ASID")
 	// ErrIntegrity: a sector failed authentication (tampered or corrupt); never data.
-	ErrIntegrity = errors.New("sector failed authentication")
+	ErrIntegrity = errors.New("integrity check failed")
 	// ErrNotFast: FastZero was requested and zeroing would be slow.
 	ErrNotFast = errors.New("fast zero not possible")
 	// ErrDetached: the VM disk was detached (or the engine closed) while the request ran.
