@@ -72,7 +72,8 @@ var (
 	ErrTooLarge = errors.New("request too large")
 	// ErrPermission: no key is bound to the descriptor's ASID, or the ASID does not match.
 	ErrPermission = errors.New("permission denied: no key bound to this ASID")
-	// ErrIntegrity: a sector failed authentication (tampered or corrupt); never data.
+	// ErrIntegrity: a sector failed authentication, or its metadata page the integrity tree
+	// (tampered, rolled back or corrupt); never data.
 	ErrIntegrity = errors.New("integrity check failed")
 	// ErrNotFast: FastZero was requested and zeroing would be slow.
 	ErrNotFast = errors.New("fast zero not possible")
