@@ -46,7 +46,7 @@ func InitIdentity(dir string) error {
 	secret := make([]byte, 32)
 	rand.Read(secret)
 	defer clear(secret)
-	return writeExcl(filepath.Join(dir, secretFile), secret)
+	return psp.WritePrivateFile(filepath.Join(dir, secretFile), secret)
 }
 
 func writeKEMKey(path string) error {
@@ -61,24 +61,7 @@ func writeKEMKey(path string) error {
 	p := pem.EncodeToMemory(&pem.Block{Type: pemBrokerKey, Bytes: b})
 	clear(b)
 	defer clear(p)
-	return writeExcl(path, p)
-}
-
-// writeExcl creates path with mode 0600, never overwriting.
-func writeExcl(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return fmt.Errorf("failed to create %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("failed to write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("failed to sync %s: %w", path, err)
-	}
-	return f.Close()
+	return psp.WritePrivateFile(path, p)
 }
 
 // identity is the loaded identity: the at-rest keys by fingerprint and the derived MAC keys.

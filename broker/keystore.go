@@ -116,7 +116,7 @@ func (s *Store) write(kf *keyFile, excl bool) error {
 	dst := s.path(kf.KeyID)
 	tmp := dst + ".tmp"
 	os.Remove(tmp)
-	if err := writeExcl(tmp, b); err != nil {
+	if err := psp.WritePrivateFile(tmp, b); err != nil {
 		return err
 	}
 	if excl {

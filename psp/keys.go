@@ -73,6 +73,10 @@ func ChipIDOf(pub hpke.PublicKey) [32]byte { return sha256.Sum256(pub.Bytes()) }
 // goes through it once the secret has been used.
 func zero(b []byte) { clear(b) }
 
+// WritePrivateFile creates path with mode 0600 holding data, synced; it never overwrites (a
+// secret's file, read back with ReadPrivateFile).
+func WritePrivateFile(path string, data []byte) error { return writeFile(path, data, 0o600) }
+
 func writeFile(path string, data []byte, mode os.FileMode) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
 	if err != nil {
