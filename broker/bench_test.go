@@ -26,7 +26,7 @@ import (
 // releases per CPU-second of the process.
 // BENCHMARKS.md has the command and the figures.
 func BenchmarkRelease(b *testing.B) {
-	w, err := fixture.NewWorld(b.TempDir(), 0)
+	w, err := fixture.NewWorld(b.TempDir(), fixture.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}

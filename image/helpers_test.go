@@ -14,36 +14,21 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/sector"
 )
 
-// world is a vendor, two chips trusting one provider, and a firmware file: real keys.
-type world struct {
-	dir, psp, psp2, prov string
-	fwDigest             []byte
-}
+// world is the shared fixture's world with two chips (ML-KEM and DHKEM) trusting one
+// provider.
+type world struct{ *fixture.World }
 
 func newWorld(t *testing.T) *world {
 	t.Helper()
-	d := t.TempDir()
-	w := &world{dir: d, psp: filepath.Join(d, "psp"), psp2: filepath.Join(d, "psp2"), prov: filepath.Join(d, "prov")}
-	vendor := filepath.Join(d, "vendor")
-	must(t, psp.InitVendor(vendor, ""))
-	must(t, psp.InitChip(w.psp, vendor, format.KEMMLKEM768X25519))
-	must(t, psp.InitChip(w.psp2, vendor, format.KEMDHKEMP384))
-	k, err := provider.GenerateKey(format.SigECDSAP384)
+	fw, err := fixture.NewWorld(t.TempDir(), fixture.Options{KEM: format.KEMMLKEM768X25519, SecondChip: true, SecondKEM: format.KEMDHKEMP384})
 	must(t, err)
-	must(t, provider.SaveKeyPair(w.prov, "provider", k))
-	pub := filepath.Join(w.prov, "provider.pub")
-	must(t, psp.AddTrustedProvider(w.psp, pub))
-	must(t, psp.AddTrustedProvider(w.psp2, pub))
-	fw := filepath.Join(d, "OVMF.fd")
-	must(t, os.WriteFile(fw, []byte("firmware"), 0o644))
-	w.fwDigest, err = psp.Measure(fw, format.MeasureSHA384)
-	must(t, err)
-	return w
+	return &world{fw}
 }
 
 func must(t testing.TB, err error) {
@@ -53,23 +38,16 @@ func must(t testing.TB, err error) {
 	}
 }
 
-func chipOf(t *testing.T, dir string) *psp.ChipCert {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, psp.ChipCrtFile))
-	must(t, err)
-	c, err := psp.ParseChipCert(b)
-	must(t, err)
-	return c
-}
-
 // issue signs a certificate for chipDir with the world's provider.
 func (w *world) issue(t *testing.T, chipDir string, id [16]byte, vs uint64, ss uint32, suite format.Suite, key []byte) *format.Certificate {
 	t.Helper()
-	s, err := provider.LoadSigner(filepath.Join(w.prov, "provider.key"))
-	must(t, err)
-	c, err := provider.Issue(s, provider.IssueRequest{
-		Chip: chipOf(t, chipDir), UUID: id, VirtualSize: vs, SectorSize: ss, Suite: suite,
-		MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{w.fwDigest},
+	chip := w.Chip
+	if chipDir == w.Chip2Dir {
+		chip = w.Chip2
+	}
+	c, err := provider.Issue(w.Provider, provider.IssueRequest{
+		Chip: chip, UUID: id, VirtualSize: vs, SectorSize: ss, Suite: suite,
+		MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{w.FirmwareDigest},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), ImageKey: key,
 	})
 	must(t, err)
@@ -83,14 +61,14 @@ func (w *world) create(t *testing.T, vs uint64, ss uint32, suite format.Suite) (
 	id := uuid.New()
 	key := make([]byte, sector.KeySize)
 	rand.Read(key)
-	cert := w.issue(t, w.psp, id, vs, ss, suite, key)
+	cert := w.issue(t, w.ChipDir, id, vs, ss, suite, key)
 	h, err := format.NewHeader(id, vs, ss, suite, false, format.Layout{}, cert.Bytes())
 	must(t, err)
-	path := filepath.Join(w.dir, uuid.NewString()+".img")
+	path := filepath.Join(w.Dir, uuid.NewString()+".img")
 	img, err := Create(path, h)
 	must(t, err)
 	t.Cleanup(func() { img.Close() })
-	return img, w.cipher(t, img, w.psp), path
+	return img, w.cipher(t, img, w.ChipDir), path
 }
 
 // cipher unseals img's key with the PSP in dir, as unseal does.
@@ -124,7 +102,7 @@ func (w *world) sealBytes(t *testing.T, data []byte, ss uint32, suite format.Sui
 	img, c, path := w.create(t, vs, ss, suite)
 	sess, err := c.NewSession()
 	must(t, err)
-	must(t, Seal(context.Background(), writeFile(t, w.dir, data), img, sess, nil))
+	must(t, Seal(context.Background(), writeFile(t, w.Dir, data), img, sess, nil))
 	must(t, img.Close())
 	img, err = Open(path, true)
 	must(t, err)

@@ -60,12 +60,12 @@ func TestSealRefusesLargerInputAndStopsOnCancel(t *testing.T) {
 	img, c, _ := w.create(t, 8192, 4096, format.SuiteAES256GCM)
 	sess, err := c.NewSession()
 	must(t, err)
-	if err := Seal(context.Background(), writeFile(t, w.dir, make([]byte, 8193)), img, sess, nil); err == nil {
+	if err := Seal(context.Background(), writeFile(t, w.Dir, make([]byte, 8193)), img, sess, nil); err == nil {
 		t.Fatal("an input larger than the image was accepted")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := Seal(ctx, writeFile(t, w.dir, bytes.Repeat([]byte{1}, 8192)), img, sess, nil); !errors.Is(err, context.Canceled) {
+	if err := Seal(ctx, writeFile(t, w.Dir, bytes.Repeat([]byte{1}, 8192)), img, sess, nil); !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled seal: %v", err)
 	}
 }
@@ -88,7 +88,7 @@ func allocated(t *testing.T, path string, from, to int64) int64 {
 func TestSparseStaysSparse(t *testing.T) {
 	w := newWorld(t)
 	const size = 1 << 30
-	src, err := os.Create(filepath.Join(w.dir, "sparse.raw"))
+	src, err := os.Create(filepath.Join(w.Dir, "sparse.raw"))
 	must(t, err)
 	defer src.Close()
 	must(t, src.Truncate(size))
@@ -137,7 +137,7 @@ func TestSparseStaysSparse(t *testing.T) {
 	ro, err := Open(path, true)
 	must(t, err)
 	defer ro.Close()
-	dst, err := os.Create(filepath.Join(w.dir, "sparse.out"))
+	dst, err := os.Create(filepath.Join(w.Dir, "sparse.out"))
 	must(t, err)
 	defer dst.Close()
 	must(t, Unseal(context.Background(), ro, c, nil, dst, nil))
@@ -200,7 +200,7 @@ func TestTamperNamesTheSector(t *testing.T) {
 			img, err := Open(cp, true)
 			must(t, err)
 			defer img.Close()
-			out, err := unsealBytes(t, img, w.cipher(t, img, w.psp))
+			out, err := unsealBytes(t, img, w.cipher(t, img, w.ChipDir))
 			if name == "data in a never-written sector" {
 				must(t, err)
 				if !bytes.Equal(out, data) {
@@ -227,7 +227,7 @@ func TestPrimaryHeaderDamageFallsBackToBackup(t *testing.T) {
 	if !img.FellBack() || img.Status.Copy != 1 || img.Status.PrimaryErr == nil || img.Status.BackupErr != nil {
 		t.Fatalf("status %+v: want the backup used and the primary's error reported", img.Status)
 	}
-	out, err := unsealBytes(t, img, w.cipher(t, img, w.psp))
+	out, err := unsealBytes(t, img, w.cipher(t, img, w.ChipDir))
 	must(t, err)
 	if !bytes.Equal(out, padded(data, 4096)) {
 		t.Fatal("unseal through the backup header differs")
@@ -259,11 +259,11 @@ func TestResealRewritesOnlyHeaders(t *testing.T) {
 	before := fileHash(t, path, format.JournalOffset, end)
 
 	// The new certificate seals the same key to the second chip.
-	p, err := psp.Open(w.psp, psp.Options{})
+	p, err := psp.Open(w.ChipDir, psp.Options{})
 	must(t, err)
 	key, err := p.UnsealImageKey(img.Cert, img.Header)
 	must(t, err)
-	nc := w.issue(t, w.psp2, img.Cert.UUID, img.Cert.VirtualSize, img.Cert.SectorSize, img.Cert.Suite, key)
+	nc := w.issue(t, w.Chip2Dir, img.Cert.UUID, img.Cert.VirtualSize, img.Cert.SectorSize, img.Cert.Suite, key)
 	must(t, Reseal(path, nc.Bytes()))
 	if after := fileHash(t, path, format.JournalOffset, end); after != before {
 		t.Fatal("reseal changed bytes outside the two header slots")
@@ -271,7 +271,7 @@ func TestResealRewritesOnlyHeaders(t *testing.T) {
 	re, err := Open(path, true)
 	must(t, err)
 	defer re.Close()
-	if re.Header.Generation != 2 || re.Cert.ChipID != chipOf(t, w.psp2).ID || re.FellBack() {
+	if re.Header.Generation != 2 || re.Cert.ChipID != w.Chip2.ID || re.FellBack() {
 		t.Fatalf("after reseal: generation %d, chip %x, status %+v", re.Header.Generation, re.Cert.ChipID, re.Status)
 	}
 	for copy := range 2 {
@@ -282,7 +282,7 @@ func TestResealRewritesOnlyHeaders(t *testing.T) {
 			t.Fatalf("header copy %d after reseal: %v", copy, err)
 		}
 	}
-	c2 := w.cipher(t, re, w.psp2)
+	c2 := w.cipher(t, re, w.Chip2Dir)
 	out, err := unsealBytes(t, re, c2)
 	must(t, err)
 	want := padded(data, 4096)
@@ -296,7 +296,7 @@ func TestResealRewritesOnlyHeaders(t *testing.T) {
 
 	// A certificate for another image is refused and nothing changes.
 	whole := fileHash(t, path, 0, end)
-	other := w.issue(t, w.psp2, [16]byte{1, 2, 3, 4, 5, 6, 0x40, 8, 0x80}, img.Cert.VirtualSize, 4096, img.Cert.Suite, key)
+	other := w.issue(t, w.Chip2Dir, [16]byte{1, 2, 3, 4, 5, 6, 0x40, 8, 0x80}, img.Cert.VirtualSize, 4096, img.Cert.Suite, key)
 	if err := Reseal(path, other.Bytes()); err == nil {
 		t.Fatal("a certificate for another image was accepted")
 	}

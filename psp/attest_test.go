@@ -30,9 +30,9 @@ type attestFixture struct {
 func attested(t *testing.T) *attestFixture {
 	t.Helper()
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	p := open(t, w.chip, &binder{}, 0)
+	p := open(t, w.ChipDir, &binder{}, 0)
 	c, h, _ := w.issue(t, nil)
-	l, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	nonce := make([]byte, 32)
 	rand.Read(nonce)
@@ -50,7 +50,7 @@ func vendorPool(t *testing.T, vendorDir string) *x509.CertPool {
 
 func TestAttestVerify(t *testing.T) {
 	f := attested(t)
-	body, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), f.nonce)
+	body, err := psp.VerifyReport(f.env, vendorPool(t, f.w.VendorDir), f.nonce)
 	must(t, err)
 	id := f.p.ID()
 	digest := sha512.Sum384(f.c.Bytes())
@@ -76,10 +76,10 @@ func TestAttestWrongNonce(t *testing.T) {
 	f := attested(t)
 	wrong := bytes.Clone(f.nonce)
 	wrong[len(wrong)-1] ^= 1
-	if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), wrong); !errors.Is(err, psp.ErrReportNonce) {
+	if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.VendorDir), wrong); !errors.Is(err, psp.ErrReportNonce) {
 		t.Fatal(err)
 	}
-	if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), append(bytes.Clone(f.nonce), 0)); !errors.Is(err, psp.ErrReportNonce) {
+	if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.VendorDir), append(bytes.Clone(f.nonce), 0)); !errors.Is(err, psp.ErrReportNonce) {
 		t.Fatal("longer nonce:", err)
 	}
 }
@@ -97,7 +97,7 @@ func editEnvelope(t *testing.T, b []byte, edit func(e *psp.Envelope)) []byte {
 
 func TestAttestTampered(t *testing.T) {
 	f := attested(t)
-	pool := vendorPool(t, f.w.vendor)
+	pool := vendorPool(t, f.w.VendorDir)
 	for _, tc := range []struct {
 		name string
 		edit func(e *psp.Envelope)
@@ -107,7 +107,7 @@ func TestAttestTampered(t *testing.T) {
 		{"body verdict", func(e *psp.Envelope) { e.Body = bytes.Replace(e.Body, []byte(`"asid":1`), []byte(`"asid":2`), 1) }, psp.ErrReportSignature},
 		{"signature", func(e *psp.Envelope) { e.Signature[len(e.Signature)-1] ^= 1 }, psp.ErrReportSignature},
 		{"other chip's certificate", func(e *psp.Envelope) {
-			o := open(t, f.w.chip2, nil, 0)
+			o := open(t, f.w.Chip2Dir, nil, 0)
 			e.Chain = []string{string(o.ChipPEM())}
 		}, psp.ErrReportSignature},
 		{"no chain", func(e *psp.Envelope) { e.Chain = nil }, psp.ErrReportFormat},
@@ -130,26 +130,26 @@ func TestAttestTampered(t *testing.T) {
 
 func TestAttestOtherVendor(t *testing.T) {
 	f := attested(t)
-	v2 := filepath.Join(f.w.dir, "vendor2")
+	v2 := filepath.Join(f.w.Dir, "vendor2")
 	must(t, psp.InitVendor(v2, ""))
 	_, err := psp.VerifyReport(f.env, vendorPool(t, v2), f.nonce)
 	if !errors.Is(err, psp.ErrReportChain) || !errors.Is(err, psp.ErrChipChain) {
 		t.Fatal(err)
 	}
 	// A chip of the other vendor, launched and attested, verifies only against its own root.
-	chip3 := filepath.Join(f.w.dir, "psp3")
+	chip3 := filepath.Join(f.w.Dir, "psp3")
 	must(t, psp.InitChip(chip3, v2, format.KEMDHKEMP384))
-	must(t, psp.AddTrustedProvider(chip3, f.w.provPub))
+	must(t, psp.AddTrustedProvider(chip3, f.w.ProviderPubPath))
 	p3 := open(t, chip3, &binder{}, 0)
 	c, h, _ := f.w.issue(t, func(r *req) { r.Chip = chipCert(t, chip3) })
-	l, err := p3.Launch(psp.LaunchRequest{VM: "vm3", Cert: c, Header: h, FirmwarePath: f.w.fw})
+	l, err := p3.Launch(psp.LaunchRequest{VM: "vm3", Cert: c, Header: h, FirmwarePath: f.w.Firmware})
 	must(t, err)
 	env, err := p3.Attest(l.ASID, f.nonce)
 	must(t, err)
 	if _, err := psp.VerifyReport(env, vendorPool(t, v2), f.nonce); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := psp.VerifyReport(env, vendorPool(t, f.w.vendor), f.nonce); !errors.Is(err, psp.ErrReportChain) {
+	if _, err := psp.VerifyReport(env, vendorPool(t, f.w.VendorDir), f.nonce); !errors.Is(err, psp.ErrReportChain) {
 		t.Fatal(err)
 	}
 }
@@ -160,7 +160,7 @@ func TestAttestNonceLength(t *testing.T) {
 		if _, err := f.p.Attest(f.l.ASID, make([]byte, n)); !errors.Is(err, psp.ErrNonceLength) {
 			t.Fatalf("%d-byte nonce: %v", n, err)
 		}
-		if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), make([]byte, n)); !errors.Is(err, psp.ErrNonceLength) {
+		if _, err := psp.VerifyReport(f.env, vendorPool(t, f.w.VendorDir), make([]byte, n)); !errors.Is(err, psp.ErrNonceLength) {
 			t.Fatalf("verify with %d-byte nonce: %v", n, err)
 		}
 	}
@@ -168,7 +168,7 @@ func TestAttestNonceLength(t *testing.T) {
 		nonce := bytes.Repeat([]byte{byte(n)}, n)
 		env, err := f.p.Attest(f.l.ASID, nonce)
 		must(t, err)
-		if _, err := psp.VerifyReport(env, vendorPool(t, f.w.vendor), nonce); err != nil {
+		if _, err := psp.VerifyReport(env, vendorPool(t, f.w.VendorDir), nonce); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -176,7 +176,7 @@ func TestAttestNonceLength(t *testing.T) {
 
 func TestAttestLaunch(t *testing.T) {
 	f := attested(t)
-	pool := vendorPool(t, f.w.vendor)
+	pool := vendorPool(t, f.w.VendorDir)
 	// The report is built from the PSP's record, not from the caller's copy.
 	forged := *f.l
 	forged.Measurement = bytes.Repeat([]byte{0xee}, 48)
@@ -207,7 +207,7 @@ func TestAttestLaunch(t *testing.T) {
 // Advance), so a verifier can pin them; before the PSP knows the image, neither is there.
 func TestAttestCarriesCounterAndRoot(t *testing.T) {
 	f := attested(t)
-	body, err := psp.VerifyReport(f.env, vendorPool(t, f.w.vendor), f.nonce)
+	body, err := psp.VerifyReport(f.env, vendorPool(t, f.w.VendorDir), f.nonce)
 	must(t, err)
 	if body.ImageCounter != nil || body.ImageRoot != "" {
 		t.Fatalf("counter %v root %q before the image was attached", body.ImageCounter, body.ImageRoot)
@@ -218,7 +218,7 @@ func TestAttestCarriesCounterAndRoot(t *testing.T) {
 	must(t, roots.Advance(42, root))
 	env, err := f.p.Attest(f.l.ASID, f.nonce)
 	must(t, err)
-	body, err = psp.VerifyReport(env, vendorPool(t, f.w.vendor), f.nonce)
+	body, err = psp.VerifyReport(env, vendorPool(t, f.w.VendorDir), f.nonce)
 	must(t, err)
 	if body.ImageCounter == nil || *body.ImageCounter != 42 || body.ImageRoot != hex.EncodeToString(root[:]) {
 		t.Fatalf("counter %v root %q, want 42 and %x", body.ImageCounter, body.ImageRoot, root)

@@ -14,38 +14,23 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/provider"
 	"github.com/sealdisk/sealdisk/psp"
 )
 
-// world is a vendor, two chips of it, a provider trusted by both and a firmware file.
+// world is the shared fixture's world with two chips of one vendor, both trusting the
+// provider, and the time certificates are issued around.
 type world struct {
-	dir, vendor, chip, chip2, fw string
-	prov                         string // provider key path
-	provPub                      string
-	now                          time.Time // whole seconds, as certificates store them
+	*fixture.World
+	now time.Time // whole seconds, as certificates store them
 }
 
 func newWorld(t *testing.T, kem uint16, alg format.SigAlg) *world {
 	t.Helper()
-	d := t.TempDir()
-	w := &world{
-		dir: d, vendor: filepath.Join(d, "vendor"), chip: filepath.Join(d, "psp"),
-		chip2: filepath.Join(d, "psp2"), fw: filepath.Join(d, "OVMF.fd"),
-		now: time.Now().UTC().Truncate(time.Second),
-	}
-	must(t, psp.InitVendor(w.vendor, ""))
-	must(t, psp.InitChip(w.chip, w.vendor, kem))
-	must(t, psp.InitChip(w.chip2, w.vendor, kem))
-	k, err := provider.GenerateKey(alg)
+	fw, err := fixture.NewWorld(t.TempDir(), fixture.Options{KEM: kem, SecondChip: true, SigAlg: alg})
 	must(t, err)
-	must(t, provider.SaveKeyPair(filepath.Join(d, "prov"), "provider", k))
-	w.prov = filepath.Join(d, "prov", "provider.key")
-	w.provPub = filepath.Join(d, "prov", "provider.pub")
-	must(t, psp.AddTrustedProvider(w.chip, w.provPub))
-	must(t, psp.AddTrustedProvider(w.chip2, w.provPub))
-	must(t, os.WriteFile(w.fw, []byte("firmware image bytes"), 0o644))
-	return w
+	return &world{World: fw, now: time.Now().UTC().Truncate(time.Second)}
 }
 
 func must(t *testing.T, err error) {
@@ -66,23 +51,21 @@ func chipCert(t *testing.T, dir string) *psp.ChipCert {
 
 func (w *world) signer(t *testing.T) crypto.Signer {
 	t.Helper()
-	s, err := provider.LoadSigner(w.prov)
+	s, err := provider.LoadSigner(w.ProviderKeyPath)
 	must(t, err)
 	return s
 }
 
 type req = provider.IssueRequest
 
-// request is a valid issue request for w.chip with a fresh image key.
+// request is a valid issue request for w.ChipDir with a fresh image key.
 func (w *world) request(t *testing.T) req {
 	t.Helper()
-	m, err := psp.Measure(w.fw, format.MeasureSHA384)
-	must(t, err)
 	key := make([]byte, 32)
 	rand.Read(key)
 	return req{
-		Chip: chipCert(t, w.chip), UUID: uuid.New(), VirtualSize: 1 << 20, SectorSize: 4096,
-		Suite: format.SuiteAES256GCM, MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{m},
+		Chip: w.Chip, UUID: uuid.New(), VirtualSize: 1 << 20, SectorSize: 4096,
+		Suite: format.SuiteAES256GCM, MeasureAlg: format.MeasureSHA384, Measurements: [][]byte{w.FirmwareDigest},
 		NotBefore: w.now.Add(-time.Hour), NotAfter: w.now.Add(time.Hour), ImageKey: key,
 	}
 }

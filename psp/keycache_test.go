@@ -6,14 +6,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/psp"
 )
@@ -95,16 +92,12 @@ type remoteWorld struct {
 func newRemote(t *testing.T, lease time.Duration, readOnly bool) *remoteWorld {
 	t.Helper()
 	w := fixture.New(t)
-	fw := filepath.Join(w.Dir, "OVMF.fd")
-	must(t, os.WriteFile(fw, []byte("remote firmware"), 0o644))
-	m, err := psp.Measure(fw, format.MeasureSHA384)
-	must(t, err)
-	im := w.Image(t, fixture.Spec{Size: 1 << 20, Measurements: [][]byte{m}, ReadOnly: readOnly, BrokerURL: "https://broker.test:8443", KeyID: "disk-1"})
+	im := w.Image(t, fixture.Spec{Size: 1 << 20, Measurements: [][]byte{w.FirmwareDigest}, ReadOnly: readOnly, BrokerURL: "https://broker.test:8443", KeyID: "disk-1"})
 	fb := &fakeBroker{w: w, key: im.Key, lease: lease}
 	b := &binder{}
 	p, err := psp.Open(w.ChipDir, psp.Options{Binder: b, Fetcher: fb})
 	must(t, err)
-	return &remoteWorld{w: w, fb: fb, b: b, p: p, im: im, fw: fw}
+	return &remoteWorld{w: w, fb: fb, b: b, p: p, im: im, fw: w.Firmware}
 }
 
 func (r *remoteWorld) launch(vm string) (*psp.Launch, error) {

@@ -74,23 +74,23 @@ func TestInitChip(t *testing.T) {
 		t.Run(format.KEMName(kem), func(t *testing.T) {
 			w := newWorld(t, kem, format.SigECDSAP384)
 			for _, f := range []string{psp.KEMKeyFile, psp.AttestKeyFile} {
-				if m := mode(t, filepath.Join(w.chip, f)); m != 0o600 {
+				if m := mode(t, filepath.Join(w.ChipDir, f)); m != 0o600 {
 					t.Fatalf("%s mode %04o", f, m)
 				}
 			}
 			fresh := filepath.Join(t.TempDir(), "psp")
-			must(t, psp.InitChip(fresh, w.vendor, kem))
+			must(t, psp.InitChip(fresh, w.VendorDir, kem))
 			if ents, err := os.ReadDir(filepath.Join(fresh, psp.TrustDir)); err != nil || len(ents) != 0 {
 				t.Fatalf("trust/: %v, %d entries", err, len(ents))
 			}
-			vb, _ := os.ReadFile(filepath.Join(w.vendor, psp.VendorCrtFile))
-			cb, _ := os.ReadFile(filepath.Join(w.chip, psp.VendorCrtFile))
+			vb, _ := os.ReadFile(filepath.Join(w.VendorDir, psp.VendorCrtFile))
+			cb, _ := os.ReadFile(filepath.Join(w.ChipDir, psp.VendorCrtFile))
 			if !bytes.Equal(vb, cb) {
 				t.Fatal("vendor.crt is not a copy of the vendor root")
 			}
 
-			cc := chipCert(t, w.chip)
-			p := open(t, w.chip, nil, 0)
+			cc := w.Chip
+			p := open(t, w.ChipDir, nil, 0)
 			if cc.ID != p.ID() || cc.KEMID != kem || cc.KEM.ID() != kem || p.KEMID() != kem {
 				t.Fatal("chip id or KEM disagree")
 			}
@@ -117,7 +117,7 @@ func TestInitChip(t *testing.T) {
 			if err := cc.Cert.CheckSignatureFrom(p.Vendor()); err != nil {
 				t.Fatal(err)
 			}
-			if err := psp.InitChip(w.chip, w.vendor, kem); err == nil {
+			if err := psp.InitChip(w.ChipDir, w.VendorDir, kem); err == nil {
 				t.Fatal("InitChip overwrote a chip")
 			}
 		})
@@ -129,12 +129,12 @@ func TestInitChip(t *testing.T) {
 
 func TestChipCertChain(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	cc := chipCert(t, w.chip)
-	root, err := psp.ReadCertificate(filepath.Join(w.vendor, psp.VendorCrtFile))
+	cc := w.Chip
+	root, err := psp.ReadCertificate(filepath.Join(w.VendorDir, psp.VendorCrtFile))
 	must(t, err)
 	must(t, cc.VerifyChain(psp.RootPool(root)))
 
-	other := filepath.Join(w.dir, "vendor2")
+	other := filepath.Join(w.Dir, "vendor2")
 	must(t, psp.InitVendor(other, ""))
 	root2, err := psp.ReadCertificate(filepath.Join(other, psp.VendorCrtFile))
 	must(t, err)
@@ -148,7 +148,7 @@ func TestChipCertChain(t *testing.T) {
 
 func TestParseChipCertRefusals(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	vb, _ := os.ReadFile(filepath.Join(w.vendor, psp.VendorCrtFile))
+	vb, _ := os.ReadFile(filepath.Join(w.VendorDir, psp.VendorCrtFile))
 	if _, err := psp.ParseChipCert(vb); err == nil || !strings.Contains(err.Error(), "KEM extension") {
 		t.Fatal("vendor certificate parsed as a chip:", err)
 	}
@@ -169,44 +169,44 @@ func TestOpenRefusesLooseKeyFiles(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	for _, f := range []string{psp.KEMKeyFile, psp.AttestKeyFile} {
 		for _, m := range []os.FileMode{0o644, 0o640, 0o604, 0o660} {
-			path := filepath.Join(w.chip, f)
+			path := filepath.Join(w.ChipDir, f)
 			must(t, os.Chmod(path, m))
-			_, err := psp.Open(w.chip, psp.Options{})
+			_, err := psp.Open(w.ChipDir, psp.Options{})
 			must(t, os.Chmod(path, 0o600))
 			if !errors.Is(err, psp.ErrKeyFileMode) || !strings.Contains(err.Error(), f) {
 				t.Fatalf("%s at %04o: %v", f, m, err)
 			}
 		}
 	}
-	must(t, os.Chmod(filepath.Join(w.chip, psp.KEMKeyFile), 0o400)) // stricter is fine
-	open(t, w.chip, nil, 0)
+	must(t, os.Chmod(filepath.Join(w.ChipDir, psp.KEMKeyFile), 0o400)) // stricter is fine
+	open(t, w.ChipDir, nil, 0)
 }
 
 // TestOpenRefusesMismatchedIdentity swaps one file of a PSP directory for another chip's or
 // another vendor's.
 func TestOpenRefusesMismatchedIdentity(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	other := filepath.Join(w.dir, "vendor2")
+	other := filepath.Join(w.Dir, "vendor2")
 	must(t, psp.InitVendor(other, ""))
 	for _, tc := range []struct{ file, from string }{
-		{psp.KEMKeyFile, filepath.Join(w.chip2, psp.KEMKeyFile)},
-		{psp.AttestKeyFile, filepath.Join(w.chip2, psp.AttestKeyFile)},
+		{psp.KEMKeyFile, filepath.Join(w.Chip2Dir, psp.KEMKeyFile)},
+		{psp.AttestKeyFile, filepath.Join(w.Chip2Dir, psp.AttestKeyFile)},
 		{psp.VendorCrtFile, filepath.Join(other, psp.VendorCrtFile)},
 	} {
 		t.Run(tc.file, func(t *testing.T) {
-			dst := filepath.Join(w.chip, tc.file)
+			dst := filepath.Join(w.ChipDir, tc.file)
 			orig, err := os.ReadFile(dst)
 			must(t, err)
 			repl, err := os.ReadFile(tc.from)
 			must(t, err)
 			must(t, os.WriteFile(dst, repl, 0o600))
 			defer os.WriteFile(dst, orig, 0o600)
-			if _, err := psp.Open(w.chip, psp.Options{}); err == nil || !strings.Contains(err.Error(), "failed to open PSP") {
+			if _, err := psp.Open(w.ChipDir, psp.Options{}); err == nil || !strings.Contains(err.Error(), "failed to open PSP") {
 				t.Fatal(err)
 			}
 		})
 	}
-	open(t, w.chip, nil, 0)
+	open(t, w.ChipDir, nil, 0)
 }
 
 func TestTrustStoreRefusesUnusableKeys(t *testing.T) {
@@ -219,7 +219,7 @@ func TestTrustStoreRefusesUnusableKeys(t *testing.T) {
 		must(t, err)
 		f := filepath.Join(d, name+".pub")
 		must(t, os.WriteFile(f, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644))
-		if err := psp.AddTrustedProvider(w.chip, f); err == nil {
+		if err := psp.AddTrustedProvider(w.ChipDir, f); err == nil {
 			t.Fatalf("%s provider key trusted", name)
 		}
 		if _, err := psp.ReadProviderKey(f); err == nil {
@@ -227,11 +227,11 @@ func TestTrustStoreRefusesUnusableKeys(t *testing.T) {
 		}
 	}
 	// A stray unusable file in trust/ makes Open say which file.
-	must(t, os.WriteFile(filepath.Join(w.chip, psp.TrustDir, "junk.pub"), []byte("junk"), 0o644))
-	if _, err := psp.Open(w.chip, psp.Options{}); err == nil || !strings.Contains(err.Error(), "junk.pub") {
+	must(t, os.WriteFile(filepath.Join(w.ChipDir, psp.TrustDir, "junk.pub"), []byte("junk"), 0o644))
+	if _, err := psp.Open(w.ChipDir, psp.Options{}); err == nil || !strings.Contains(err.Error(), "junk.pub") {
 		t.Fatal(err)
 	}
-	ts, err := psp.LoadTrustStore(w.provPub)
+	ts, err := psp.LoadTrustStore(w.ProviderPubPath)
 	must(t, err)
 	if len(ts) != 1 {
 		t.Fatal(len(ts))

@@ -28,13 +28,13 @@ func TestUnsealBothKEMsAndSigAlgs(t *testing.T) {
 				if c.KEM != kem || c.ProviderAlg != alg {
 					t.Fatalf("certificate has KEM 0x%04x alg %s", c.KEM, c.ProviderAlg)
 				}
-				got, err := open(t, w.chip, nil, 0).UnsealImageKey(c, h)
+				got, err := open(t, w.ChipDir, nil, 0).UnsealImageKey(c, h)
 				if err != nil || !bytes.Equal(got, key) {
 					t.Fatalf("unseal: %v", err)
 				}
 				// The same certificate through Launch binds the same key.
 				b := &binder{}
-				l, err := open(t, w.chip, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+				l, err := open(t, w.ChipDir, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 				must(t, err)
 				if !bytes.Equal(b.key(l.ASID), key) {
 					t.Fatal("Launch bound another key")
@@ -47,7 +47,7 @@ func TestUnsealBothKEMsAndSigAlgs(t *testing.T) {
 func TestVerifyCertificateVerdict(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	c, h, _ := w.issue(t, nil)
-	v, err := open(t, w.chip, nil, 0).VerifyCertificate(c, h)
+	v, err := open(t, w.ChipDir, nil, 0).VerifyCertificate(c, h)
 	must(t, err)
 	if v.Signature != "valid" || v.CertDigest != sha512.Sum384(c.Bytes()) {
 		t.Fatalf("verdict %+v", v)
@@ -59,7 +59,7 @@ func TestUnknownProvider(t *testing.T) {
 	stranger, err := provider.GenerateKey(format.SigECDSAP384)
 	must(t, err)
 	c, h, _ := issueWith(t, stranger, w.request(t))
-	_, err = open(t, w.chip, nil, 0).UnsealImageKey(c, h)
+	_, err = open(t, w.ChipDir, nil, 0).UnsealImageKey(c, h)
 	if !errors.Is(err, psp.ErrUnknownProvider) {
 		t.Fatal(err)
 	}
@@ -67,21 +67,21 @@ func TestUnknownProvider(t *testing.T) {
 
 func TestReloadTrust(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigEd25519)
-	p := open(t, w.chip, nil, 0)
+	p := open(t, w.ChipDir, nil, 0)
 	k, err := provider.GenerateKey(format.SigEd25519)
 	must(t, err)
-	must(t, provider.SaveKeyPair(filepath.Join(w.dir, "p2"), "p2", k))
+	must(t, provider.SaveKeyPair(filepath.Join(w.Dir, "p2"), "p2", k))
 	c, h, _ := issueWith(t, k, w.request(t))
 	if _, err := p.UnsealImageKey(c, h); !errors.Is(err, psp.ErrUnknownProvider) {
 		t.Fatal(err)
 	}
-	must(t, psp.AddTrustedProvider(w.chip, filepath.Join(w.dir, "p2", "p2.pub")))
-	must(t, psp.AddTrustedProvider(w.chip, filepath.Join(w.dir, "p2", "p2.pub"))) // idempotent
+	must(t, psp.AddTrustedProvider(w.ChipDir, filepath.Join(w.Dir, "p2", "p2.pub")))
+	must(t, psp.AddTrustedProvider(w.ChipDir, filepath.Join(w.Dir, "p2", "p2.pub"))) // idempotent
 	must(t, p.ReloadTrust())
 	if _, err := p.UnsealImageKey(c, h); err != nil {
 		t.Fatal(err)
 	}
-	files, _ := filepath.Glob(filepath.Join(w.chip, psp.TrustDir, "*.pub"))
+	files, _ := filepath.Glob(filepath.Join(w.ChipDir, psp.TrustDir, "*.pub"))
 	if len(files) != 2 {
 		t.Fatalf("trust store has %d keys, want 2", len(files))
 	}
@@ -91,7 +91,7 @@ func TestBadSignature(t *testing.T) {
 	for _, alg := range []format.SigAlg{format.SigECDSAP384, format.SigEd25519} {
 		t.Run(alg.String(), func(t *testing.T) {
 			w := newWorld(t, format.KEMMLKEM768X25519, alg)
-			p := open(t, w.chip, nil, 0)
+			p := open(t, w.ChipDir, nil, 0)
 
 			c, h, _ := w.issue(t, nil)
 			c.Signature[len(c.Signature)/2] ^= 1
@@ -128,16 +128,16 @@ func TestBadSignature(t *testing.T) {
 
 func TestWrongChip(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	c, h, _ := w.issue(t, func(r *req) { r.Chip = chipCert(t, w.chip2) })
-	p := open(t, w.chip, nil, 0)
+	c, h, _ := w.issue(t, func(r *req) { r.Chip = w.Chip2 })
+	p := open(t, w.ChipDir, nil, 0)
 	_, err := p.UnsealImageKey(c, h)
-	mine, theirs := p.ID(), chipCert(t, w.chip2).ID
+	mine, theirs := p.ID(), w.Chip2.ID
 	if !errors.Is(err, psp.ErrWrongChip) ||
 		!strings.Contains(err.Error(), hex.EncodeToString(mine[:8])) || !strings.Contains(err.Error(), hex.EncodeToString(theirs[:8])) {
 		t.Fatal(err)
 	}
 	// The chip it is for opens it.
-	if _, err := open(t, w.chip2, nil, 0).UnsealImageKey(c, h); err != nil {
+	if _, err := open(t, w.Chip2Dir, nil, 0).UnsealImageKey(c, h); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -159,7 +159,7 @@ func TestValidityWindow(t *testing.T) {
 		{"expired", na.Add(24 * time.Hour), psp.ErrExpired},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := openAt(t, w.chip, tc.now).UnsealImageKey(c, h)
+			_, err := openAt(t, w.ChipDir, tc.now).UnsealImageKey(c, h)
 			if tc.want == nil && err != nil || !errors.Is(err, tc.want) {
 				t.Fatalf("at %s: %v, want %v", tc.now, err, tc.want)
 			}
@@ -169,7 +169,7 @@ func TestValidityWindow(t *testing.T) {
 
 func TestImageMismatch(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	p := open(t, w.chip, &binder{}, 0)
+	p := open(t, w.ChipDir, &binder{}, 0)
 	for _, tc := range []struct {
 		field string
 		edit  func(h *format.Header)
@@ -187,7 +187,7 @@ func TestImageMismatch(t *testing.T) {
 			if !errors.Is(err, psp.ErrImageMismatch) || !errors.Is(err, format.ErrImageMismatch) || !strings.Contains(err.Error(), tc.field) {
 				t.Fatal(err)
 			}
-			if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw}); !errors.Is(err, psp.ErrImageMismatch) {
+			if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware}); !errors.Is(err, psp.ErrImageMismatch) {
 				t.Fatal("launch:", err)
 			}
 		})
@@ -197,9 +197,9 @@ func TestImageMismatch(t *testing.T) {
 func TestFirmwareMismatch(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	b := &binder{}
-	p := open(t, w.chip, b, 1)
+	p := open(t, w.ChipDir, b, 1)
 	c, h, _ := w.issue(t, nil)
-	other := filepath.Join(w.dir, "other.fd")
+	other := filepath.Join(w.Dir, "other.fd")
 	must(t, os.WriteFile(other, []byte("tampered firmware"), 0o644))
 	_, err := p.Launch(psp.LaunchRequest{VM: "vm0", Cert: c, Header: h, FirmwarePath: other})
 	if !errors.Is(err, psp.ErrFirmwareMismatch) || !strings.Contains(err.Error(), other) {
@@ -209,22 +209,22 @@ func TestFirmwareMismatch(t *testing.T) {
 		t.Fatal("LoadKey was called for a refused firmware")
 	}
 	// The refusal took no ASID: the one-slot pool still admits the right firmware.
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.fw}); err != nil {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.Firmware}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm2", Cert: c, Header: h, FirmwarePath: filepath.Join(w.dir, "missing.fd")}); err == nil || errors.Is(err, psp.ErrFirmwareMismatch) {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm2", Cert: c, Header: h, FirmwarePath: filepath.Join(w.Dir, "missing.fd")}); err == nil || errors.Is(err, psp.ErrFirmwareMismatch) {
 		t.Fatal("missing firmware:", err)
 	}
 }
 
 func TestFirmwareAnyAllowedMeasurement(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	m, err := psp.Measure(w.fw, format.MeasureSHA384)
+	m, err := psp.Measure(w.Firmware, format.MeasureSHA384)
 	must(t, err)
 	other := bytes.Repeat([]byte{7}, 48)
 	c, h, _ := w.issue(t, func(r *req) { r.Measurements = [][]byte{other, m} })
 	b := &binder{}
-	l, err := open(t, w.chip, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := open(t, w.ChipDir, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	if !bytes.Equal(l.Measurement, m) || !l.FirmwareOK || l.MeasureAlg != format.MeasureSHA384 {
 		t.Fatalf("%+v", l)
@@ -234,10 +234,10 @@ func TestFirmwareAnyAllowedMeasurement(t *testing.T) {
 func TestASIDExhausted(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	b := &binder{}
-	p := open(t, w.chip, b, 2)
+	p := open(t, w.ChipDir, b, 2)
 	c, h, _ := w.issue(t, nil)
 	launch := func(vm string) (*psp.Launch, error) {
-		return p.Launch(psp.LaunchRequest{VM: vm, Cert: c, Header: h, FirmwarePath: w.fw})
+		return p.Launch(psp.LaunchRequest{VM: vm, Cert: c, Header: h, FirmwarePath: w.Firmware})
 	}
 	l1, err := launch("vm1")
 	must(t, err)
@@ -262,26 +262,26 @@ func TestASIDExhausted(t *testing.T) {
 
 func TestExplicitASID(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	p := open(t, w.chip, &binder{}, 4)
+	p := open(t, w.ChipDir, &binder{}, 4)
 	c, h, _ := w.issue(t, nil)
-	l, err := p.Launch(psp.LaunchRequest{VM: "a", Cert: c, Header: h, FirmwarePath: w.fw, ASID: 4})
+	l, err := p.Launch(psp.LaunchRequest{VM: "a", Cert: c, Header: h, FirmwarePath: w.Firmware, ASID: 4})
 	must(t, err)
 	if l.ASID != 4 {
 		t.Fatal(l.ASID)
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "b", Cert: c, Header: h, FirmwarePath: w.fw, ASID: 4}); !errors.Is(err, psp.ErrASIDInUse) || !strings.Contains(err.Error(), `"a"`) {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "b", Cert: c, Header: h, FirmwarePath: w.Firmware, ASID: 4}); !errors.Is(err, psp.ErrASIDInUse) || !strings.Contains(err.Error(), `"a"`) {
 		t.Fatal(err)
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "b", Cert: c, Header: h, FirmwarePath: w.fw, ASID: 5}); !errors.Is(err, psp.ErrASIDRange) {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "b", Cert: c, Header: h, FirmwarePath: w.Firmware, ASID: 5}); !errors.Is(err, psp.ErrASIDRange) {
 		t.Fatal(err)
 	}
 	// Automatic allocation skips the explicitly taken ASID.
-	l, err = p.Launch(psp.LaunchRequest{VM: "c", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err = p.Launch(psp.LaunchRequest{VM: "c", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	if l.ASID != 1 {
 		t.Fatal(l.ASID)
 	}
-	if p.MaxASIDs() != 4 || open(t, w.chip, nil, 0).MaxASIDs() != psp.DefaultASIDs {
+	if p.MaxASIDs() != 4 || open(t, w.ChipDir, nil, 0).MaxASIDs() != psp.DefaultASIDs {
 		t.Fatal("pool size")
 	}
 }
@@ -292,11 +292,11 @@ func TestRemoteKey(t *testing.T) {
 		r.BrokerURL, r.KeyID, r.ImageKey = "https://broker.example/v1", "k1", nil
 	})
 	b := &binder{}
-	p := open(t, w.chip, b, 1)
+	p := open(t, w.ChipDir, b, 1)
 	if _, err := p.UnsealImageKey(c, h); !errors.Is(err, psp.ErrRemoteKey) || !strings.Contains(err.Error(), "https://broker.example/v1") {
 		t.Fatal(err)
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw}); !errors.Is(err, psp.ErrRemoteKey) {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware}); !errors.Is(err, psp.ErrRemoteKey) {
 		t.Fatal(err)
 	}
 	if b.loadCount() != 0 || len(p.Launches()) != 0 {
@@ -309,7 +309,7 @@ func TestRemoteKey(t *testing.T) {
 func launchFits(t *testing.T, w *world, p *psp.PSP) {
 	t.Helper()
 	c, h, _ := w.issue(t, nil)
-	l, err := p.Launch(psp.LaunchRequest{VM: "fits", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := p.Launch(psp.LaunchRequest{VM: "fits", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	if err != nil {
 		t.Fatal("the refusal kept an ASID:", err)
 	}
@@ -328,14 +328,14 @@ func TestKeyUnseal(t *testing.T) {
 	lifted, err := provider.Resign(s, b)
 	must(t, err)
 	bd := &binder{}
-	p := open(t, w.chip, bd, 1)
+	p := open(t, w.ChipDir, bd, 1)
 	if _, err := p.VerifyCertificate(lifted, h); err != nil {
 		t.Fatal("steps 2–6 should pass:", err)
 	}
 	if _, err := p.UnsealImageKey(lifted, h); !errors.Is(err, psp.ErrKeyUnseal) {
 		t.Fatal(err)
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: lifted, Header: h, FirmwarePath: w.fw}); !errors.Is(err, psp.ErrKeyUnseal) {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: lifted, Header: h, FirmwarePath: w.Firmware}); !errors.Is(err, psp.ErrKeyUnseal) {
 		t.Fatal(err)
 	}
 	if bd.loadCount() != 0 {
@@ -356,11 +356,11 @@ func TestKeyUnseal(t *testing.T) {
 func TestLaunchBindDetach(t *testing.T) {
 	w := newWorld(t, format.KEMDHKEMP384, format.SigEd25519)
 	b := &binder{}
-	p := open(t, w.chip, b, 0)
+	p := open(t, w.ChipDir, b, 0)
 	c, h, key := w.issue(t, func(r *req) {
 		r.Suite, r.SectorSize, r.ReadOnly = format.SuiteChaCha20Poly1305, 512, true
 	})
-	l, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	bd := b.bindings[l.ASID]
 	if !bytes.Equal(b.key(l.ASID), key) || bd.Suite != format.SuiteChaCha20Poly1305 || bd.UUID != c.UUID ||
@@ -398,7 +398,7 @@ func TestLaunchZeroisesKey(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	b := &binder{keep: true}
 	c, h, _ := w.issue(t, nil)
-	l, err := open(t, w.chip, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := open(t, w.ChipDir, b, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	if k := b.key(l.ASID); len(k) != 32 || !bytes.Equal(k, make([]byte, 32)) {
 		t.Fatalf("the PSP's key copy was not zeroised after LoadKey: %x", k)
@@ -411,12 +411,12 @@ func TestBinderFailures(t *testing.T) {
 	boom := errors.New("engine slot unavailable")
 
 	b := &binder{loadErr: boom}
-	p := open(t, w.chip, b, 1)
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw}); !errors.Is(err, boom) {
+	p := open(t, w.ChipDir, b, 1)
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware}); !errors.Is(err, boom) {
 		t.Fatal(err)
 	}
 	b.loadErr = nil
-	l, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err) // the failed LoadKey released the only ASID
 
 	// A failed ClearKey leaves the ASID bound: the engine may still hold the key.
@@ -430,10 +430,10 @@ func TestBinderFailures(t *testing.T) {
 	b.clearErr = nil
 	must(t, p.Detach(l.ASID))
 
-	if _, err := open(t, w.chip, nil, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw}); err == nil {
+	if _, err := open(t, w.ChipDir, nil, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware}); err == nil {
 		t.Fatal("Launch without a binder succeeded")
 	}
-	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Header: h, FirmwarePath: w.fw}); err == nil {
+	if _, err := p.Launch(psp.LaunchRequest{VM: "vm", Header: h, FirmwarePath: w.Firmware}); err == nil {
 		t.Fatal("Launch without a certificate succeeded")
 	}
 	if _, err := p.UnsealImageKey(c, nil); err == nil {
@@ -446,7 +446,7 @@ func TestBinderFailures(t *testing.T) {
 func TestDetachDuringBind(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	b := &binder{}
-	p := open(t, w.chip, b, 2)
+	p := open(t, w.ChipDir, b, 2)
 	c, h, _ := w.issue(t, nil)
 	nonce := bytes.Repeat([]byte{9}, 16)
 	var inner *psp.Launch
@@ -462,13 +462,13 @@ func TestDetachDuringBind(t *testing.T) {
 			t.Error("Launches lists a launch still binding")
 		}
 		var err error
-		inner, err = p.Launch(psp.LaunchRequest{VM: "inner", Cert: c, Header: h, FirmwarePath: w.fw})
+		inner, err = p.Launch(psp.LaunchRequest{VM: "inner", Cert: c, Header: h, FirmwarePath: w.Firmware})
 		must(t, err)
-		if _, err := p.Launch(psp.LaunchRequest{VM: "x", Cert: c, Header: h, FirmwarePath: w.fw, ASID: a}); !errors.Is(err, psp.ErrASIDInUse) {
+		if _, err := p.Launch(psp.LaunchRequest{VM: "x", Cert: c, Header: h, FirmwarePath: w.Firmware, ASID: a}); !errors.Is(err, psp.ErrASIDInUse) {
 			t.Error("explicit ASID of a launch still binding:", err)
 		}
 	}
-	outer, err := p.Launch(psp.LaunchRequest{VM: "outer", Cert: c, Header: h, FirmwarePath: w.fw})
+	outer, err := p.Launch(psp.LaunchRequest{VM: "outer", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	if outer.ASID == inner.ASID || len(p.Launches()) != 2 {
 		t.Fatalf("outer %d inner %d", outer.ASID, inner.ASID)
@@ -484,7 +484,7 @@ func TestDetachDuringBind(t *testing.T) {
 func TestConcurrentLaunchDetach(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
 	b := &binder{}
-	p := open(t, w.chip, b, 3)
+	p := open(t, w.ChipDir, b, 3)
 	c, h, _ := w.issue(t, nil)
 	nonce := bytes.Repeat([]byte{1}, 16)
 	var wg sync.WaitGroup
@@ -493,7 +493,7 @@ func TestConcurrentLaunchDetach(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 15 {
-				l, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+				l, err := p.Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 				if errors.Is(err, psp.ErrASIDExhausted) {
 					continue
 				}
@@ -560,10 +560,10 @@ func TestMeasure(t *testing.T) {
 
 func TestLaunchSM3(t *testing.T) {
 	w := newWorld(t, format.KEMMLKEM768X25519, format.SigECDSAP384)
-	m, err := psp.Measure(w.fw, format.MeasureSM3)
+	m, err := psp.Measure(w.Firmware, format.MeasureSM3)
 	must(t, err)
 	c, h, _ := w.issue(t, func(r *req) { r.MeasureAlg, r.Measurements = format.MeasureSM3, [][]byte{m} })
-	l, err := open(t, w.chip, &binder{}, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.fw})
+	l, err := open(t, w.ChipDir, &binder{}, 0).Launch(psp.LaunchRequest{VM: "vm", Cert: c, Header: h, FirmwarePath: w.Firmware})
 	must(t, err)
 	if l.MeasureAlg != format.MeasureSM3 || !bytes.Equal(l.Measurement, m) {
 		t.Fatalf("%+v", l)

@@ -22,16 +22,16 @@ func TestTrustListRemoveReload(t *testing.T) {
 	w := newWorld(t, format.KEMDHKEMP384, format.SigECDSAP384)
 	k2, err := provider.GenerateKey(format.SigEd25519)
 	must(t, err)
-	must(t, provider.SaveKeyPair(filepath.Join(w.dir, "p2"), "p2", k2))
-	must(t, psp.AddTrustedProvider(w.chip, filepath.Join(w.dir, "p2", "p2.pub")))
+	must(t, provider.SaveKeyPair(filepath.Join(w.Dir, "p2"), "p2", k2))
+	must(t, psp.AddTrustedProvider(w.ChipDir, filepath.Join(w.Dir, "p2", "p2.pub")))
 
-	keys, err := psp.TrustedProviders(w.chip)
+	keys, err := psp.TrustedProviders(w.ChipDir)
 	must(t, err)
 	if len(keys) != 2 {
 		t.Fatalf("listed %d keys, want 2: %v", len(keys), keys)
 	}
 	want := map[string]string{}
-	for _, pub := range []string{w.provPub, filepath.Join(w.dir, "p2", "p2.pub")} {
+	for _, pub := range []string{w.ProviderPubPath, filepath.Join(w.Dir, "p2", "p2.pub")} {
 		b, err := os.ReadFile(pub)
 		must(t, err)
 		blk, _ := pem.Decode(b)
@@ -43,7 +43,7 @@ func TestTrustListRemoveReload(t *testing.T) {
 		if _, ok := want[k.SHA256]; !ok {
 			t.Errorf("listed key %s with sha256 %s, not one that was added", k.Name, k.SHA256)
 		}
-		if _, err := os.Stat(filepath.Join(w.chip, psp.TrustDir, k.Name)); err != nil {
+		if _, err := os.Stat(filepath.Join(w.ChipDir, psp.TrustDir, k.Name)); err != nil {
 			t.Errorf("listed name %s is not a file of the trust store: %v", k.Name, err)
 		}
 		algs = append(algs, k.Alg)
@@ -53,7 +53,7 @@ func TestTrustListRemoveReload(t *testing.T) {
 		t.Errorf("algorithms %v", algs)
 	}
 
-	p := open(t, w.chip, nil, 0)
+	p := open(t, w.ChipDir, nil, 0)
 	c, h, _ := issueWith(t, k2, w.request(t))
 	if _, err := p.UnsealImageKey(c, h); err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func TestTrustListRemoveReload(t *testing.T) {
 			name = k.Name
 		}
 	}
-	must(t, psp.RemoveTrustedProvider(w.chip, strings.TrimSuffix(name, ".pub"))) // .pub optional
+	must(t, psp.RemoveTrustedProvider(w.ChipDir, strings.TrimSuffix(name, ".pub"))) // .pub optional
 	if _, err := p.UnsealImageKey(c, h); err != nil {
 		t.Fatalf("removal took effect before the reload: %v", err)
 	}
@@ -76,20 +76,20 @@ func TestTrustListRemoveReload(t *testing.T) {
 	if _, err := p.UnsealImageKey(c, h); !errors.Is(err, psp.ErrUnknownProvider) {
 		t.Fatalf("removed provider after reload: %v", err)
 	}
-	if keys, _ := psp.TrustedProviders(w.chip); len(keys) != 1 {
+	if keys, _ := psp.TrustedProviders(w.ChipDir); len(keys) != 1 {
 		t.Fatalf("%d keys after remove", len(keys))
 	}
 
 	// Bad names say what was wrong.
-	if err := psp.RemoveTrustedProvider(w.chip, name); !errors.Is(err, psp.ErrNotTrusted) || !strings.Contains(err.Error(), name) {
+	if err := psp.RemoveTrustedProvider(w.ChipDir, name); !errors.Is(err, psp.ErrNotTrusted) || !strings.Contains(err.Error(), name) {
 		t.Errorf("remove twice: %v", err)
 	}
 	for _, bad := range []string{"", "../kem.key", "..", "a/b"} {
-		if err := psp.RemoveTrustedProvider(w.chip, bad); err == nil || !strings.Contains(err.Error(), "is not a file name") {
+		if err := psp.RemoveTrustedProvider(w.ChipDir, bad); err == nil || !strings.Contains(err.Error(), "is not a file name") {
 			t.Errorf("remove %q: %v", bad, err)
 		}
 	}
-	if _, err := psp.TrustedProviders(filepath.Join(w.dir, "nope")); err == nil {
+	if _, err := psp.TrustedProviders(filepath.Join(w.Dir, "nope")); err == nil {
 		t.Error("listing a missing PSP directory succeeded")
 	}
 }
@@ -98,9 +98,9 @@ func TestTrustListRemoveReload(t *testing.T) {
 // is reported, not loaded.
 func TestReloadRefusesBadTrustAndReportsIdentity(t *testing.T) {
 	w := newWorld(t, format.KEMDHKEMP384, format.SigECDSAP384)
-	p := open(t, w.chip, nil, 0)
+	p := open(t, w.ChipDir, nil, 0)
 	c, h, _ := w.issue(t, nil)
-	junk := filepath.Join(w.chip, psp.TrustDir, "junk.pub")
+	junk := filepath.Join(w.ChipDir, psp.TrustDir, "junk.pub")
 	must(t, os.WriteFile(junk, []byte("junk"), 0o644))
 	if _, err := p.Reload(); err == nil || !strings.Contains(err.Error(), "junk.pub") || !strings.Contains(err.Error(), "trust unchanged") {
 		t.Fatalf("reload with a junk key: %v", err)
@@ -109,7 +109,7 @@ func TestReloadRefusesBadTrustAndReportsIdentity(t *testing.T) {
 		t.Fatalf("a failed reload changed the trust: %v", err)
 	}
 	must(t, os.Remove(junk))
-	must(t, os.WriteFile(filepath.Join(w.chip, psp.ChipCrtFile), []byte("replaced"), 0o644))
+	must(t, os.WriteFile(filepath.Join(w.ChipDir, psp.ChipCrtFile), []byte("replaced"), 0o644))
 	changed, err := p.Reload()
 	must(t, err)
 	if !slices.Equal(changed, []string{psp.ChipCrtFile}) {
