@@ -120,6 +120,9 @@ func TestCrashAtEveryStepOfRootCommit(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: attach after the crash: %v", what, err)
 		}
+		if o := d.Origin(); o.Record.Counter < counter || o.Record.Counter > counter+1 || (mustB && o.Recovered == 0) {
+			t.Fatalf("%s: the attach began from counter %d with %d journal blocks recovered; the PSP held %d (want it or one more, and the flush's blocks recovered)", what, o.Record.Counter, o.Recovered, counter)
+		}
 		got := make([]byte, ss)
 		for s := 0; s < 8; s++ {
 			if err := d.ReadAt(ctx, got, int64(s)*ss); err != nil {

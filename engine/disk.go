@@ -36,6 +36,7 @@ type Disk struct {
 	jr       *journal
 	tree     *tree.Tree // nil: version 1, or no tree flag
 	meta     dirtyPages // pages changed since the last checkpoint
+	origin   Origin     // recover.go
 
 	// ckpt orders appends against commits: a write-back or zeroing holds it shared from its
 	// journal append until its entries are in the pages and the tree; a commit's cut and a
@@ -133,6 +134,9 @@ func (d *Disk) Mapped() int64 {
 
 // Header is the image header in use.
 func (d *Disk) Header() *format.Header { return d.h }
+
+// Origin is the committed state the attach began from (the zero Origin for version 1).
+func (d *Disk) Origin() Origin { return d.origin }
 
 func (d *Disk) check(off, n int64, write bool) error {
 	if off < 0 || n < 0 || off > d.Size() || n > d.Size()-off {

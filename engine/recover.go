@@ -10,6 +10,17 @@ import (
 	"github.com/sealdisk/sealdisk/tree"
 )
 
+// Origin is the committed state a version-2 image's attach chose (FORMAT.md §8): for the
+// offline tools' reports, which must not choose it a second time.
+type Origin struct {
+	Record format.RootRecord // the root record in use
+	// Recovered counts the committed journal blocks that were not yet in place: a
+	// read-write attach wrote them in place and checked the tree they make against
+	// Record.Root; a read-only attach refuses such an image.
+	Recovered int
+	Other     error // why the other slot's record was not used; nil: it held an older valid one
+}
+
 // open chooses a version-2 image's committed state (FORMAT.md §8) and, for a writable attach,
 // recovers it (§6.2): the committed journal blocks are written in place, their pages and the
 // tree brought up to date, the tree's root checked against the record's, and a new epoch
@@ -20,6 +31,7 @@ func (d *Disk) open() error {
 		return err
 	}
 	rec := com.Rec
+	d.origin = Origin{Record: *rec, Recovered: len(com.Blocks), Other: com.Other}
 	if com.Other != nil {
 		d.e.opts.Logger.Warn("using the older root record", "asid", d.asid, "seq", rec.Seq, "other", com.Other)
 	}

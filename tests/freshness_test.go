@@ -137,6 +137,10 @@ func TestWholeImageRollback(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	// A copy taken now is the image of a host that crashed after the flush: scrub recovers
+	// its committed journal in memory and reports the counter it began from.
+	crashed := img + ".crashed"
+	copyFile(t, img, crashed)
 	// The attestation report carries the counter the flush committed, and the root.
 	nonce := strings.Repeat("ab", 24)
 	rep := filepath.Join(e.dir, "report.json")
@@ -146,6 +150,9 @@ func TestWholeImageRollback(t *testing.T) {
 		t.Fatalf("attest verify printed no counter 1 and root:\n%s", out)
 	}
 	s.adminRun(t, "detach", "vm1")
+	if r, failed := scrubJSON(t, e, crashed); failed || r["counter"] != 1.0 || r["recovered_blocks"] == nil || r["recovered_blocks"].(float64) == 0 || !strings.Contains(r["tree"].(string), "recovery") {
+		t.Fatalf("scrub of the copy taken after the flush: %v", r)
+	}
 	if err := os.Rename(old, img); err != nil {
 		t.Fatal(err)
 	}

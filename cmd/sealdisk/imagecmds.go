@@ -13,7 +13,6 @@ import (
 	"maps"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -85,67 +84,18 @@ func newImage(out string, f *certFlags, virtualSize uint64, l format.Layout) (*i
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	img, finish, err := createTemp(out, h)
+	o, err := image.CreatePending(out, h, cephConfig)
 	if err != nil {
 		c.Destroy()
 		return nil, nil, nil, err
 	}
-	return img, c, func(err error) error {
+	return o.Image, c, func(err error) error {
 		c.Destroy()
 		if err == nil {
-			err = img.WriteFirstRoot(f.signer) // the tree over what was written; syncs
+			err = o.WriteFirstRoot(f.signer) // the tree over what was written; syncs
 		}
-		return finish(err)
+		return o.Finish(err)
 	}, nil
-}
-
-// createTemp creates OUT.tmp (a file, or the RBD image OUT's name plus .tmp) with header h,
-// held under an exclusive lock (a leftover of a crashed run is replaced, one another run is
-// writing refused); finish(nil) syncs and closes it and renames it to OUT (syncing the
-// directory of a file); finish(err) removes it and returns err.
-func createTemp(out string, h *format.Header) (*image.Image, func(error) error, error) {
-	tmp := out + ".tmp"
-	if err := claimTemp(out, tmp); err != nil {
-		return nil, nil, err
-	}
-	st, err := locate.Create(tmp, cephConfig)
-	if err != nil {
-		return nil, nil, err
-	}
-	img, err := image.CreateStore(st, h)
-	if err != nil {
-		locate.Remove(tmp, cephConfig)
-		return nil, nil, err
-	}
-	if err := img.Store.Lock(true); err != nil {
-		img.Close()
-		return nil, nil, fmt.Errorf("another tool is writing --out %s: %w", out, err)
-	}
-	return img, func(err error) error {
-		if err == nil {
-			err = img.Store.Sync()
-		}
-		if cerr := img.Close(); err == nil {
-			err = cerr
-		}
-		if err == nil {
-			err = locate.Rename(tmp, out, cephConfig)
-		}
-		if err != nil {
-			locate.Remove(tmp, cephConfig)
-			return err
-		}
-		return nil
-	}, nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func createCmd() *cobra.Command {
@@ -312,32 +262,18 @@ removed.`,
 					return image.Unseal(ctx, img, c, ov, dst, prog)
 				}
 			}
-			// Write OUT.tmp and rename, so a failed unseal neither leaves a partial output nor
-			// destroys an existing --out before the new one is complete.
-			tmp := out + ".tmp"
-			os.Remove(tmp)
-			dst, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+			dst, err := image.CreatePendingRaw(out)
 			if err != nil {
-				return fmt.Errorf("failed to create output: %w", err)
+				return err
 			}
 			ctx, stop := signalContext()
 			defer stop()
 			prog, done := progress("unsealing")
 			start := time.Now()
-			err = run(ctx, dst, prog)
+			err = run(ctx, dst.File, prog)
 			done()
-			if cerr := dst.Close(); err == nil {
-				err = cerr
-			}
-			if err == nil {
-				err = os.Rename(tmp, out)
-			}
-			if err != nil {
-				os.Remove(tmp)
+			if err := dst.Finish(err); err != nil {
 				return fmt.Errorf("failed to unseal %s: %w", in, err)
-			}
-			if err := syncDir(filepath.Dir(out)); err != nil {
-				return err
 			}
 			slog.Info("unsealed", "in", in, "out", out, "bytes", img.Header.VirtualSize, "seconds", time.Since(start).Seconds())
 			return nil
@@ -352,12 +288,23 @@ removed.`,
 }
 
 // openCipher verifies the certificate with the PSP and returns the image's sector cipher.
-func openCipher(img *image.Image, pspDir, keyFile string) (*sector.Cipher, error) {
+// offlineOpen opens the PSP in pspDir and img's key with it (or from keyFile, for a key kept
+// in a broker); the caller clears the key.
+func offlineOpen(img *image.Image, pspDir, keyFile string) (*psp.PSP, []byte, error) {
 	p, err := psp.Open(pspDir, psp.Options{})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	key, err := offlineKey(p, img, keyFile)
+	if err != nil {
+		return nil, nil, err
+	}
+	return p, key, nil
+}
+
+// openCipher is img's sector cipher for the version-1 offline tools.
+func openCipher(img *image.Image, pspDir, keyFile string) (*sector.Cipher, error) {
+	_, key, err := offlineOpen(img, pspDir, keyFile)
 	if err != nil {
 		return nil, err
 	}

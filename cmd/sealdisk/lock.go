@@ -3,10 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/sealdisk/sealdisk/store"
-	"github.com/sealdisk/sealdisk/store/locate"
 )
 
 // The offline tools take the image lock the server takes (docs/OPERATOR.md, "One owner per
@@ -20,28 +18,4 @@ func inUse(tool, path string, err error) error {
 		return fmt.Errorf("%s: %s is in use — detach it from the server ('sealdisk admin detach NAME') or stop that server or tool first: %w", tool, path, err)
 	}
 	return err
-}
-
-// claimTemp makes the path tmp free for a new image: a leftover of a tool that crashed is
-// removed, one another seal or create is still writing (it holds the lock) is refused.
-func claimTemp(out, tmp string) error {
-	f, err := locate.Open(tmp, false, cephConfig)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	err = f.Lock(true)
-	f.Close()
-	if errors.Is(err, store.ErrLocked) {
-		return fmt.Errorf("another seal or create is writing --out %s (its %s is locked): %w", out, tmp, err)
-	}
-	if err != nil {
-		return err
-	}
-	if err := locate.Remove(tmp, cephConfig); err != nil {
-		return fmt.Errorf("failed to remove the leftover %s: %w", tmp, err)
-	}
-	return nil
 }

@@ -64,8 +64,8 @@ func TestOfflineToolsRespectTheLock(t *testing.T) {
 	must(t, os.WriteFile(p("new.img.tmp"), []byte("being written"), 0o600))
 	tmp, err := store.OpenLocked(p("new.img.tmp"), false)
 	must(t, err)
-	refused("another seal or create is writing --out "+p("new.img"), append([]string{"seal", "--in", p("disk.raw"), "--out", p("new.img")}, cert...)...)
-	refused("another seal or create is writing --out "+p("new.img"), append([]string{"create", "--size", "1M", "--out", p("new.img")}, cert...)...)
+	refused("another seal or create is writing "+p("new.img"), append([]string{"seal", "--in", p("disk.raw"), "--out", p("new.img")}, cert...)...)
+	refused("another seal or create is writing "+p("new.img"), append([]string{"create", "--size", "1M", "--out", p("new.img")}, cert...)...)
 	if b, err := os.ReadFile(p("new.img.tmp")); err != nil || string(b) != "being written" {
 		t.Fatalf("a refused seal touched the other's temporary file: %q, %v", b, err)
 	}

@@ -13,7 +13,6 @@ import (
 	"github.com/sealdisk/sealdisk/image"
 	"github.com/sealdisk/sealdisk/internal/zeros"
 	"github.com/sealdisk/sealdisk/psp"
-	"github.com/sealdisk/sealdisk/sector"
 	"github.com/sealdisk/sealdisk/store"
 )
 
@@ -30,9 +29,6 @@ type offlineDisk struct {
 	*engine.Disk
 	eng *engine.Engine
 	ov  *store.Overlay
-	// committed is the root record chosen at the open, with the journal blocks it commits
-	// that were not yet in place (recovered into the overlay).
-	committed *sector.Committed
 }
 
 // offlineRoots is the image's root keeper for the offline tools: records are checked and
@@ -44,12 +40,10 @@ func (offlineRoots) Advance(counter uint64, _ [32]byte) error {
 	return fmt.Errorf("BUG: an offline tool tried to advance the image's counter to %d", counter)
 }
 
+// openOffline attaches img to a private engine over an overlay; the attach chooses the root
+// record (Origin) and recovers a crashed image's committed journal into the overlay.
 func openOffline(img *image.Image, pspDir, keyFile string) (*offlineDisk, error) {
-	p, err := psp.Open(pspDir, psp.Options{})
-	if err != nil {
-		return nil, err
-	}
-	key, err := offlineKey(p, img, keyFile)
+	p, key, err := offlineOpen(img, pspDir, keyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -59,15 +53,6 @@ func openOffline(img *image.Image, pspDir, keyFile string) (*offlineDisk, error)
 		return nil, err
 	}
 	h := img.Header
-	c, err := sector.NewCipher(h.Suite, key, h.UUID, int(h.SectorSize))
-	if err != nil {
-		return nil, err
-	}
-	com, err := c.CurrentRoot(img.Store, h, roots.CheckRoot)
-	c.Destroy()
-	if err != nil {
-		return nil, err
-	}
 	ov, err := store.NewOverlay(img.Store)
 	if err != nil {
 		return nil, err
@@ -77,7 +62,7 @@ func openOffline(img *image.Image, pspDir, keyFile string) (*offlineDisk, error)
 	if err == nil {
 		var d *engine.Disk
 		if d, err = eng.Attach(offlineASID, ov, h.ReadOnly); err == nil {
-			return &offlineDisk{Disk: d, eng: eng, ov: ov, committed: com}, nil
+			return &offlineDisk{Disk: d, eng: eng, ov: ov}, nil
 		}
 	}
 	eng.Close()

@@ -59,8 +59,9 @@ image is never changed.`,
 			if err != nil {
 				return fmt.Errorf("failed to scrub %s: %w", args[0], err)
 			}
-			rec := o.committed.Rec
-			out := scrubOut{Image: args[0], Counter: rec.Counter, Root: hex.EncodeToString(rec.Root[:]), Recovered: len(o.committed.Blocks), Bad: []badSector{}}
+			org := o.Origin()
+			rec := org.Record
+			out := scrubOut{Image: args[0], Counter: rec.Counter, Root: hex.EncodeToString(rec.Root[:]), Recovered: org.Recovered, Bad: []badSector{}}
 			ctx, stop := signalContext()
 			defer stop()
 			prog, done := progress("scrubbing")
@@ -79,7 +80,7 @@ image is never changed.`,
 			switch {
 			case !img.Header.Tree:
 				out.Tree = "none (the image has no integrity tree)"
-			case len(o.committed.Blocks) > 0:
+			case org.Recovered > 0:
 				// The region's pages are older than the record: recovery checked the tree
 				// its replay made against the record's root.
 				out.Tree = "checked by recovery (the journal held committed blocks)"

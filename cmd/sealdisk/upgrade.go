@@ -72,7 +72,7 @@ images attach read-only; the upgraded one attaches read-write.`,
 			if err != nil {
 				return err
 			}
-			dst, finish, err := createTemp(out, h)
+			dst, err := image.CreatePending(out, h, cephConfig)
 			if err != nil {
 				return err
 			}
@@ -80,9 +80,9 @@ images attach read-only; the upgraded one attaches read-write.`,
 			defer stop()
 			prog, done := progress("upgrading")
 			start := time.Now()
-			err = image.Upgrade(ctx, src, c, ov, dst, sess, roots.SealRoot, prog)
+			err = image.Upgrade(ctx, src, c, ov, dst.Image, sess, roots.SealRoot, prog)
 			done()
-			if err := finish(err); err != nil {
+			if err := dst.Finish(err); err != nil {
 				return fmt.Errorf("failed to upgrade %s: %w", in, err)
 			}
 			slog.Info("upgraded", "in", in, "out", out, "version", h.Version, "journal_records", js.Records, "seconds", time.Since(start).Seconds())
