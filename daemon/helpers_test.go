@@ -1,15 +1,11 @@
 package daemon
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha512"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,70 +13,12 @@ import (
 	"github.com/sealdisk/sealdisk/config"
 	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
-// lockHelperEnv makes the test binary another process that locks an image file (TestMain):
-// "rw:PATH" or "ro:PATH". It prints "locked" or the error and holds the lock until its stdin
-// closes; it exits 3 when refused with store.ErrLocked.
-const lockHelperEnv = "SEALDISK_DAEMON_LOCK_HELPER"
-
 func TestMain(m *testing.M) {
-	if spec := os.Getenv(lockHelperEnv); spec != "" {
-		mode, path, _ := strings.Cut(spec, ":")
-		f, err := store.OpenLocked(path, mode == "ro")
-		if err != nil {
-			fmt.Println(err)
-			if errors.Is(err, store.ErrLocked) {
-				os.Exit(3)
-			}
-			os.Exit(1)
-		}
-		fmt.Println("locked")
-		io.Copy(io.Discard, os.Stdin)
-		f.Close()
-		os.Exit(0)
-	}
+	storetest.LockProcessMain()
 	fixture.Main(m)
-}
-
-// lockProcess is another process holding, or refused, a lock on an image file.
-type lockProcess struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	line  string // "locked" or its error
-}
-
-func otherProcessLocks(t *testing.T, mode, path string) *lockProcess {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), lockHelperEnv+"="+mode+":"+path)
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &lockProcess{cmd: cmd, stdin: stdin}
-	t.Cleanup(func() { p.stop() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("lock process said nothing: %v", err)
-	}
-	p.line = strings.TrimSpace(line)
-	return p
-}
-
-// stop makes the process release its lock and exit; it returns the exit code.
-func (p *lockProcess) stop() int {
-	p.stdin.Close()
-	p.cmd.Wait()
-	return p.cmd.ProcessState.ExitCode()
 }
 
 // testEnv is a world (vendor, chip, trusted provider), a firmware file the images allow, and

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 // refusedNaming checks an attach refusal: store.ErrLocked (409 on the admin API) naming the
@@ -60,9 +61,9 @@ func TestOneWriterPerImage(t *testing.T) {
 		t.Fatalf("read lock beside the attached VM: %v", err)
 	}
 	for _, mode := range []string{"rw", "ro"} {
-		p := otherProcessLocks(t, mode, link)
-		if code := p.stop(); code != 3 || !strings.Contains(p.line, "holds it read-write") {
-			t.Fatalf("%s lock from another process: exit %d, %q", mode, code, p.line)
+		p := storetest.StartLockProcess(t, mode == "ro", link)
+		if code := p.Stop(); code != 3 || !strings.Contains(p.Line, "holds it read-write") {
+			t.Fatalf("%s lock from another process: exit %d, %q", mode, code, p.Line)
 		}
 	}
 
@@ -83,9 +84,9 @@ func TestOneWriterPerImage(t *testing.T) {
 
 	// Another process holds the image read-write: the daemon is refused by the lock (it
 	// cannot name a VM there), and attaches once that process is gone.
-	p := otherProcessLocks(t, "rw", img)
-	if p.line != "locked" {
-		t.Fatalf("lock process: %q", p.line)
+	p := storetest.StartLockProcess(t, false, img)
+	if p.Line != "locked" {
+		t.Fatalf("lock process: %q", p.Line)
 	}
 	err = d.Attach(e.vm("vm1", sym, false))
 	if !errors.Is(err, store.ErrLocked) || httpStatus(err) != http.StatusConflict || !strings.Contains(err.Error(), "holds it read-write") {
@@ -94,7 +95,7 @@ func TestOneWriterPerImage(t *testing.T) {
 	if len(d.Status().VMs) != 0 || len(d.images) != 0 {
 		t.Fatalf("a refused attach left state: %v, %v", attached(d), d.images)
 	}
-	p.stop()
+	p.Stop()
 	if err := d.Attach(e.vm("vm1", sym, false)); err != nil {
 		t.Fatalf("attach after the other process exited: %v", err)
 	}
@@ -117,13 +118,13 @@ func TestReadersShareAnImage(t *testing.T) {
 		t.Fatalf("writer beside readers: %v", err)
 	}
 	refusedNaming(t, err, "ro1", "read-only")
-	if p := otherProcessLocks(t, "ro", img); p.line != "locked" {
-		t.Fatalf("reader in another process: %q", p.line)
+	if p := storetest.StartLockProcess(t, true, img); p.Line != "locked" {
+		t.Fatalf("reader in another process: %q", p.Line)
 	} else {
-		p.stop()
+		p.Stop()
 	}
-	if p := otherProcessLocks(t, "rw", img); p.stop() != 3 || !strings.Contains(p.line, "holds it read-only") {
-		t.Fatalf("writer in another process: %q", p.line)
+	if p := storetest.StartLockProcess(t, false, img); p.Stop() != 3 || !strings.Contains(p.Line, "holds it read-only") {
+		t.Fatalf("writer in another process: %q", p.Line)
 	}
 	if err := d.Detach(context.Background(), "ro1"); err != nil {
 		t.Fatal(err)

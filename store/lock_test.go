@@ -1,81 +1,19 @@
 package store_test
 
 import (
-	"bufio"
 	"errors"
-	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
-// lockHelperEnv makes the test binary a helper process (TestMain): it locks the file named in
-// the variable ("rw:PATH" or "ro:PATH"), says "locked" or the error on stdout, and holds the
-// lock until its stdin closes.
-const lockHelperEnv = "SEALDISK_STORE_LOCK_HELPER"
-
 func TestMain(m *testing.M) {
-	if spec := os.Getenv(lockHelperEnv); spec != "" {
-		mode, path, _ := strings.Cut(spec, ":")
-		f, err := store.OpenLocked(path, mode == "ro")
-		if err != nil {
-			fmt.Println(err)
-			if errors.Is(err, store.ErrLocked) {
-				os.Exit(3)
-			}
-			os.Exit(1)
-		}
-		fmt.Println("locked")
-		io.Copy(io.Discard, os.Stdin)
-		f.Close()
-		os.Exit(0)
-	}
+	storetest.LockProcessMain()
 	os.Exit(m.Run())
-}
-
-// helper is another process holding (or trying to take) a lock.
-type helper struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	line  string // its first line: "locked" or the error
-}
-
-func startHelper(t *testing.T, mode, path string) *helper {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), lockHelperEnv+"="+mode+":"+path)
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	h := &helper{cmd: cmd, stdin: stdin}
-	t.Cleanup(func() { h.stop() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("lock helper said nothing: %v", err)
-	}
-	h.line = strings.TrimSpace(line)
-	return h
-}
-
-// stop closes the helper's stdin (it releases its lock and exits) and returns its exit code.
-func (h *helper) stop() int {
-	h.stdin.Close()
-	h.cmd.Wait()
-	return h.cmd.ProcessState.ExitCode()
 }
 
 func newImageFile(t *testing.T) string {
@@ -177,33 +115,33 @@ func TestLockAcrossProcesses(t *testing.T) {
 	// This process writes: another process can neither write nor read.
 	w := mustLock(t, p, false)
 	for _, mode := range []string{"rw", "ro"} {
-		h := startHelper(t, mode, p)
-		if code := h.stop(); code != 3 || !strings.Contains(h.line, store.ErrLocked.Error()) || !strings.Contains(h.line, "read-write") {
-			t.Fatalf("%s lock in another process while this one writes: exit %d, %q", mode, code, h.line)
+		h := storetest.StartLockProcess(t, mode == "ro", p)
+		if code := h.Stop(); code != 3 || !strings.Contains(h.Line, store.ErrLocked.Error()) || !strings.Contains(h.Line, "read-write") {
+			t.Fatalf("%s lock in another process while this one writes: exit %d, %q", mode, code, h.Line)
 		}
 	}
 	w.Close()
 
 	// Another process writes: this one is refused until it exits.
-	h := startHelper(t, "rw", p)
-	if h.line != "locked" {
-		t.Fatalf("helper: %q", h.line)
+	h := storetest.StartLockProcess(t, false, p)
+	if h.Line != "locked" {
+		t.Fatalf("helper: %q", h.Line)
 	}
 	refused(t, p, false, "read-write")
 	refused(t, p, true, "read-write")
-	if code := h.stop(); code != 0 {
+	if code := h.Stop(); code != 0 {
 		t.Fatalf("helper exited %d", code)
 	}
 	mustLock(t, p, false).Close()
 
 	// Readers share across processes; a writer is refused beside them.
-	h = startHelper(t, "ro", p)
-	if h.line != "locked" {
-		t.Fatalf("helper: %q", h.line)
+	h = storetest.StartLockProcess(t, true, p)
+	if h.Line != "locked" {
+		t.Fatalf("helper: %q", h.Line)
 	}
 	r := mustLock(t, p, true)
 	refused(t, p, false, "read-only")
-	h.stop()
+	h.Stop()
 	r.Close()
 }
 
