@@ -72,17 +72,9 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := Measure(req.FirmwarePath, req.Cert.MeasureAlg)
+	m, err := checkFirmware(req.Cert, req.FirmwarePath)
 	if err != nil {
 		return nil, err
-	}
-	ok := false
-	for _, want := range req.Cert.Measurements {
-		ok = ok || bytes.Equal(m, want)
-	}
-	if !ok {
-		return nil, fmt.Errorf("%w: %s %s of %s is not among the certificate's %d allowed measurements",
-			ErrFirmwareMismatch, req.Cert.MeasureAlg, hex.EncodeToString(m), req.FirmwarePath, len(req.Cert.Measurements))
 	}
 	l := Launch{
 		VM: req.VM, Measurement: m, MeasureAlg: req.Cert.MeasureAlg, FirmwareOK: true,
@@ -231,4 +223,34 @@ func (p *PSP) bound(a ASID) *Launch {
 		return s.launch.clone()
 	}
 	return nil
+}
+
+// checkFirmware measures the firmware file with the certificate's algorithm (FORMAT.md §3.4
+// step 7) and returns the measurement if the certificate allows it.
+func checkFirmware(c *format.Certificate, path string) ([]byte, error) {
+	m, err := Measure(path, c.MeasureAlg)
+	if err != nil {
+		return nil, err
+	}
+	for _, want := range c.Measurements {
+		if bytes.Equal(m, want) {
+			return m, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %s %s of %s is not among the certificate's %d allowed measurements",
+		ErrFirmwareMismatch, c.MeasureAlg, hex.EncodeToString(m), path, len(c.Measurements))
+}
+
+// UnsealStateKey opens the key of a saved VM state (package statefile) for a restore: the
+// certificate verified as an image's (steps 2–5), the firmware the restored VM runs measured
+// against it (step 7), then the key unwrapped (step 8). The caller has checked that the
+// certificate is the state file's (statefile.Header.CheckCertificate) and zeroises the key.
+func (p *PSP) UnsealStateKey(c *format.Certificate, firmwarePath string) ([]byte, error) {
+	if _, err := p.VerifyCertificate(c, nil); err != nil {
+		return nil, err
+	}
+	if _, err := checkFirmware(c, firmwarePath); err != nil {
+		return nil, err
+	}
+	return p.unseal(c)
 }

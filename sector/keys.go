@@ -85,28 +85,48 @@ func (c *Cipher) derive(salt [SaltSize]byte) *sessionKey {
 	}
 	defer clear(ks)
 	k := &sessionKey{salt: salt}
-	switch c.suite {
-	case format.SuiteAES256GCM:
-		k.block, err = aes.NewCipher(ks)
-		if err == nil {
-			k.aead, err = cipher.NewGCM(k.block)
-		}
-	case format.SuiteChaCha20Poly1305:
-		k.aead, err = chacha20poly1305.New(ks)
-	case format.SuiteSM4GCM:
-		k.block, err = sm4.NewCipher(ks) // gmsm's block brings its own assembly GCM
-		if err == nil {
-			k.aead, err = cipher.NewGCM(k.block)
-		}
-	default:
-		err = fmt.Errorf("unknown data suite %d", uint16(c.suite))
-	}
+	k.block, k.aead, err = newAEAD(c.suite, ks)
 	if err != nil {
 		panic("BUG: sector: cannot create a session AEAD: " + err.Error())
 	}
 	c.derivations.Add(1)
 	return k
 }
+
+// newAEAD is the suite's AEAD under key (KeySize bytes), and its block cipher where it has one.
+func newAEAD(s format.Suite, key []byte) (block cipher.Block, aead cipher.AEAD, err error) {
+	switch s {
+	case format.SuiteAES256GCM:
+		block, err = aes.NewCipher(key)
+		if err == nil {
+			aead, err = cipher.NewGCM(block)
+		}
+	case format.SuiteChaCha20Poly1305:
+		aead, err = chacha20poly1305.New(key)
+	case format.SuiteSM4GCM:
+		block, err = sm4.NewCipher(key) // gmsm's block brings its own assembly GCM
+		if err == nil {
+			aead, err = cipher.NewGCM(block)
+		}
+	default:
+		err = fmt.Errorf("unknown data suite %d", uint16(s))
+	}
+	return block, aead, err
+}
+
+// NewAEAD is the suite's AEAD (a 12-byte nonce, a 16-byte tag) under a key of SuiteKeySize(s)
+// bytes: for the other formats sealed with an image-like key (state files). Destroy it with
+// WipeAEAD when done.
+func NewAEAD(s format.Suite, key []byte) (cipher.AEAD, error) {
+	_, a, err := newAEAD(s, key)
+	return a, err
+}
+
+// WipeAEAD zeroises the expanded key of an AEAD NewAEAD made.
+func WipeAEAD(a cipher.AEAD) { wipeIntegers(a) }
+
+// SuiteKeySize is the suite's AEAD key length in bytes.
+func SuiteKeySize(s format.Suite) int { return keySize(s) }
 
 func keySize(s format.Suite) int {
 	if s == format.SuiteSM4GCM {

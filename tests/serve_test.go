@@ -150,19 +150,11 @@ func TestServeRefusesWrongFirmware(t *testing.T) {
 // bootGuest boots Debian's kernel and initrd with root on drive and returns the console.
 func bootGuest(t *testing.T, drive, marker string) string {
 	t.Helper()
-	requireTool(t, "qemu-system-x86_64")
-	kernels, _ := filepath.Glob("/boot/vmlinuz-*")
-	initrds, _ := filepath.Glob("/boot/initrd.img-*")
-	if len(kernels) == 0 || len(initrds) == 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("no kernel in /boot (linux-image-amd64): run make deps")
-		}
-		t.Skip("no kernel in /boot")
-	}
+	kernel, initrd := guestKernel(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
-		"-kernel", kernels[len(kernels)-1], "-initrd", initrds[len(initrds)-1],
+		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 panic=-1 quiet sealdisk.marker="+marker,
 		"-drive", drive)
 	out, err := cmd.CombinedOutput()

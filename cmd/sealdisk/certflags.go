@@ -36,6 +36,20 @@ type certFlags struct {
 }
 
 func (f *certFlags) register(cmd *cobra.Command) {
+	f.registerCert(cmd)
+	fl := cmd.Flags()
+	fl.Uint32Var(&f.sectorSize, "sector-size", 4096, "sector size: 4096 or 512")
+	fl.BoolVar(&f.readOnly, "read-only", false, "mark the image read-only")
+	fl.StringVar(&f.journalSize, "journal-size", "", "journal region size, 1M to 1G in whole MiB (default 256M): bounds what is written between checkpoints")
+	fl.BoolVar(&f.noTree, "no-integrity-tree", false, "omit the integrity tree: forged holes and rollbacks of sectors go undetected (whole-image rollback still is); for trusted storage and benchmarks")
+	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
+	fl.StringVar(&f.keyID, "key-id", "", "key id at the broker")
+	fl.StringVar(&f.keyFile, "key-file", "", "with --broker-url: the image key (32 raw bytes, mode 0600), as given to 'broker put'")
+}
+
+// registerCert registers the flags of the certificate alone: who signs it, for which chip,
+// under which firmware, how long (state seal has these and no image layout).
+func (f *certFlags) registerCert(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringVar(&f.chip, "chip", "", "chip certificate (PSPDIR/chip.crt) to seal the image key to")
 	fl.StringVar(&f.vendorRoot, "vendor-root", "", "vendor root certificate the chip certificate must chain to")
@@ -44,16 +58,9 @@ func (f *certFlags) register(cmd *cobra.Command) {
 	fl.StringArrayVar(&f.measurements, "measurement", nil, "allowed firmware measurement as hex (repeatable)")
 	fl.StringVar(&f.measureAlg, "measure-alg", "", "sha384 (default) or sm3 (default with --suite sm4-gcm)")
 	fl.StringVar(&f.suite, "suite", "auto", "data suite: auto, aes-256-gcm, chacha20-poly1305, sm4-gcm")
-	fl.Uint32Var(&f.sectorSize, "sector-size", 4096, "sector size: 4096 or 512")
 	fl.DurationVar(&f.validFor, "valid-for", 8760*time.Hour, "certificate lifetime from now (or from --not-before)")
 	fl.StringVar(&f.notBefore, "not-before", "", "certificate start (RFC 3339); default now")
 	fl.StringVar(&f.notAfter, "not-after", "", "certificate end (RFC 3339); overrides --valid-for")
-	fl.BoolVar(&f.readOnly, "read-only", false, "mark the image read-only")
-	fl.StringVar(&f.journalSize, "journal-size", "", "journal region size, 1M to 1G in whole MiB (default 256M): bounds what is written between checkpoints")
-	fl.BoolVar(&f.noTree, "no-integrity-tree", false, "omit the integrity tree: forged holes and rollbacks of sectors go undetected (whole-image rollback still is); for trusted storage and benchmarks")
-	fl.StringVar(&f.brokerURL, "broker-url", "", "remote key broker URL (https://) instead of an embedded key")
-	fl.StringVar(&f.keyID, "key-id", "", "key id at the broker")
-	fl.StringVar(&f.keyFile, "key-file", "", "with --broker-url: the image key (32 raw bytes, mode 0600), as given to 'broker put'")
 }
 
 func (f *certFlags) suiteID() (format.Suite, error) {

@@ -1,6 +1,7 @@
 #!/bin/bash
 # usage: mkroot.sh OUT.raw [SIZE]  — a small bootable ext4 root: busybox-static and an /sbin/init
-# that prints the sealed /hello.txt, writes /marker.txt and powers off. Boot it with Debian's
+# that prints the sealed /hello.txt, writes /marker.txt and powers off (or, booted with
+# sealdisk.ticker on the command line, prints a tick a second until stopped). Boot it with Debian's
 # kernel and initrd: root=/dev/vda (see docs/OPERATOR.md).
 set -euo pipefail
 out=$1; size=${2:-64M}
@@ -15,6 +16,10 @@ cat > "$tmp/sbin/init" <<'INIT'
 mount -t proc proc /proc
 echo "GUEST: booted"
 echo "GUEST: hello=$(cat /hello.txt)"
+case " $(cat /proc/cmdline) " in
+*" sealdisk.ticker "*) # a guest that runs until stopped, for save and restore tests
+  i=0; while :; do i=$((i+1)); echo "GUEST: tick $i"; sleep 1; done ;;
+esac
 marker=$(cat /proc/cmdline | sed -n 's/.*sealdisk.marker=\([^ ]*\).*/\1/p')
 [ -n "$marker" ] || marker="marker-$(cat /proc/sys/kernel/random/uuid)"
 echo "$marker" > /marker.txt
