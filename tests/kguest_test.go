@@ -280,7 +280,7 @@ func checkKguestConsole(t *testing.T, console, serveLog string) {
 		}
 	}
 	fail := func(format string, a ...any) {
-		t.Fatalf(format+"\nconsole:\n%s\nserve log:\n%s", append(a, console, serveLog)...)
+		t.Fatalf(format+"\nconsole:\n%s\nserve log:\n%s", append(a, terminalCodes.ReplaceAllString(console, ""), serveLog)...)
 	}
 	for _, l := range lines {
 		if strings.HasPrefix(l, "FAIL") {
@@ -309,6 +309,9 @@ func checkKguestConsole(t *testing.T, console, serveLog string) {
 		fail("guest console lacks %q (markers seen: %q)", want[i], lines)
 	}
 }
+
+// terminalCodes are the escape sequences SeaBIOS and the kernel write to the console.
+var terminalCodes = regexp.MustCompile("\x1b(c|\\[[0-9;?]*[A-Za-z])")
 
 var nbdRequestsLine = regexp.MustCompile(`^sealdisk_nbd_requests_total\{([^}]*)\} ([0-9.e+]+)$`)
 
