@@ -347,3 +347,17 @@ func staticSealdisk(t *testing.T) []byte {
 	}
 	return b
 }
+
+// TestOperatorQuotesKernelNBDLines: docs/OPERATOR.md gives the guest's nbd-client and sealdisk
+// attach lines exactly as TestKernelNBDInGuest runs them.
+func TestOperatorQuotesKernelNBDLines(t *testing.T) {
+	doc, err := os.ReadFile("../docs/OPERATOR.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range []string{kguestNBDClient, kguestAttach} {
+		if !bytes.Contains(doc, []byte("    "+line+"\n")) {
+			t.Errorf("docs/OPERATOR.md does not quote %q", line)
+		}
+	}
+}
