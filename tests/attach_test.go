@@ -14,8 +14,9 @@ import (
 
 // TestAttachKernelNBD: `sealdisk attach` puts a served VM on /dev/nbd0; data written through
 // the block device reads back, is in the export after a clean detach (SIGTERM, exit 0), and
-// unseals from the image after serve stops. It needs the kernel's nbd module and root, so it
-// is skipped (even in CI) where /dev/nbd0 does not exist.
+// unseals from the image after serve stops. It needs the host kernel's nbd module and root, so
+// it is skipped (even in CI) where /dev/nbd0 does not exist; TestKernelNBDInGuest
+// (kguest_test.go) runs the kernel's NBD client everywhere, in a TCG guest.
 func TestAttachKernelNBD(t *testing.T) {
 	const dev = "/dev/nbd0"
 	if _, err := os.Stat(dev); err != nil {

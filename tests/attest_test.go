@@ -3,53 +3,25 @@ package tests
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"github.com/sealdisk/sealdisk/format"
-	"github.com/sealdisk/sealdisk/psp"
 )
 
-// nullBinder stands in for the DMA engine's key slots: the report needs a launch, not a VM.
-type nullBinder struct{}
-
-func (nullBinder) LoadKey(psp.ASID, psp.Binding) error { return nil }
-func (nullBinder) ClearKey(psp.ASID) error             { return nil }
-
-// attestReport seals a small image to e's PSP, launches it as "vm1" through the psp API (the
-// serving side that does this arrives later) and writes the signed report to a file. It
-// returns the report's path and the nonce as hex.
+// attestReport seals a small image to e's PSP, serves it as "vm1" with `sealdisk serve`, asks
+// the running server for a report over the admin socket (`sealdisk admin attest`), as a
+// verifier's agent on the host would, and stops the server. It returns the report's path and
+// the nonce as hex.
 func attestReport(t *testing.T, e *env) (string, string) {
 	t.Helper()
 	_, img := sealed(t, e, 4096)
-	p, err := psp.Open(e.psp, psp.Options{Binder: nullBinder{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, _, err := format.ReadHeader(mustOpen(t, img))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := format.ParseCertificate(h.Cert)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := p.Launch(psp.LaunchRequest{VM: "vm1", Cert: c, Header: h, FirmwarePath: e.fw})
-	if err != nil {
-		t.Fatal(err)
-	}
+	admin := filepath.Join(e.dir, "admin.sock")
+	s := startServe(t, e, img, false, "--admin-socket", admin)
 	nonce := make([]byte, 24)
 	rand.Read(nonce)
-	envl, err := p.Attest(l.ASID, nonce)
-	if err != nil {
-		t.Fatal(err)
-	}
 	rep := filepath.Join(t.TempDir(), "report.json")
-	if err := os.WriteFile(rep, envl, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	run(t, "admin", "--socket", admin, "attest", "vm1", "--nonce", hex.EncodeToString(nonce), "--out", rep)
+	s.stop(t)
 	return rep, hex.EncodeToString(nonce)
 }
 

@@ -32,8 +32,13 @@ func newRoot() *cobra.Command {
 		Long: `sealdisk keeps guest VM disk images encrypted and authenticated at rest. Each image carries a
 certificate that seals its key to one host's secure processor (PSP); nobody types a key.
 
-This binary holds the offline tools: a development vendor CA and PSP, provider keys, and
-creating, sealing, unsealing, inspecting and re-sealing images.`,
+This one binary holds:
+  - the service: serve (NBD exports and FUSE files of sealed images for running VMs), admin
+    (status, attach, detach, attest, reload of a running serve), attach (an export on a kernel
+    NBD device /dev/nbdX) and broker (the remote key broker);
+  - the offline tools: vendor, psp and provider (a development vendor CA and PSP, provider
+    keys), measure, create, seal, unseal, inspect, reseal, scrub and upgrade (images), and
+    attest (verify a report).`,
 		Example: `  sealdisk vendor init --dir vendor
   sealdisk psp init --dir psp --vendor vendor
   sealdisk provider keygen --dir provider
