@@ -37,8 +37,8 @@ This one binary holds:
     (status, attach, detach, attest, reload of a running serve), attach (an export on a kernel
     NBD device /dev/nbdX) and broker (the remote key broker);
   - the offline tools: vendor, psp and provider (a development vendor CA and PSP, provider
-    keys), measure, create, seal, unseal, inspect, reseal, scrub and upgrade (images), and
-    attest (verify a report).`,
+    keys), measure, create, seal, unseal, inspect, reseal, scrub and upgrade (images), state
+    (seal a VM's saved state; give it back for a restore) and attest (verify a report).`,
 		Example: `  sealdisk vendor init --dir vendor
   sealdisk psp init --dir psp --vendor vendor
   sealdisk provider keygen --dir provider

@@ -45,6 +45,8 @@ func stateSealCmd() *cobra.Command {
 and writes it sealed to --chip: a fresh key in a certificate signed by --provider-key that
 allows the --firmware (or --measurement) the VM may be restored under. The file is written as
 OUT.tmp and renamed when the stream has ended, so a save that fails leaves no state file.`,
+		Example: `  (qemu) migrate "exec:sealdisk state seal --out vm.state --chip psp/chip.crt --vendor-root vendor/vendor.crt --provider-key provider/provider.key --firmware OVMF_CODE.fd"
+  sealdisk state seal --in saved.raw --out vm.state --chip host2-chip.crt --vendor-root vendor/vendor.crt --provider-key provider/provider.key --firmware OVMF_CODE.fd`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := need(map[string]string{"out": out}); err != nil {
@@ -106,6 +108,8 @@ in its validity) and the firmware the restored VM runs against the measurements 
 then writes the state stream to stdout — for QEMU's -incoming "exec:…" — or to --out. Each
 chunk is authenticated before its bytes are written; a changed, reordered or missing chunk, or
 a file cut short, stops the stream with an error and a non-zero exit, so QEMU's restore fails.`,
+		Example: `  qemu-system-x86_64 ... -incoming "exec:sealdisk state unseal --in vm.state --psp /var/lib/sealdisk/psp --firmware OVMF_CODE.fd"
+  sealdisk state unseal --in vm.state --psp psp --firmware OVMF_CODE.fd --out saved.raw`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := need(map[string]string{"in": in, "psp": pspDir, "firmware": firmware}); err != nil {
