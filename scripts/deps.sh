@@ -6,7 +6,8 @@ export PATH=/usr/local/go/bin:${HOME:-/root}/go/bin:$PATH
 export PATH=$PATH:$(go env GOPATH)/bin
 pkgs=(qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio fuse3 gocryptfs
       busybox-static e2fsprogs bc linux-image-amd64 cryptsetup-bin
-      ceph-mon ceph-osd ceph-common librbd-dev librados-dev uuid-runtime qemu-block-extra)
+      ceph-mon ceph-osd ceph-common librbd-dev librados-dev uuid-runtime qemu-block-extra
+      ovmf systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
