@@ -95,7 +95,11 @@ func Mount(opts Options) (*FS, error) {
 			// Asynchronous direct I/O: an io_submit of many requests (fio libaio, QEMU
 			// aio=native) puts them all in flight instead of waiting for each in turn.
 			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-			Debug:             opts.Debug,
+			// mount(2) first, where the process may (root, or CAP_SYS_ADMIN as the systemd
+			// unit gives its user: packaging/sealdisk.service), so no setuid helper is needed
+			// under NoNewPrivileges; otherwise fusermount3 as before.
+			DirectMount: true,
+			Debug:       opts.Debug,
 		},
 		EntryTimeout: &timeout,
 		AttrTimeout:  &timeout,
