@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -118,5 +119,33 @@ func TestServeUnderUnitSandbox(t *testing.T) {
 	s.stop(t)
 	if m, _ := os.ReadFile("/proc/self/mounts"); strings.Contains(string(m), " "+s.mnt+" ") {
 		t.Fatal("still mounted after SIGTERM")
+	}
+}
+
+// TestBenchScriptsSelfContained: the benchmark scripts name nothing outside the repository
+// (they ran only beside a ../shared checkout once): every script they call is under scripts/.
+func TestBenchScriptsSelfContained(t *testing.T) {
+	scripts, _ := filepath.Glob("../scripts/*.sh")
+	more, _ := filepath.Glob("../scripts/bench/*.sh")
+	scripts = append(scripts, more...)
+	if len(scripts) < 6 {
+		t.Fatalf("found %d scripts", len(scripts))
+	}
+	outside := regexp.MustCompile(`\.\./shared|/work/|\$\(cd \.\. && pwd\)|ANCHORS\.md`)
+	for _, s := range scripts {
+		b, err := os.ReadFile(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, line := range strings.Split(string(b), "\n") {
+			if outside.MatchString(line) {
+				t.Errorf("%s:%d names something outside the repository: %s", s, i+1, line)
+			}
+		}
+	}
+	for _, f := range []string{"../scripts/bench/fio-nbd.sh", "../scripts/bench/fio-file.sh"} {
+		if fi, err := os.Stat(f); err != nil || fi.Mode()&0o111 == 0 {
+			t.Errorf("%s: not an executable script in the repository (%v)", f, err)
+		}
 	}
 }
