@@ -12,10 +12,11 @@ import (
 // sealdisk-psp-trust-add.1, … Hidden: it is for packaging, not for operators.
 func manCmd() *cobra.Command {
 	cmd := &cobra.Command{
-		Use:    "man DIR",
-		Short:  "Write man pages for every command into DIR",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
+		Use:     "man DIR",
+		Example: "  sealdisk man /usr/share/man/man1   # or: make man (into man/)",
+		Short:   "Write man pages for every command into DIR",
+		Hidden:  true,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := os.MkdirAll(args[0], 0o755); err != nil {
 				return err
