@@ -9,17 +9,25 @@ RBDTAGS  := rbd,pacific
 TAGS     ?= $(if $(wildcard /usr/include/rbd/librbd.h),$(RBDTAGS))
 export CGO_ENABLED := $(if $(TAGS),1,$(CGO_ENABLED))
 TAGFLAGS  = -tags '$(TAGS)'
+# `sealdisk version`: the nearest tag and commits since (or the commit), -dirty when changed.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   = -X main.version=$(VERSION)
+MANDIR   ?= man
 # Go and the tools `go install` puts in GOPATH/bin (staticcheck), whatever the caller's PATH.
 export PATH := /usr/local/go/bin:$(shell PATH=/usr/local/go/bin:$$PATH go env GOPATH 2>/dev/null)/bin:$(PATH)
 
-.PHONY: all build deps lint unit e2e fuzz test demo bench bench-smoke bench-seal bench-engine bench-fuse bench-rbd clean
+.PHONY: all build man deps lint unit e2e fuzz test demo bench bench-smoke bench-seal bench-engine bench-fuse bench-rbd clean
 # The gate's steps run in order (deps before the tests that need them), even under make -j.
 .NOTPARALLEL:
 
 all: build
 
 build:
-	$(GO) build $(TAGFLAGS) -o $(BIN) ./cmd/sealdisk
+	$(GO) build $(TAGFLAGS) -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/sealdisk
+
+# A man page per command (sealdisk.1, sealdisk-serve.1, …) from the commands' help, in MANDIR.
+man: build
+	$(BIN) man $(MANDIR)
 
 # Debian packages and Go tools the tests drive; installs only what is missing.
 deps:
@@ -90,4 +98,4 @@ bench-rbd:
 	scripts/bench-rbd.sh
 
 clean:
-	rm -rf bin demo
+	rm -rf bin demo man

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/go-viper/mapstructure/v2"
@@ -76,7 +77,8 @@ type NBDConfig struct {
 	InsecureTCP bool     `mapstructure:"insecure_tcp"`  // allow TCP without TLS
 }
 
-// VMConfig is one VM whose disk is attached at start.
+// VMConfig is one VM whose disks are attached at start. A VM has either image (with export
+// and read_only: one disk, the quick-start form) or disks[] (several), and optionally nvram.
 type VMConfig struct {
 	Name     string `mapstructure:"name"`
 	Image    string `mapstructure:"image"`
@@ -84,7 +86,73 @@ type VMConfig struct {
 	ASID     int    `mapstructure:"asid"` // 0 = allocate
 	ReadOnly bool   `mapstructure:"read_only"`
 	Export   string `mapstructure:"export"`   // NBD export name; default the VM name
-	Identity string `mapstructure:"identity"` // TLS client identity allowed to open the export
+	Identity string `mapstructure:"identity"` // TLS client identity allowed to open the exports
+	// Disks are the VM's disks, each its own key slot under the VM's ASID (instead of image).
+	Disks []DiskConfig `mapstructure:"disks"`
+	// NVRAM is a sealed image served as the FUSE file NVRAMFile (default NAME.nvram) and not
+	// over NBD: the UEFI variable store (libvirt's <nvram>, QEMU's pflash unit 1).
+	NVRAM     string `mapstructure:"nvram"`
+	NVRAMFile string `mapstructure:"nvram_file"`
+}
+
+// DiskConfig is one disk of a VM (vms[].disks[]).
+type DiskConfig struct {
+	Image    string `mapstructure:"image" json:"image"`
+	Export   string `mapstructure:"export" json:"export,omitempty"` // default: VM name (first disk), NAME-N
+	ReadOnly bool   `mapstructure:"read_only" json:"read_only,omitempty"`
+	File     string `mapstructure:"file" json:"file,omitempty"` // FUSE file name; default EXPORT.raw
+	// NVRAM marks the VM's variable store (from vms[].nvram): a FUSE file only, no export.
+	NVRAM bool `mapstructure:"-" json:"-"`
+}
+
+// MaxDisks bounds a VM's disks, its NVRAM included (psp.MaxDisks key slots per ASID).
+const MaxDisks = 16
+
+// AllDisks is the VM's disks with defaults filled in: disks[] (or the one disk image names),
+// then the NVRAM if any. The first disk's export is ExportName; disk N's is NAME-N. A disk's
+// FUSE file is EXPORT.raw; the NVRAM's is NAME.nvram.
+func (vm VMConfig) AllDisks() []DiskConfig {
+	var out []DiskConfig
+	if len(vm.Disks) == 0 {
+		if vm.Image != "" || vm.NVRAM == "" {
+			out = append(out, DiskConfig{Image: vm.Image, Export: vm.ExportName(), ReadOnly: vm.ReadOnly})
+		}
+	} else {
+		out = append(out, vm.Disks...)
+	}
+	for i := range out {
+		if out[i].Export == "" {
+			out[i].Export = vm.Name
+			if i > 0 {
+				out[i].Export = fmt.Sprintf("%s-%d", vm.Name, i)
+			}
+		}
+		if out[i].File == "" {
+			out[i].File = out[i].Export + ".raw"
+		}
+	}
+	if vm.NVRAM != "" {
+		f := vm.NVRAMFile
+		if f == "" {
+			f = vm.Name + ".nvram"
+		}
+		out = append(out, DiskConfig{Image: vm.NVRAM, File: f, NVRAM: true})
+	}
+	return out
+}
+
+// diskKey is the config key of field f of vm.AllDisks()[i].
+func (vm VMConfig) diskKey(prefix string, i int, f string) string {
+	switch {
+	case i < len(vm.Disks):
+		return fmt.Sprintf("%sdisks[%d].%s", prefix, i, f)
+	case i == len(vm.AllDisks())-1 && vm.NVRAM != "":
+		if f == "file" {
+			return prefix + "nvram_file"
+		}
+		return prefix + "nvram"
+	}
+	return prefix + f
 }
 
 // LogConfig controls structured logging.
@@ -314,26 +382,35 @@ func (c AdminConfig) check() []error {
 	return errs
 }
 
-// checkVMs validates vms[]: each VM, and names, exports and ASIDs across them.
+// checkVMs validates vms[]: each VM, and names, ASIDs, and the exports and FUSE files of
+// every disk, across them.
 func (c *Config) checkVMs() []error {
 	var errs []error
-	names, exports, asids := map[string]bool{}, map[string]bool{}, map[int]bool{}
+	names, asids := map[string]bool{}, map[int]bool{}
+	exports, files := map[string]string{}, map[string]string{} // name -> key that took it
 	for i, vm := range c.VMs {
-		key := func(f string) string { return fmt.Sprintf("vms[%d].%s", i, f) }
+		prefix := fmt.Sprintf("vms[%d].", i)
 		if names[vm.Name] {
-			errs = append(errs, &KeyError{key("name"), fmt.Sprintf("duplicate VM name %q", vm.Name)})
+			errs = append(errs, &KeyError{prefix + "name", fmt.Sprintf("duplicate VM name %q", vm.Name)})
 		}
 		names[vm.Name] = true
-		exp := vm.ExportName()
-		if exports[exp] {
-			errs = append(errs, &KeyError{key("export"), fmt.Sprintf("duplicate export name %q", exp)})
-		}
-		exports[exp] = true
 		if vm.ASID != 0 && asids[vm.ASID] {
-			errs = append(errs, &KeyError{key("asid"), fmt.Sprintf("duplicate ASID %d", vm.ASID)})
+			errs = append(errs, &KeyError{prefix + "asid", fmt.Sprintf("duplicate ASID %d", vm.ASID)})
 		}
 		asids[vm.ASID] = vm.ASID != 0
-		errs = append(errs, vm.check(fmt.Sprintf("vms[%d].", i), c.PSP.ASIDs)...)
+		errs = append(errs, vm.check(prefix, c.PSP.ASIDs)...)
+		for j, d := range vm.AllDisks() {
+			if !d.NVRAM {
+				if k, dup := exports[d.Export]; dup && !strings.HasPrefix(k, prefix) {
+					errs = append(errs, &KeyError{vm.diskKey(prefix, j, "export"), fmt.Sprintf("duplicate export name %q (also %s)", d.Export, k)})
+				}
+				exports[d.Export] = vm.diskKey(prefix, j, "export")
+			}
+			if k, dup := files[d.File]; dup && !strings.HasPrefix(k, prefix) {
+				errs = append(errs, &KeyError{vm.diskKey(prefix, j, "file"), fmt.Sprintf("duplicate FUSE file name %q (also %s)", d.File, k)})
+			}
+			files[d.File] = vm.diskKey(prefix, j, "file")
+		}
 	}
 	return errs
 }
@@ -352,20 +429,68 @@ func (vm VMConfig) check(prefix string, maxASID int) []error {
 	if vm.ASID < 0 || vm.ASID > maxASID {
 		errs = append(errs, &KeyError{prefix + "asid", fmt.Sprintf("%d is outside 0..%d (0 = allocate)", vm.ASID, maxASID)})
 	}
-	for _, f := range []struct{ key, path string }{{"image", vm.Image}, {"firmware", vm.Firmware}} {
-		if f.key == "image" && strings.HasPrefix(f.path, "rbd:") {
-			if _, err := rbd.ParseLocation(f.path); err != nil {
-				errs = append(errs, &KeyError{prefix + f.key, err.Error()})
+	errs = append(errs, checkFile(prefix+"firmware", vm.Firmware)...)
+	if len(vm.Disks) > 0 {
+		for f, set := range map[string]bool{"image": vm.Image != "", "export": vm.Export != "", "read_only": vm.ReadOnly} {
+			if set {
+				errs = append(errs, &KeyError{prefix + f, "give the disks' settings in disks[], not both"})
 			}
-			continue // the cluster is asked at attach, not at load
-		}
-		if f.path == "" {
-			errs = append(errs, &KeyError{prefix + f.key, "is required"})
-		} else if fi, err := os.Stat(f.path); err != nil || fi.IsDir() {
-			errs = append(errs, &KeyError{prefix + f.key, fmt.Sprintf("%s is not a readable file", f.path)})
 		}
 	}
+	disks := vm.AllDisks()
+	if len(disks) > MaxDisks {
+		errs = append(errs, &KeyError{prefix + "disks", fmt.Sprintf("%d disks (nvram included): at most %d", len(disks), MaxDisks)})
+	}
+	exports, files, inodes := map[string]int{}, map[string]int{}, map[string]int{}
+	for i, d := range disks {
+		key := func(f string) string { return vm.diskKey(prefix, i, f) }
+		if strings.HasPrefix(d.Image, "rbd:") {
+			if _, err := rbd.ParseLocation(d.Image); err != nil {
+				errs = append(errs, &KeyError{key("image"), err.Error()})
+			}
+			// the cluster is asked at attach, not at load
+		} else if e := checkFile(key("image"), d.Image); e != nil {
+			errs = append(errs, e...)
+		} else if fi, err := os.Stat(d.Image); err == nil {
+			id := fileID(fi)
+			if j, dup := inodes[id]; dup {
+				errs = append(errs, &KeyError{key("image"), fmt.Sprintf("%s is the same file as %s (%s): a VM's disks are different images", d.Image, disks[j].Image, vm.diskKey(prefix, j, "image"))})
+			}
+			inodes[id] = i
+		}
+		if !d.NVRAM {
+			if j, dup := exports[d.Export]; dup {
+				errs = append(errs, &KeyError{key("export"), fmt.Sprintf("duplicate export name %q (also %s)", d.Export, vm.diskKey(prefix, j, "export"))})
+			}
+			exports[d.Export] = i
+		}
+		if d.File == "" || strings.ContainsAny(d.File, "/\x00") || d.File == "." || d.File == ".." {
+			errs = append(errs, &KeyError{key("file"), fmt.Sprintf("%q cannot be a file name", d.File)})
+		} else if j, dup := files[d.File]; dup {
+			errs = append(errs, &KeyError{key("file"), fmt.Sprintf("duplicate FUSE file name %q (also %s)", d.File, vm.diskKey(prefix, j, "file"))})
+		}
+		files[d.File] = i
+	}
 	return errs
+}
+
+// checkFile: path is required and a readable file.
+func checkFile(key, path string) []error {
+	if path == "" {
+		return []error{&KeyError{key, "is required"}}
+	}
+	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
+		return []error{&KeyError{key, fmt.Sprintf("%s is not a readable file", path)}}
+	}
+	return nil
+}
+
+// fileID is a file's (device, inode), so two paths to one file compare equal.
+func fileID(fi os.FileInfo) string {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return fmt.Sprintf("%d:%d", st.Dev, st.Ino)
+	}
+	return fi.Name()
 }
 
 // ExportName is the NBD export name of a VM.

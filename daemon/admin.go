@@ -60,6 +60,21 @@ type VMStatus struct {
 	// MappedBytes is how much of the image file reads copy from a mapping; 0: all use pread
 	// (OPERATOR.md, "Memory").
 	MappedBytes int64 `json:"mapped_bytes"`
+	// Disks lists every disk of the VM (the fields above are its first disk's).
+	Disks []DiskStatus `json:"disks"`
+}
+
+// DiskStatus is one disk of an attached VM.
+type DiskStatus struct {
+	Index       int    `json:"index"`
+	Image       string `json:"image"`
+	Export      string `json:"export,omitempty"` // "" for the NVRAM, or without NBD
+	File        string `json:"fuse_file,omitempty"`
+	NVRAM       bool   `json:"nvram,omitempty"`
+	KeySlot     uint32 `json:"key_slot"` // the engine key slot under the VM's ASID
+	Size        int64  `json:"size"`
+	ReadOnly    bool   `json:"read_only"`
+	MappedBytes int64  `json:"mapped_bytes"`
 }
 
 // VMRequest is POST /v1/vms: the same fields as a vms[] entry of the config file.
@@ -71,6 +86,10 @@ type VMRequest struct {
 	ReadOnly bool   `json:"read_only,omitempty"`
 	Export   string `json:"export,omitempty"`
 	Identity string `json:"identity,omitempty"`
+	// Disks, NVRAM, NVRAMFile: as vms[].disks[], nvram, nvram_file (instead of image).
+	Disks     []config.DiskConfig `json:"disks,omitempty"`
+	NVRAM     string              `json:"nvram,omitempty"`
+	NVRAMFile string              `json:"nvram_file,omitempty"`
 }
 
 // AttestRequest is POST /v1/vms/{name}/attest.
@@ -97,19 +116,26 @@ func (d *Daemon) Status() Status {
 		}
 	}
 	for _, a := range d.vms {
+		first := a.Disks[0]
 		v := VMStatus{
-			Name: a.Config.Name, Source: a.Source, Image: a.Config.Image, Export: a.Config.ExportName(),
-			ASID: uint32(a.Launch.ASID), Size: a.Disk.Size(), SectorSize: a.Disk.SectorSize(),
-			ReadOnly: a.Disk.Caps().ReadOnly, Suite: a.Launch.Suite.String(),
+			Name: a.Config.Name, Source: a.Source, Image: first.Config.Image, Export: exportOf(first),
+			ASID: uint32(a.Launch.ASID), Size: first.Dev.Size(), SectorSize: first.Dev.SectorSize(),
+			ReadOnly: first.Dev.Caps().ReadOnly, Suite: a.Launch.Suite.String(),
 			Measurement: a.Launch.MeasureAlg.String() + ":" + hex.EncodeToString(a.Launch.Measurement),
-			Attached:    a.Attached, MappedBytes: a.Disk.Mapped(),
+			Attached:    a.Attached, MappedBytes: first.Dev.Mapped(),
 		}
-		if d.mnt != nil {
-			v.File = d.mnt.Mountpoint() + "/" + a.Config.Name + ".raw"
+		for _, ad := range a.Disks {
+			ds := DiskStatus{Index: ad.Index, Image: ad.Config.Image, Export: exportOf(ad), NVRAM: ad.Config.NVRAM,
+				KeySlot: uint32(ad.Launch.Slot), Size: ad.Dev.Size(), ReadOnly: ad.Dev.Caps().ReadOnly, MappedBytes: ad.Dev.Mapped()}
+			if d.mnt != nil {
+				ds.File = d.mnt.Mountpoint() + "/" + ad.Config.File
+			}
+			if d.srv == nil {
+				ds.Export = ""
+			}
+			v.Disks = append(v.Disks, ds)
 		}
-		if d.srv == nil {
-			v.Export = ""
-		}
+		v.File, v.Export = v.Disks[0].File, v.Disks[0].Export
 		s.VMs = append(s.VMs, v)
 	}
 	slices.SortFunc(s.VMs, func(a, b VMStatus) int { return strings.Compare(a.Name, b.Name) })
@@ -127,7 +153,8 @@ func (d *Daemon) adminHandler() http.Handler {
 			return
 		}
 		vm := config.VMConfig{Name: req.Name, Image: req.Image, Firmware: req.Firmware, ASID: req.ASID,
-			ReadOnly: req.ReadOnly, Export: req.Export, Identity: req.Identity}
+			ReadOnly: req.ReadOnly, Export: req.Export, Identity: req.Identity,
+			Disks: req.Disks, NVRAM: req.NVRAM, NVRAMFile: req.NVRAMFile}
 		if err := d.Attach(vm); err != nil {
 			writeError(w, err)
 			return

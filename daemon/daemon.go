@@ -63,18 +63,44 @@ const (
 	FromAdmin  Source = "admin"
 )
 
-// VM is one attached VM.
+// VM is one attached VM: its disks, each with its own key slot under the VM's ASID, attached
+// and detached together.
 type VM struct {
 	Config   config.VMConfig
 	Source   Source
-	Launch   *psp.Launch
-	Disk     *engine.Disk
+	Launch   *psp.Launch // the first disk's launch: the VM's ASID, measurement, attestation
+	Disks    []*Disk     // config.VMConfig.AllDisks order: disks[] (or image), then nvram
 	Attached time.Time
+}
+
+// Disk is one attached disk of a VM.
+type Disk struct {
+	Config config.DiskConfig // with defaults filled in (AllDisks)
+	Index  int
+	Launch *psp.Launch // Launch.Slot is its engine key slot
+	Dev    *engine.Disk
 	// File is the image file's (dev, inode): the key of Daemon.images.
 	File string // the image store's Identity
 	// provider is the key that signed the image's certificate (PKIX DER), so a reload can
 	// say which attached VMs' providers are no longer trusted.
 	provider []byte
+}
+
+// name is how errors and logs call disk i of vm: "disk 1 (/var/lib/sealdisk/data.img)".
+func diskName(i int, dc config.DiskConfig) string {
+	if dc.NVRAM {
+		return fmt.Sprintf("nvram (%s)", dc.Image)
+	}
+	return fmt.Sprintf("disk %d (%s)", i, dc.Image)
+}
+
+// owner is one attached disk holding an image file (Daemon.images).
+type owner struct {
+	vm       string
+	disk     int
+	multi    bool // the VM has more than one disk: name the disk in refusals
+	readOnly bool
+	image    string
 }
 
 // Daemon is a running sealdisk service. Its methods are safe for concurrent use.
@@ -99,7 +125,7 @@ type Daemon struct {
 	// was configured with: one VM read-write, or any number read-only. The file lock
 	// (store.File.Lock) enforces the same rule against other processes; this map is what
 	// lets a refusal inside the daemon name the VM that holds the image.
-	images map[string][]string
+	images map[string][]owner
 
 	wg       sync.WaitGroup // listener goroutines (NBD, admin, metrics)
 	errc     chan error     // a listener that failed for good
@@ -126,7 +152,7 @@ func New(opts Options) (_ *Daemon, err error) {
 	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
 	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
 	d := &Daemon{
-		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[string][]string{}, started: time.Now(),
+		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[string][]owner{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
 	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
@@ -165,7 +191,7 @@ func New(opts Options) (_ *Daemon, err error) {
 	}
 	for _, vm := range cfg.VMs {
 		if err := d.attach(vm, FromConfig); err != nil {
-			log.Error("VM not attached", "vm", vm.Name, "image", vm.Image, "reason", err)
+			log.Error("VM not attached", "vm", vm.Name, "reason", err)
 		}
 	}
 	if len(d.vms) == 0 && len(cfg.VMs) > 0 {
@@ -244,7 +270,9 @@ func (d *Daemon) Attach(vm config.VMConfig) error {
 	return d.attach(vm, FromAdmin)
 }
 
-// attach does the work of Attach; the caller holds mu (or is New, before any caller).
+// attach does the work of Attach; the caller holds mu (or is New, before any caller). The
+// VM's disks attach in order, disk 0 first (it allocates the VM's ASID); a disk that fails
+// detaches the ones before it, and the error names the disk.
 func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 	defer func() {
 		if err != nil {
@@ -254,106 +282,182 @@ func (d *Daemon) attach(vm config.VMConfig, src Source) (err error) {
 			delete(d.failures, vm.Name)
 		}
 	}()
+	disks := vm.AllDisks()
 	for _, o := range d.vms {
-		switch {
-		case o.Config.Name == vm.Name:
+		if o.Config.Name == vm.Name {
 			return fmt.Errorf("failed to attach VM %q: %w: a VM of that name is attached", vm.Name, ErrConflict)
-		case o.Config.ExportName() == vm.ExportName():
-			return fmt.Errorf("failed to attach VM %q: %w: export %q is VM %q's", vm.Name, ErrConflict, vm.ExportName(), o.Config.Name)
-		case vm.ASID != 0 && o.Launch.ASID == psp.ASID(vm.ASID):
+		}
+		if vm.ASID != 0 && o.Launch.ASID == psp.ASID(vm.ASID) {
 			return fmt.Errorf("failed to attach VM %q: %w: ASID %d is VM %q's", vm.Name, ErrConflict, vm.ASID, o.Config.Name)
 		}
-	}
-	st, err := locate.Open(vm.Image, vm.ReadOnly, d.cfg.Ceph.RBD())
-	if err != nil {
-		return err
-	}
-	img, err := image.OpenStore(st)
-	if err != nil {
-		return err
-	}
-	file, err := d.claimImage(vm, img.Store)
-	if err != nil {
-		img.Close()
-		return err
-	}
-	l, err := d.psp.Launch(psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID)})
-	if err != nil {
-		img.Close()
-		return err
-	}
-	disk, err := d.eng.Attach(l.ASID, img.Store, vm.ReadOnly)
-	if err != nil {
-		d.psp.Detach(l.ASID)
-		img.Close()
-		return err
-	}
-	a := &VM{Config: vm, Source: src, Launch: l, Disk: disk, Attached: time.Now(), File: file, provider: img.Cert.ProviderKey}
-	if d.srv != nil {
-		err = d.srv.AddExport(nbd.Export{Name: vm.ExportName(), Description: "sealdisk VM " + vm.Name, Device: disk, AllowedIdentity: vm.Identity})
-		if err != nil {
-			return errors.Join(err, d.psp.Detach(l.ASID))
+		for _, od := range o.Disks {
+			for _, nd := range disks {
+				switch {
+				case !nd.NVRAM && !od.Config.NVRAM && nd.Export == od.Config.Export:
+					return fmt.Errorf("failed to attach VM %q: %w: export %q is VM %q's", vm.Name, ErrConflict, nd.Export, o.Config.Name)
+				case nd.File == od.Config.File && d.mnt != nil:
+					return fmt.Errorf("failed to attach VM %q: %w: FUSE file %q is VM %q's", vm.Name, ErrConflict, nd.File, o.Config.Name)
+				}
+			}
 		}
 	}
-	if d.mnt != nil {
-		if err = d.mnt.Add(vm.Name, disk); err != nil {
-			if d.srv != nil {
-				err = errors.Join(err, d.srv.RemoveExport(context.Background(), vm.ExportName()))
+	a := &VM{Config: vm, Source: src, Attached: time.Now()}
+	for i, dc := range disks {
+		ad, err := d.attachDisk(a, i, dc, len(disks) > 1)
+		if err != nil {
+			undo := d.detachDisks(context.Background(), a)
+			if len(disks) > 1 {
+				err = fmt.Errorf("failed to attach VM %q: %s: %w", vm.Name, diskName(i, dc), err)
+				if len(a.Disks) > 0 {
+					d.log.Warn("VM not attached: the disks before the one that failed were detached again", "vm", vm.Name, "failed", diskName(i, dc), "detached", len(a.Disks))
+				}
 			}
-			return errors.Join(err, d.psp.Detach(l.ASID))
+			return errors.Join(err, undo)
+		}
+		a.Disks = append(a.Disks, ad)
+		if i == 0 {
+			a.Launch = ad.Launch
 		}
 	}
 	d.vms[vm.Name] = a
-	d.images[file] = append(d.images[file], vm.Name)
-	d.log.Info("VM attached", "vm", vm.Name, "source", src, "asid", l.ASID, "export", vm.ExportName(),
-		"size", disk.Size(), "read_only", disk.Caps().ReadOnly)
+	for _, ad := range a.Disks {
+		d.log.Info("VM disk attached", "vm", vm.Name, "source", src, "asid", ad.Launch.ASID, "disk", ad.Index,
+			"export", exportOf(ad), "file", ad.Config.File, "size", ad.Dev.Size(), "read_only", ad.Dev.Caps().ReadOnly)
+	}
 	return nil
 }
 
-// claimImage locks the image file f for vm: exclusive for a read-write VM, shared for a
-// read-only one. An image another attached VM holds in a way that excludes vm's (either of
-// them writes) is refused naming that VM; one held by another process is refused by the
-// lock. It returns the file's identity for d.images; the lock goes when the engine closes f
-// at detach. The caller holds mu.
-func (d *Daemon) claimImage(vm config.VMConfig, f store.Image) (string, error) {
+// exportOf is the NBD export name of a disk, "" for an NVRAM (FUSE only).
+func exportOf(ad *Disk) string {
+	if ad.Config.NVRAM {
+		return ""
+	}
+	return ad.Config.Export
+}
+
+// attachDisk opens, locks, launches and serves disk i of a (a.Launch is disk 0's once it is
+// attached). On an error nothing of this disk is left: the caller detaches a.Disks.
+func (d *Daemon) attachDisk(a *VM, i int, dc config.DiskConfig, multi bool) (*Disk, error) {
+	vm := a.Config
+	st, err := locate.Open(dc.Image, dc.ReadOnly, d.cfg.Ceph.RBD())
+	if err != nil {
+		return nil, err
+	}
+	img, err := image.OpenStore(st)
+	if err != nil {
+		return nil, err
+	}
+	file, err := d.claimImage(vm.Name, i, dc, multi, img.Store)
+	if err != nil {
+		img.Close()
+		return nil, err
+	}
+	req := psp.LaunchRequest{VM: vm.Name, Cert: img.Cert, Header: img.Header, FirmwarePath: vm.Firmware, ASID: psp.ASID(vm.ASID), Disk: i}
+	if i > 0 {
+		req.ASID = a.Launch.ASID
+	}
+	l, err := d.psp.Launch(req)
+	if err != nil {
+		d.release(vm.Name, i, file)
+		img.Close()
+		return nil, err
+	}
+	dev, err := d.eng.Attach(l.Slot, img.Store, dc.ReadOnly)
+	if err != nil {
+		d.release(vm.Name, i, file)
+		img.Close()
+		return nil, errors.Join(err, d.psp.Detach(l.Slot))
+	}
+	ad := &Disk{Config: dc, Index: i, Launch: l, Dev: dev, File: file, provider: img.Cert.ProviderKey}
+	if d.srv != nil && !dc.NVRAM {
+		err = d.srv.AddExport(nbd.Export{Name: dc.Export, Description: fmt.Sprintf("sealdisk VM %s disk %d", vm.Name, i), Device: dev, AllowedIdentity: vm.Identity})
+		if err != nil {
+			d.release(vm.Name, i, file)
+			return nil, errors.Join(err, d.psp.Detach(l.Slot))
+		}
+	}
+	if d.mnt != nil {
+		if err = d.mnt.AddFile(dc.File, dev); err != nil {
+			if d.srv != nil && !dc.NVRAM {
+				err = errors.Join(err, d.srv.RemoveExport(context.Background(), dc.Export))
+			}
+			d.release(vm.Name, i, file)
+			return nil, errors.Join(err, d.psp.Detach(l.Slot))
+		}
+	}
+	return ad, nil
+}
+
+// claimImage locks the image file f for disk i of VM vm: exclusive for a read-write disk,
+// shared for a read-only one. An image another attached disk (of any VM, this one included)
+// holds in a way that excludes this one's (either of them writes) is refused naming that VM;
+// one held by another process is refused by the lock. It records the claim in d.images and
+// returns the file's identity; the lock goes when the engine closes f at detach. The caller
+// holds mu.
+func (d *Daemon) claimImage(vm string, i int, dc config.DiskConfig, multi bool, f store.Image) (string, error) {
 	id, err := f.Identity()
 	if err != nil {
-		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm, err)
 	}
-	for _, name := range d.images[id] {
-		held := d.vms[name]
-		if held == nil {
-			panic(fmt.Sprintf("BUG: daemon: image %v lists VM %q, which is not attached", id, name))
-		}
-		o := held.Config
-		if vm.ReadOnly && o.ReadOnly {
+	for _, o := range d.images[id] {
+		if dc.ReadOnly && o.readOnly {
 			continue
 		}
 		how := "read-write"
-		if o.ReadOnly {
+		if o.readOnly {
 			how = "read-only"
 		}
 		same := ""
-		if o.Image != vm.Image {
-			same = fmt.Sprintf(" as %s, the same file", o.Image)
+		if o.image != dc.Image {
+			same = fmt.Sprintf(" as %s, the same file", o.image)
+		}
+		if o.multi {
+			same += fmt.Sprintf(" (its disk %d)", o.disk)
 		}
 		return id, fmt.Errorf("failed to attach VM %q: image %s: %w: VM %q has it attached %s%s",
-			vm.Name, vm.Image, store.ErrLocked, name, how, same)
+			vm, dc.Image, store.ErrLocked, o.vm, how, same)
 	}
-	if err := f.Lock(!vm.ReadOnly); err != nil {
-		return id, fmt.Errorf("failed to attach VM %q: %w", vm.Name, err)
+	if err := f.Lock(!dc.ReadOnly); err != nil {
+		return id, fmt.Errorf("failed to attach VM %q: %w", vm, err)
 	}
+	d.images[id] = append(d.images[id], owner{vm: vm, disk: i, multi: multi, readOnly: dc.ReadOnly, image: dc.Image})
 	return id, nil
 }
 
-// release forgets that VM name holds its image file (its store is closed, or about to be).
-func (d *Daemon) release(a *VM) {
-	names := slices.DeleteFunc(d.images[a.File], func(n string) bool { return n == a.Config.Name })
-	if len(names) == 0 {
-		delete(d.images, a.File)
+// release forgets that disk i of VM vm holds image file id (its store is closed, or about
+// to be).
+func (d *Daemon) release(vm string, i int, id string) {
+	owners := slices.DeleteFunc(d.images[id], func(o owner) bool { return o.vm == vm && o.disk == i })
+	if len(owners) == 0 {
+		delete(d.images, id)
 	} else {
-		d.images[a.File] = names
+		d.images[id] = owners
 	}
+}
+
+// detachDisks stops serving a's disks, the last first (disk 0 holds the ASID the others' key
+// slots are under), and forgets them; it returns every error on the way.
+func (d *Daemon) detachDisks(ctx context.Context, a *VM) error {
+	var errs []error
+	for j := len(a.Disks) - 1; j >= 0; j-- {
+		ad := a.Disks[j]
+		if d.mnt != nil {
+			if err := d.mnt.RemoveFile(ad.Config.File); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if d.srv != nil && !ad.Config.NVRAM {
+			if err := d.srv.RemoveExport(ctx, ad.Config.Export); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if err := d.psp.Detach(ad.Launch.Slot); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", diskName(ad.Index, ad.Config), err))
+		}
+		d.release(a.Config.Name, ad.Index, ad.File)
+	}
+	a.Disks = nil
+	return errors.Join(errs...)
 }
 
 // Detach stops serving the VM: its FUSE file disappears (open handles then fail), its NBD
@@ -374,27 +478,14 @@ func (d *Daemon) detach(ctx context.Context, name string) error {
 	if a == nil {
 		return fmt.Errorf("failed to detach %q: %w", name, ErrUnknownVM)
 	}
-	var errs []error
-	if d.mnt != nil {
-		if err := d.mnt.Remove(name); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if d.srv != nil {
-		if err := d.srv.RemoveExport(ctx, a.Config.ExportName()); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := d.psp.Detach(a.Launch.ASID); err != nil {
-		errs = append(errs, err)
-	}
+	asid := a.Launch.ASID
+	err := d.detachDisks(ctx, a)
 	delete(d.vms, name)
-	d.release(a)
-	if err := errors.Join(errs...); err != nil {
+	if err != nil {
 		d.log.Error("VM detached with errors", "vm", name, "error", err)
 		return fmt.Errorf("failed to detach %q cleanly: %w", name, err)
 	}
-	d.log.Info("VM detached", "vm", name, "asid", a.Launch.ASID)
+	d.log.Info("VM detached", "vm", name, "asid", asid)
 	return nil
 }
 
@@ -406,7 +497,7 @@ func (d *Daemon) leaseEnded(a psp.ASID, vm string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v := d.vms[vm]
-	if d.closed || v == nil || v.Launch.ASID != a {
+	if d.closed || v == nil || !slices.ContainsFunc(v.Disks, func(ad *Disk) bool { return ad.Launch.Slot == a }) {
 		return
 	}
 	d.log.Warn("VM detached: its remote key's lease ended without renewal", "vm", vm, "asid", a)
@@ -480,7 +571,7 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 			continue
 		}
 		if err := d.attach(vm, FromConfig); err != nil {
-			d.log.Error("VM not attached", "vm", vm.Name, "image", vm.Image, "reason", err)
+			d.log.Error("VM not attached", "vm", vm.Name, "reason", err)
 			res.Failed[vm.Name] = err.Error()
 			continue
 		}
@@ -500,7 +591,7 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(d.vms)) {
-		if !d.psp.Trusts(d.vms[name].provider) {
+		if slices.ContainsFunc(d.vms[name].Disks, func(ad *Disk) bool { return !d.psp.Trusts(ad.provider) }) {
 			res.Untrusted = append(res.Untrusted, name)
 			d.log.Warn("attached VM's provider is no longer trusted; it keeps running until detached", "vm", name)
 		}
@@ -559,11 +650,14 @@ func (d *Daemon) Close(ctx context.Context) error {
 	slices.Sort(names)
 	for _, name := range names {
 		a := d.vms[name]
-		if err := d.psp.Detach(a.Launch.ASID); err != nil {
-			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
+		for j := len(a.Disks) - 1; j >= 0; j-- {
+			ad := a.Disks[j]
+			if err := d.psp.Detach(ad.Launch.Slot); err != nil {
+				errs = append(errs, fmt.Errorf("detach %s %s: %w", name, diskName(ad.Index, ad.Config), err))
+			}
+			d.release(name, ad.Index, ad.File)
 		}
 		delete(d.vms, name)
-		d.release(a)
 	}
 	d.mu.Unlock()
 	errs = append(errs, d.eng.Close())

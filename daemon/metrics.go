@@ -63,7 +63,7 @@ func newMetrics(d *Daemon) *metrics {
 	reg.MustRegister(&ringCollector{d: d, desc: prometheus.NewDesc("sealdisk_engine_ring_occupancy",
 		"Descriptors waiting in each shard's submission ring.", []string{"shard"}, nil)})
 	reg.MustRegister(&mappedCollector{d: d, desc: prometheus.NewDesc("sealdisk_vm_image_mapped_bytes",
-		"Bytes of the VM's image file that reads copy from a mapping; 0: every read is a pread.", []string{"vm"}, nil)})
+		"Bytes of the VM disk's image file that reads copy from a mapping; 0: every read is a pread.", []string{"vm", "disk"}, nil)})
 	m.nbd = newNBDMetrics(reg)
 	return m
 }
@@ -96,7 +96,9 @@ func (c *mappedCollector) Collect(ch chan<- prometheus.Metric) {
 	c.d.mu.Lock()
 	defer c.d.mu.Unlock()
 	for name, vm := range c.d.vms {
-		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(vm.Disk.Mapped()), name)
+		for _, ad := range vm.Disks {
+			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(ad.Dev.Mapped()), name, diskLabel(ad))
+		}
 	}
 }
 
@@ -167,4 +169,12 @@ func (m *nbdMetrics) Request(export, op string, n int64, d time.Duration, errno 
 		s.bytes.Add(float64(n))
 	}
 	s.latency.Observe(d.Seconds())
+}
+
+// diskLabel is a disk's "disk" label: its index in the VM, or "nvram".
+func diskLabel(ad *Disk) string {
+	if ad.Config.NVRAM {
+		return "nvram"
+	}
+	return strconv.Itoa(ad.Index)
 }

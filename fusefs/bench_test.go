@@ -9,11 +9,11 @@ import (
 	"github.com/sealdisk/sealdisk/engine"
 )
 
-// TestFioMemDevice runs ../shared/bench/fio-file.sh (fio libaio on the file, the four
+// TestFioMemDevice runs scripts/bench/fio-file.sh (fio libaio on the file, the four
 // BENCHMARKS.md workloads) against this filesystem over a 1 GiB MemDevice: the FUSE
 // frontend's own ceiling, without the engine. Opt-in, it measures rather than checks:
 //
-//	FUSE_FIO_BENCH=../shared/bench/fio-file.sh RT=5 go test -run=FioMemDevice -v ./fusefs
+//	FUSE_FIO_BENCH=$PWD/scripts/bench/fio-file.sh RT=5 go test -run=FioMemDevice -v ./fusefs
 func TestFioMemDevice(t *testing.T) {
 	script := os.Getenv("FUSE_FIO_BENCH")
 	if script == "" {

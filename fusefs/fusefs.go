@@ -95,7 +95,11 @@ func Mount(opts Options) (*FS, error) {
 			// Asynchronous direct I/O: an io_submit of many requests (fio libaio, QEMU
 			// aio=native) puts them all in flight instead of waiting for each in turn.
 			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-			Debug:             opts.Debug,
+			// mount(2) first, where the process may (root, or CAP_SYS_ADMIN as the systemd
+			// unit gives its user: packaging/sealdisk.service), so no setuid helper is needed
+			// under NoNewPrivileges; otherwise fusermount3 as before.
+			DirectMount: true,
+			Debug:       opts.Debug,
 		},
 		EntryTimeout: &timeout,
 		AttrTimeout:  &timeout,
@@ -132,11 +136,17 @@ func (f *FS) Mountpoint() string { return f.opts.Mountpoint }
 
 // Add makes dev appear as NAME.raw. Read-only devices give a read-only file.
 func (f *FS) Add(name string, dev engine.BlockDevice) error {
-	return f.root.add(name, dev)
+	return f.root.add(name+Suffix, dev)
 }
 
+// AddFile makes dev appear as file (a full name: a VM's second disk, its NVRAM).
+func (f *FS) AddFile(file string, dev engine.BlockDevice) error { return f.root.add(file, dev) }
+
 // Remove makes NAME.raw disappear (open handles then fail with ENODEV).
-func (f *FS) Remove(name string) error { return f.root.remove(name) }
+func (f *FS) Remove(name string) error { return f.root.remove(name + Suffix) }
+
+// RemoveFile makes file, added with AddFile, disappear.
+func (f *FS) RemoveFile(file string) error { return f.root.remove(file) }
 
 // Unmount unmounts; open files make it fail with ErrBusy rather than hang.
 func (f *FS) Unmount() error {
@@ -185,8 +195,8 @@ func (r *rootNode) add(name string, dev engine.BlockDevice) error {
 	}
 	d := &diskNode{dev: dev, mode: mode, uid: r.fs.opts.UID, gid: r.fs.opts.GID}
 	ch := r.NewPersistentInode(context.Background(), d, fs.StableAttr{Mode: fuse.S_IFREG})
-	if !r.AddChild(name+Suffix, ch, false) {
-		return fmt.Errorf("failed to add %s%s", name, Suffix)
+	if !r.AddChild(name, ch, false) {
+		return fmt.Errorf("failed to add %s", name)
 	}
 	r.disks[name] = d
 	return nil
@@ -201,7 +211,7 @@ func (r *rootNode) remove(name string) error {
 		return fmt.Errorf("disk %q is not attached", name)
 	}
 	d.detach()
-	r.RmChild(name + Suffix)
-	_ = r.NotifyEntry(name + Suffix)
+	r.RmChild(name)
+	_ = r.NotifyEntry(name)
 	return nil
 }

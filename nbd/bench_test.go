@@ -120,11 +120,11 @@ func benchTransmit(b *testing.B, cmd uint16, bs uint32, depth int) {
 	nc.(*net.UnixConn).CloseWrite()
 }
 
-// TestFioMemDevice runs ../shared/bench/fio-nbd.sh (fio --ioengine=nbd, the four BENCHMARKS.md
+// TestFioMemDevice runs scripts/bench/fio-nbd.sh (fio --ioengine=nbd, the four BENCHMARKS.md
 // workloads) against this server over a MemDevice: the NBD server's own ceiling, without
 // the engine. Opt-in, it measures rather than checks:
 //
-//	NBD_FIO_BENCH=../shared/bench/fio-nbd.sh RT=5 go test -run=FioMemDevice -v -cpuprofile=cpu.out ./nbd
+//	NBD_FIO_BENCH=$PWD/scripts/bench/fio-nbd.sh RT=5 go test -run=FioMemDevice -v -cpuprofile=cpu.out ./nbd
 func TestFioMemDevice(t *testing.T) {
 	script := os.Getenv("NBD_FIO_BENCH")
 	if script == "" {

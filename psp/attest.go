@@ -94,7 +94,11 @@ func (p *PSP) AttestLaunch(l *Launch, nonce []byte) ([]byte, error) {
 	if l == nil {
 		return nil, errors.New("failed to attest: no launch")
 	}
-	rec := p.bound(l.ASID)
+	slot := l.Slot // the launch's own key slot: disk N of a VM is not its disk 0
+	if slot == 0 {
+		slot = l.ASID
+	}
+	rec := p.bound(slot)
 	if rec == nil || rec.CertDigest != l.CertDigest || rec.VM != l.VM || !rec.Time.Equal(l.Time) {
 		return nil, fmt.Errorf("failed to attest VM %q: %w: its launch on ASID %d is no longer bound", l.VM, ErrNoKeyBound, l.ASID)
 	}

@@ -42,6 +42,11 @@
 // offline tool was asked to unseal it) and ErrKeyUnseal. Launch then needs a free ASID (ErrASIDExhausted, ErrASIDInUse, ErrASIDRange);
 // Detach and Attest need a bound one (ErrNoKeyBound).
 //
+// A VM with several disks launches each: disk 0 takes the VM's ASID (its key slot is the ASID),
+// disk N in 1..MaxDisks-1 takes key slot KeySlot(ASID, N) under the ASID that disk 0 of the
+// same VM holds (ErrNoKeyBound otherwise, so no VM puts a key under another's ASID). Detach
+// takes a launch's Slot; the ASID itself is refused while a disk slot under it is held.
+//
 // # Attestation reports
 //
 // Attest signs, with the attestation key, a JSON report about a bound launch for a caller's

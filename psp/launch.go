@@ -36,13 +36,36 @@ type LaunchRequest struct {
 	Cert         *format.Certificate
 	Header       *format.Header
 	FirmwarePath string
-	ASID         ASID // 0 = allocate
+	ASID         ASID // 0 = allocate; for Disk > 0 the VM's ASID, which its disk 0 holds
+	// Disk is the disk's index in its VM: 0 allocates the VM's ASID (its key slot is the
+	// ASID's own), N in 1..MaxDisks-1 takes key slot KeySlot(ASID, N) under the ASID that
+	// disk 0 of the same VM holds.
+	Disk int
+}
+
+// MaxDisks bounds the key slots under one ASID: a VM's disks, its NVRAM included.
+const MaxDisks = 16
+
+// diskShift puts a disk's index above every ASID of the pool (at most 65536) in its key
+// slot's number.
+const diskShift = 20
+
+// KeySlot is the engine key slot of disk n of the VM at ASID a: a itself for disk 0, a with n
+// above the pool's bits for the others, so one VM's disks each have their own key under its
+// ASID, and no slot of one VM is another VM's.
+func KeySlot(a ASID, n int) ASID {
+	if n < 0 || n >= MaxDisks || a >= 1<<diskShift {
+		panic(fmt.Sprintf("BUG: psp: no key slot for disk %d of ASID %d", n, a))
+	}
+	return a | ASID(n)<<diskShift
 }
 
 // Launch is an admitted VM disk: what the PSP checked, for attestation.
 type Launch struct {
 	VM          string
-	ASID        ASID
+	ASID        ASID // the VM's
+	Disk        int  // the disk's index in the VM
+	Slot        ASID // the engine key slot: KeySlot(ASID, Disk); Detach takes it
 	Measurement []byte
 	MeasureAlg  format.MeasureAlg
 	FirmwareOK  bool
@@ -81,7 +104,12 @@ func (p *PSP) Launch(req LaunchRequest) (*Launch, error) {
 		SignatureOK: v.Signature == "valid", CertDigest: v.CertDigest, Suite: req.Cert.Suite,
 		UUID: req.Cert.UUID, Time: p.now().UTC(),
 	}
-	asid, err := p.reserve(req.ASID, l)
+	var asid ASID // the key slot
+	if req.Disk == 0 {
+		asid, err = p.reserve(req.ASID, l)
+	} else {
+		asid, err = p.reserveDisk(req.ASID, req.Disk, l)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -152,9 +180,32 @@ func (p *PSP) reserve(want ASID, l Launch) (ASID, error) {
 			return 0, fmt.Errorf("%w: ASID %d is held by VM %q", ErrASIDInUse, want, s.launch.VM)
 		}
 	}
-	l.ASID = want
+	l.ASID, l.Slot = want, want
 	p.slots[want] = &slot{state: slotBinding, launch: l}
 	return want, nil
+}
+
+// reserveDisk allocates disk n's key slot under ASID a, in state slotBinding: a must be bound
+// to the same VM (its disk 0), so no VM puts a key under another VM's ASID.
+func (p *PSP) reserveDisk(a ASID, n int, l Launch) (ASID, error) {
+	if n < 1 || n >= MaxDisks {
+		return 0, fmt.Errorf("%w: disk %d is not in 1..%d", ErrASIDRange, n, MaxDisks-1)
+	}
+	if a == 0 || int64(a) > int64(p.maxASIDs) {
+		return 0, fmt.Errorf("%w: disk %d of VM %q: ASID %d is not in 1..%d", ErrASIDRange, n, l.VM, a, p.maxASIDs)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if base := p.slots[a]; base == nil || base.state != slotBound || base.launch.VM != l.VM {
+		return 0, fmt.Errorf("failed to launch disk %d of VM %q: %w: ASID %d is not bound to that VM's first disk", n, l.VM, ErrNoKeyBound, a)
+	}
+	ks := KeySlot(a, n)
+	if s, busy := p.slots[ks]; busy {
+		return 0, fmt.Errorf("%w: disk %d of ASID %d is held by VM %q", ErrASIDInUse, n, a, s.launch.VM)
+	}
+	l.ASID, l.Disk, l.Slot = a, n, ks
+	p.slots[ks] = &slot{state: slotBinding, launch: l}
+	return ks, nil
 }
 
 // reserved returns a copy of the launch record of an ASID in slotBinding.
@@ -170,10 +221,20 @@ func (p *PSP) release(a ASID) {
 	p.mu.Unlock()
 }
 
-// Detach clears the engine key slot and frees the ASID. An ASID whose launch has not finished
-// binding, or which another Detach is clearing, is not bound yet/any more: ErrNoKeyBound.
+// Detach clears the engine key slot a (a Launch's Slot) and frees it; a VM's ASID is freed
+// with its disk 0's slot, which is refused while another disk of the VM holds a slot under
+// it. A slot whose launch has not finished binding, or which another Detach is clearing, is
+// not bound yet/any more: ErrNoKeyBound.
 func (p *PSP) Detach(a ASID) error {
 	p.mu.Lock()
+	if a < 1<<diskShift {
+		for n := 1; n < MaxDisks; n++ {
+			if o, held := p.slots[KeySlot(a, n)]; held {
+				p.mu.Unlock()
+				return fmt.Errorf("failed to detach ASID %d: disk %d of VM %q still has a key slot under it; detach it first", a, n, o.launch.VM)
+			}
+		}
+	}
 	s, ok := p.slots[a]
 	if ok && s.state == slotExpired {
 		// The lease's end already cleared the engine slot and forgot the ASID's key.

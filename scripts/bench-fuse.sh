@@ -1,7 +1,7 @@
 #!/bin/bash
 # FUSE-file throughput of sealdisk serve against qemu-storage-daemon's FUSE export of a LUKS
-# image and a 1 GiB file inside gocryptfs, same run, with the shared fio script
-# (../shared/bench/fio-file.sh: libaio, direct=0; see ../shared/ANCHORS.md). Everything lives
+# image and a 1 GiB file inside gocryptfs, same run, with the fio script
+# scripts/bench/fio-file.sh (libaio, direct=0, as the reference runs; BENCHMARKS.md). Everything lives
 # on tmpfs; the sealdisk image is sealed from random data so every read decrypts. All three
 # stay mounted for the whole run and are measured alternately (ROUNDS times), so a change in
 # machine load hits each alike; compare ratios within one run. The run holds
@@ -14,7 +14,7 @@ if [ -z "${SEALDISK_BENCH_LOCKED:-}" ]; then
 fi
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
-FIO=${FIO_FILE:-$(cd .. && pwd)/shared/bench/fio-file.sh}
+FIO=${FIO_FILE:-$PWD/scripts/bench/fio-file.sh}
 ROUNDS=${ROUNDS:-2}
 S=$PWD/bin/sealdisk
 go build -o "$S" ./cmd/sealdisk

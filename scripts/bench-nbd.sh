@@ -1,6 +1,6 @@
 #!/bin/bash
-# NBD throughput of sealdisk serve against nbdkit's luks filter, same run, with the shared fio
-# script (../shared/bench/fio-nbd.sh; see ../shared/ANCHORS.md). 1 GiB images on tmpfs; the
+# NBD throughput of sealdisk serve against nbdkit's luks filter, same run, with the fio script
+# scripts/bench/fio-nbd.sh (the reference runs' script; BENCHMARKS.md). 1 GiB images on tmpfs; the
 # sealdisk image is sealed from random data so every read decrypts. Both servers run for the
 # whole run and are measured alternately (ROUNDS times), so a change in machine load hits
 # both sides alike; compare ratios within one run.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
-FIO=${FIO_NBD:-$(cd .. && pwd)/shared/bench/fio-nbd.sh}
+FIO=${FIO_NBD:-$PWD/scripts/bench/fio-nbd.sh}
 ROUNDS=${ROUNDS:-1}
 S=$PWD/bin/sealdisk
 go build -o "$S" ./cmd/sealdisk

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Seal/unseal throughput of a 1 GiB page-cached random image, side by side in one run with
-# qemu-img converting the same raw image into and out of LUKS (aes-256-xts, as ANCHORS.md).
+# qemu-img converting the same raw image into and out of LUKS (aes-256-xts, as the reference runs in BENCHMARKS.md).
 # usage: scripts/bench-seal.sh [SIZE_MIB]   (prints a Markdown table)
 set -euo pipefail
 cd "$(dirname "$0")/.."; REPO=$PWD

@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sealdisk/sealdisk/config"
 	"github.com/sealdisk/sealdisk/daemon"
 )
 
@@ -167,16 +168,33 @@ func adminAttachCmd() *cobra.Command {
 			r.ReadOnly, _ = f.GetBool("read-only")
 			r.Export, _ = f.GetString("export")
 			r.Identity, _ = f.GetString("identity")
+			r.NVRAM, _ = f.GetString("nvram")
+			r.NVRAMFile, _ = f.GetString("nvram-file")
+			specs, _ := f.GetStringArray("disk")
+			for _, spec := range specs {
+				dc, err := parseDiskSpec(spec)
+				if err != nil {
+					return err
+				}
+				r.Disks = append(r.Disks, dc)
+			}
 			// The server opens the files: send absolute paths so they mean what the caller meant.
-			for _, p := range []*string{&r.Image, &r.Firmware} {
+			paths := []*string{&r.Image, &r.Firmware, &r.NVRAM}
+			for i := range r.Disks {
+				paths = append(paths, &r.Disks[i].Image)
+			}
+			for _, p := range paths {
 				if *p != "" {
 					if *p, err = filepath.Abs(*p); err != nil {
 						return err
 					}
 				}
 			}
-			if r.Name == "" && r.Image != "" {
-				r.Name = strings.TrimSuffix(filepath.Base(r.Image), ".img")
+			if first := r.Image; r.Name == "" && (first != "" || len(r.Disks) > 0) {
+				if first == "" {
+					first = r.Disks[0].Image
+				}
+				r.Name = strings.TrimSuffix(filepath.Base(first), ".img")
 			}
 			var v daemon.VMStatus
 			if _, err := c.call("POST", "/v1/vms", r, &v); err != nil {
@@ -188,6 +206,15 @@ func adminAttachCmd() *cobra.Command {
 			}
 			if v.File != "" {
 				fmt.Fprintf(cmd.OutOrStdout(), ", file %s", v.File)
+			}
+			for _, ds := range v.Disks[1:] {
+				fmt.Fprintf(cmd.OutOrStdout(), "; disk %d: %d bytes", ds.Index, ds.Size)
+				if ds.Export != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), ", NBD export %q", ds.Export)
+				}
+				if ds.File != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), ", file %s", ds.File)
+				}
 			}
 			fmt.Fprintln(cmd.OutOrStdout())
 			return nil
@@ -201,7 +228,33 @@ func adminAttachCmd() *cobra.Command {
 	f.Bool("read-only", false, "attach read-only")
 	f.String("export", "", "NBD export name (default: the VM name)")
 	f.String("identity", "", "TLS client identity allowed to open the export")
+	f.StringArray("disk", nil, "a disk, instead of --image; repeat for several, in order: IMAGE[,export=NAME][,file=NAME][,read_only]")
+	f.String("nvram", "", "sealed UEFI variable store, served as the FUSE file NAME.nvram")
+	f.String("nvram-file", "", "FUSE file name of the NVRAM (default NAME.nvram)")
 	return cmd
+}
+
+// parseDiskSpec reads --disk IMAGE[,export=NAME][,file=NAME][,read_only].
+func parseDiskSpec(spec string) (config.DiskConfig, error) {
+	parts := strings.Split(spec, ",")
+	dc := config.DiskConfig{Image: parts[0]}
+	for _, p := range parts[1:] {
+		k, v, _ := strings.Cut(p, "=")
+		switch k {
+		case "export":
+			dc.Export = v
+		case "file":
+			dc.File = v
+		case "read_only", "ro":
+			dc.ReadOnly = true
+		default:
+			return dc, fmt.Errorf("--disk %q: unknown setting %q (export=NAME, file=NAME, read_only)", spec, p)
+		}
+	}
+	if dc.Image == "" {
+		return dc, fmt.Errorf("--disk %q: the image comes first", spec)
+	}
+	return dc, nil
 }
 
 func adminDetachCmd() *cobra.Command {

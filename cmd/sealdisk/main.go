@@ -72,7 +72,7 @@ This one binary holds:
 	root.PersistentFlags().String("ceph-id", "", "cephx user for rbd: images, without \"client.\" (config ceph.id)")
 	root.PersistentFlags().String("ceph-keyring", "", "keyring file of that user (config ceph.keyring); never the key itself")
 	root.AddCommand(vendorCmd(), pspCmd(), providerCmd(), measureCmd(), createCmd(), sealCmd(),
-		unsealCmd(), inspectCmd(), resealCmd(), scrubCmd(), upgradeCmd(), stateCmd(), attestCmd(), serveCmd(), adminCmd(), attachCmd(), brokerCmd(), versionCmd())
+		unsealCmd(), inspectCmd(), resealCmd(), scrubCmd(), upgradeCmd(), stateCmd(), attestCmd(), serveCmd(), adminCmd(), attachCmd(), brokerCmd(), versionCmd(), manCmd())
 	return root
 }
 

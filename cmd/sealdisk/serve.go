@@ -25,8 +25,10 @@ func serveCmd() *cobra.Command {
 		Long: `Runs the PSP flow for every configured VM — firmware measured and checked, certificate
 verified and opened, key bound to the VM's ASID in the engine — and serves each attached disk
 as an NBD export (Unix socket by default; TCP only with TLS unless nbd.insecure_tcp) and, when
-fuse.mountpoint is set, as MOUNTPOINT/NAME.raw. A VM whose checks fail is not attached (the
-reason is logged) and the others still serve. SIGTERM/SIGINT: stop accepting, finish in-flight
+fuse.mountpoint is set, as MOUNTPOINT/NAME.raw. A VM with vms[].disks[] has one export and
+file per disk, each disk its own key slot under the VM's ASID, attached and detached together;
+vms[].nvram is its UEFI variable store, the FUSE file NAME.nvram. A VM whose checks fail is not
+attached (the reason is logged) and the others still serve. SIGTERM/SIGINT: stop accepting, finish in-flight
 requests, flush, unmount, zeroise keys, exit 0. SIGHUP re-reads the config and the PSP's trust
 store (psp trust add/remove): VMs no longer listed are detached, new ones attached (as are ones
 whose attach failed before), under the trust store as it is now. An image attached read-write
