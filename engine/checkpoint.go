@@ -26,7 +26,7 @@ func (d *Disk) checkpoint() error {
 		return fmt.Errorf("failed to checkpoint: %w", err)
 	}
 	if d.committed.Load() < c.end {
-		if err := d.publishLocked(c, root, false); err != nil {
+		if _, err := d.publishLocked(c, root, false); err != nil {
 			return fmt.Errorf("failed to checkpoint: %w", err)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/sealdisk/sealdisk/format"
+	"github.com/sealdisk/sealdisk/psp"
 )
 
 // Commits (FORMAT.md §6.2, §8): a root record naming the journal's end and the tree's root is
@@ -11,14 +12,17 @@ import (
 // before it durable. A guest's FLUSH or FUA commits with the counter advanced, and the PSP
 // records the counter before the flush is acknowledged; the cache's pressure and the idle
 // timer commit without. Commits are serialised (commitMu); one covers every append made before
-// it, so concurrent flushes share one sync.
+// it, so concurrent flushes share one sync. The PSP records a counter after commitMu is
+// released, in counter order (advance), so the next commit's sync of the image runs while the
+// PSP syncs the counter of the one before: a record on disk may be ahead of the PSP's counter
+// (Admit accepts that: it is a crash between the two syncs), never behind an acknowledged one.
 
 // commitState is guarded by Disk.commitMu.
 type commitState struct {
-	seq     uint64 // of the current record
-	slot    int    // where the current record is
-	counter uint64 // the counter the PSP has recorded
-	bumped  uint64 // LSN up to which a counter-advancing commit covers the journal
+	seq     uint64   // of the current record
+	slot    int      // where the current record is
+	counter uint64   // of the newest record synced; the PSP's may still be behind it
+	adv     *advance // the newest counter-advancing commit whose record is synced
 	// Syncs: goodMark is the syncer mark as of the last commit whose sync succeeded, goodHead
 	// the journal position it covered (this epoch); epochMark the mark when the epoch began.
 	goodMark, epochMark uint64
@@ -26,22 +30,67 @@ type commitState struct {
 }
 
 // commit makes every append made before the call durable; bump advances the counter (a guest's
-// flush or FUA). Nothing to do when an earlier commit already covers them.
+// flush or FUA) and returns once the PSP has recorded it. Nothing to do when an earlier commit
+// already covers them.
 func (d *Disk) commit(bump bool) error {
 	want := d.jr.end()
 	d.commitMu.Lock()
-	defer d.commitMu.Unlock()
-	if d.committed.Load() >= want && (!bump || d.cs.bumped >= want) {
-		return nil
+	if d.committed.Load() >= want {
+		if !bump {
+			d.commitMu.Unlock()
+			return nil
+		}
+		if a := d.cs.adv; a != nil && a.end >= want {
+			d.commitMu.Unlock()
+			if a.wait() == nil {
+				return nil
+			}
+			d.commitMu.Lock() // its counter was not recorded: advance it again
+		}
 	}
 	d.ckpt.Lock()
 	c, root := d.cutLocked()
 	err := d.jr.writeUnwritten()
 	d.ckpt.Unlock()
 	if err != nil {
+		d.commitMu.Unlock()
 		return fmt.Errorf("failed to commit: %w", err)
 	}
-	return d.publishLocked(c, root, bump)
+	a, err := d.publishLocked(c, root, bump)
+	d.commitMu.Unlock()
+	if err != nil || a == nil {
+		return err
+	}
+	return a.record(d.roots)
+}
+
+// advance is a counter-advancing commit whose record is synced, on its way to the PSP. The
+// commit that made it records it (record) after the one before it; flushes that the commit
+// covers wait for it (wait).
+type advance struct {
+	end     uint64 // the journal LSN its record covers
+	counter uint64
+	root    [32]byte
+	prev    *advance      // recorded first; only record reads it
+	done    chan struct{} // closed once recorded or failed
+	err     error         // set before done is closed
+}
+
+func (a *advance) record(roots psp.RootKeeper) error {
+	if p := a.prev; p != nil {
+		<-p.done // a failed one is covered by this counter, which is higher
+		a.prev = nil
+	}
+	if err := roots.Advance(a.counter, a.root); err != nil {
+		a.err = fmt.Errorf("failed to record the image's counter %d in the PSP: %w", a.counter, err)
+	}
+	close(a.done)
+	return a.err
+}
+
+func (a *advance) wait() error {
+	<-a.done
+	return a.err
 }
 
 // committer commits whenever a part asks (requestCommit), until Close closes d.kick. A
@@ -75,10 +124,12 @@ func (d *Disk) cutLocked() (cut, [32]byte) {
 	return c, root
 }
 
-// publishLocked writes the record for c and syncs. The caller holds commitMu.
-func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) error {
+// publishLocked writes the record for c and syncs; with bump, the record's counter is one
+// higher and the advance returned must be recorded once commitMu is released. The caller holds
+// commitMu.
+func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) (*advance, error) {
 	if err := d.broken.Load(); err != nil {
-		return fmt.Errorf("failed to commit: the disk's state in memory no longer matches its journal (%w); detach and attach it again", *err)
+		return nil, fmt.Errorf("failed to commit: the disk's state in memory no longer matches its journal (%w); detach and attach it again", *err)
 	}
 	mark := d.syncs.mark()
 	if mark != d.cs.goodMark {
@@ -86,7 +137,7 @@ func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) error {
 		// still see, which no later sync writes unless they are written again.
 		from := d.cs.goodHead
 		if err := d.jr.rewrite(from, c.head); err != nil {
-			return fmt.Errorf("failed to commit: %w", err)
+			return nil, fmt.Errorf("failed to commit: %w", err)
 		}
 	}
 	rec := format.RootFor(d.h)
@@ -96,24 +147,23 @@ func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) error {
 	}
 	rec.Epoch, rec.Head, rec.HeadDigest, rec.Root = c.epoch, c.head, c.digest, root
 	if err := d.writeRoot(rec, 1-d.cs.slot); err != nil {
-		return err
+		return nil, err
 	}
 	d.cs.seq++ // even if the sync fails: the slot may hold this seq now
 	if err := d.syncs.since(mark); err != nil {
-		return fmt.Errorf("failed to commit: %w", err)
+		return nil, fmt.Errorf("failed to commit: %w", err)
 	}
 	d.cs.slot = 1 - d.cs.slot
 	d.cs.goodMark, d.cs.goodHead = mark, c.head
 	d.committed.Store(c.end)
 	d.e.Stats.JournalSyncs.Add(1)
-	if bump {
-		if err := d.roots.Advance(rec.Counter, root); err != nil {
-			return fmt.Errorf("failed to record the image's counter %d in the PSP: %w", rec.Counter, err)
-		}
-		d.cs.counter = rec.Counter
-		d.cs.bumped = c.end
+	if !bump {
+		return nil, nil
 	}
-	return nil
+	d.cs.counter = rec.Counter
+	a := &advance{end: c.end, counter: rec.Counter, root: root, prev: d.cs.adv, done: make(chan struct{})}
+	d.cs.adv = a
+	return a, nil
 }
 
 // writeRoot authenticates rec with the PSP and writes it into slot i.
