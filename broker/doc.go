@@ -1,4 +1,4 @@
-// Package broker is the remote key broker (DESIGN.md §4, docs/BROKER.md): it keeps image keys
+// Package broker is the remote key broker (docs/BROKER.md): it keeps image keys
 // sealed at rest to its own key, and releases one to a PSP only against a fresh attestation
 // report that passes the key id's declarative policy, HPKE-sealed to the attested chip.
 //

@@ -36,7 +36,8 @@ type Options struct {
 	Logger        *slog.Logger
 	// MemoryEncryption turns on the simulated memory controller (dma.MemCrypt): every VM gets
 	// a VEK at LoadKey and DMA payloads cross guest memory encrypted under it. Off by default:
-	// on a host service it only costs (DESIGN.md §5).
+	// on a host service it only costs: the plaintext crosses NBD or FUSE to the host anyway
+	// (docs/THREAT-MODEL.md).
 	MemoryEncryption bool
 	// NoMap keeps file stores on pread. By default Attach maps a store that can be mapped
 	// (store.File.SetMapped, shared and read-only): a read of sectors is then a memory copy

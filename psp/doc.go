@@ -1,7 +1,7 @@
 // Package psp is the platform secure processor: the chip identity (an HPKE key for sealing,
 // an ECDSA P-384 attestation key endorsed by a vendor root), the trust store of provider keys,
 // firmware measurement, certificate verification and opening, the ASID pool, key binding into
-// the engine, and signed attestation reports (DESIGN.md §4).
+// the engine, and signed attestation reports (docs/ATTESTATION.md, docs/THREAT-MODEL.md).
 //
 // The PSP never sees guest data; the engine never sees a certificate. Keys cross from here to
 // the engine only through KeyBinder, and the PSP zeroises its own copy once LoadKey returns.

@@ -14,7 +14,7 @@ import (
 	"time"
 )
 
-// Remote keys (DESIGN.md §4, docs/BROKER.md). A certificate with the remote flag names a key
+// Remote keys (docs/BROKER.md). A certificate with the remote flag names a key
 // broker and a key id instead of sealing the image key. At launch, after every check of
 // FORMAT.md §3.4 up to the firmware measurement has passed, the PSP asks its KeyFetcher for
 // the key: the fetcher gets a challenge nonce from the broker and has the PSP sign an
