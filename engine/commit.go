@@ -40,7 +40,12 @@ func (d *Disk) commit(bump bool) error {
 			d.commitMu.Unlock()
 			return nil
 		}
-		if a := d.cs.adv; a != nil && a.end >= want {
+		a := d.cs.adv
+		if a == nil && want == 0 { // nothing appended since the attach, whose state Admit recorded
+			d.commitMu.Unlock()
+			return nil
+		}
+		if a != nil && a.end >= want {
 			d.commitMu.Unlock()
 			if a.wait() == nil {
 				return nil
