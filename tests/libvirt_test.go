@@ -90,96 +90,111 @@ func virsh(args ...string) (string, error) {
 	return string(out), err
 }
 
+// daemonProc is a daemon startLibvirt started; done is closed when it has exited.
+type daemonProc struct {
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+}
+
+func (p *daemonProc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // startLibvirt starts virtlogd and libvirtd in the foreground (no systemd, no socket
 // activation, libvirtd without --listen: its Unix sockets under /run/libvirt only), unless
 // they already answer, and has TestMain stop the ones it started.
 func startLibvirt(logd, lvd string) error {
-	var started []*exec.Cmd
+	var started []*daemonProc
 	dir, err := os.MkdirTemp("", "sealdisk-libvirt-")
 	if err != nil {
 		return err
 	}
-	start := func(path string) (*exec.Cmd, string, error) {
-		logf := filepath.Join(dir, filepath.Base(path)+".log")
-		f, err := os.Create(logf)
+	start := func(path string) (*daemonProc, error) {
+		p := &daemonProc{log: filepath.Join(dir, filepath.Base(path)+".log"), done: make(chan struct{})}
+		f, err := os.Create(p.log)
 		if err != nil {
-			return nil, "", err
+			return nil, err
 		}
 		defer f.Close()
-		cmd := exec.Command(path)
-		cmd.Stdout, cmd.Stderr = f, f
-		if err := cmd.Start(); err != nil {
-			return nil, "", fmt.Errorf("failed to start %s: %w", path, err)
+		p.cmd = exec.Command(path)
+		p.cmd.Stdout, p.cmd.Stderr = f, f
+		if err := p.cmd.Start(); err != nil {
+			return nil, fmt.Errorf("failed to start %s: %w", path, err)
 		}
-		started = append(started, cmd)
-		go cmd.Wait() // reaps it; ProcessState says it exited
-		return cmd, logf, nil
+		started = append(started, p)
+		go func() { p.cmd.Wait(); close(p.done) }()
+		return p, nil
 	}
 	atExit = append(atExit, func() error {
 		var errs []error
 		for i := len(started) - 1; i >= 0; i-- {
-			c := started[i]
-			c.Process.Signal(syscall.SIGTERM)
-			for deadline := time.Now().Add(15 * time.Second); c.ProcessState == nil && time.Now().Before(deadline); {
-				time.Sleep(50 * time.Millisecond)
-			}
-			if c.ProcessState == nil {
-				c.Process.Kill()
-				errs = append(errs, fmt.Errorf("%s did not stop within 15 s of SIGTERM", c.Path))
+			p := started[i]
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-p.done:
+			case <-time.After(15 * time.Second):
+				p.cmd.Process.Kill()
+				errs = append(errs, fmt.Errorf("%s did not stop within 15 s of SIGTERM", p.cmd.Path))
 			}
 		}
 		os.RemoveAll(dir)
 		return errors.Join(errs...)
 	})
+	logdUp := func() bool {
+		c, err := net.Dial("unix", "/run/libvirt/virtlogd-sock")
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}
 	var notes []string
-	if c, err := net.Dial("unix", "/run/libvirt/virtlogd-sock"); err == nil {
-		c.Close()
+	if logdUp() {
 		notes = append(notes, "virtlogd already running")
 	} else {
-		cmd, logf, err := start(logd)
+		p, err := start(logd)
 		if err != nil {
 			return err
 		}
-		if err := waitUp(cmd, logf, 10*time.Second, func() bool {
-			c, err := net.Dial("unix", "/run/libvirt/virtlogd-sock")
-			if err == nil {
-				c.Close()
-			}
-			return err == nil
-		}); err != nil {
+		if err := p.waitUp(10*time.Second, logdUp); err != nil {
 			return err
 		}
-		notes = append(notes, fmt.Sprintf("started virtlogd (pid %d)", cmd.Process.Pid))
+		notes = append(notes, fmt.Sprintf("started virtlogd (pid %d)", p.cmd.Process.Pid))
 	}
 	if out, err := virsh("version"); err == nil {
 		notes = append(notes, "libvirtd already running: "+strings.Join(strings.Fields(out), " "))
 	} else {
-		cmd, logf, err := start(lvd)
+		p, err := start(lvd)
 		if err != nil {
 			return err
 		}
-		if err := waitUp(cmd, logf, 60*time.Second, func() bool { _, err := virsh("version"); return err == nil }); err != nil {
+		if err := p.waitUp(60*time.Second, func() bool { _, err := virsh("version"); return err == nil }); err != nil {
 			return err
 		}
-		notes = append(notes, fmt.Sprintf("started libvirtd (pid %d)", cmd.Process.Pid))
+		notes = append(notes, fmt.Sprintf("started libvirtd (pid %d)", p.cmd.Process.Pid))
 	}
 	libvirtNote = strings.Join(notes, "; ")
 	return nil
 }
 
-// waitUp waits until up() or the process exits or the timeout passes.
-func waitUp(cmd *exec.Cmd, logf string, timeout time.Duration, up func() bool) error {
+// waitUp waits until up(), or fails when the daemon exits or the timeout passes.
+func (p *daemonProc) waitUp(timeout time.Duration, up func() bool) error {
 	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		if up() {
 			return nil
 		}
-		if cmd.ProcessState != nil {
-			b, _ := os.ReadFile(logf)
-			return fmt.Errorf("%s exited (%v) before it answered:\n%s", cmd.Path, cmd.ProcessState, b)
+		if p.exited() {
+			b, _ := os.ReadFile(p.log)
+			return fmt.Errorf("%s exited (%v) before it answered:\n%s", p.cmd.Path, p.cmd.ProcessState, b)
 		}
 	}
-	b, _ := os.ReadFile(logf)
-	return fmt.Errorf("%s did not answer within %v:\n%s", cmd.Path, timeout, b)
+	b, _ := os.ReadFile(p.log)
+	return fmt.Errorf("%s did not answer within %v:\n%s", p.cmd.Path, timeout, b)
 }
 
 // The xml blocks of OPERATOR.md's "libvirt domains", by their first line.
@@ -267,6 +282,7 @@ func qemuIDs(t *testing.T) (uid, gid int) {
 // domain is a transient libvirt domain (virsh create: gone when it stops).
 type domain struct {
 	name, console string
+	created       time.Time
 }
 
 // domainName is this test binary's name of a domain of kind.
@@ -285,6 +301,7 @@ func createDomain(t *testing.T, e *env, kind, xml string) (*domain, error) {
 	if out, err := virsh("create", path); err != nil {
 		return nil, fmt.Errorf("virsh create %s: %v\n%s", path, err, out)
 	}
+	d.created = time.Now()
 	t.Cleanup(func() { virsh("destroy", d.name) })
 	return d, nil
 }
@@ -315,7 +332,7 @@ func (d *domain) waitGone(t *testing.T, timeout time.Duration) string {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	t.Logf("domain %s ran %v", d.name, time.Since(start).Round(time.Millisecond))
+	t.Logf("domain %s ran %v", d.name, time.Since(d.created).Round(time.Millisecond))
 	b, _ := os.ReadFile(d.console)
 	return string(b)
 }
