@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -75,6 +76,51 @@ type NBDConfig struct {
 	TLSKey      string   `mapstructure:"tls_key"`       // server key (PEM, mode 0600)
 	TLSClientCA string   `mapstructure:"tls_client_ca"` // CA for client certificates
 	InsecureTCP bool     `mapstructure:"insecure_tcp"`  // allow TCP without TLS
+	// SocketMode and SocketGroup are the permissions of the unix: listeners' sockets: an
+	// octal mode ("0660") and a group name or numeric gid ("" keeps the service's group), so
+	// that another user's QEMU (libvirt's libvirt-qemu, group kvm) may connect.
+	SocketMode  string `mapstructure:"socket_mode"`
+	SocketGroup string `mapstructure:"socket_group"`
+}
+
+// DefaultSocketMode is nbd.socket_mode when unset: the service's user and group.
+const DefaultSocketMode = "0660"
+
+// SocketPerm is nbd.socket_mode as a file mode (validated by Load).
+func (c NBDConfig) SocketPerm() (os.FileMode, error) {
+	m, err := strconv.ParseUint(strings.TrimPrefix(c.SocketMode, "0o"), 8, 32)
+	if err != nil || c.SocketMode == "" {
+		return 0, &KeyError{"nbd.socket_mode", fmt.Sprintf("%q is not an octal mode, e.g. \"0660\"", c.SocketMode)}
+	}
+	if m > 0o777 {
+		return 0, &KeyError{"nbd.socket_mode", fmt.Sprintf("%q: a socket's permission bits are at most 0777", c.SocketMode)}
+	}
+	return os.FileMode(m), nil
+}
+
+// SocketGID is the gid of nbd.socket_group, -1 when it is empty (the socket keeps the
+// service's group). A name is looked up in the group database; a number must name an
+// existing group too, so a typo does not hand the socket to an unused gid.
+func (c NBDConfig) SocketGID() (int, error) {
+	g := c.SocketGroup
+	if g == "" {
+		return -1, nil
+	}
+	var grp *user.Group
+	var err error
+	if _, nerr := strconv.ParseUint(g, 10, 32); nerr == nil {
+		grp, err = user.LookupGroupId(g)
+	} else {
+		grp, err = user.LookupGroup(g)
+	}
+	if err != nil {
+		return 0, &KeyError{"nbd.socket_group", fmt.Sprintf("%q: no such group (%v)", g, err)}
+	}
+	gid, err := strconv.Atoi(grp.Gid)
+	if err != nil {
+		return 0, &KeyError{"nbd.socket_group", fmt.Sprintf("%q: group has gid %q, not a number", g, grp.Gid)}
+	}
+	return gid, nil
 }
 
 // VMConfig is one VM whose disks are attached at start. A VM has either image (with export
@@ -194,6 +240,8 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("nbd.tls_key", "")
 	v.SetDefault("nbd.tls_client_ca", "")
 	v.SetDefault("nbd.insecure_tcp", false)
+	v.SetDefault("nbd.socket_mode", DefaultSocketMode)
+	v.SetDefault("nbd.socket_group", "")
 	v.SetDefault("fuse.mountpoint", "")
 	v.SetDefault("fuse.allow_other", false)
 	v.SetDefault("admin.socket", "")
@@ -231,6 +279,13 @@ func Load(path string, fs *pflag.FlagSet) (*Config, error) {
 					return nil, fmt.Errorf("failed to bind flag --%s: %w", f.Name, err)
 				}
 			}
+		}
+	}
+	// YAML reads an unquoted 0660 as the number 432 (octal), which would then pass as the
+	// string "432": refuse a mode that is not a string rather than guess what was meant.
+	if m := v.Get("nbd.socket_mode"); m != nil {
+		if _, ok := m.(string); !ok {
+			return nil, &KeyError{"nbd.socket_mode", fmt.Sprintf("%v is a number, not a string: quote the mode (socket_mode: \"0660\"); YAML reads an unquoted 0660 as 432", m)}
 		}
 	}
 	var c Config
@@ -339,6 +394,12 @@ func (c NBDConfig) check() []error {
 				errs = append(errs, &KeyError{f.key, fmt.Sprintf("%s: %v", f.path, errors.Unwrap(err))})
 			}
 		}
+	}
+	if _, err := c.SocketPerm(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.SocketGID(); err != nil {
+		errs = append(errs, err)
 	}
 	for i, l := range c.Listen {
 		key := fmt.Sprintf("nbd.listen[%d]", i)

@@ -47,6 +47,10 @@ func TestPackagedSampleConfig(t *testing.T) {
 		!slices.Equal(c.NBD.Listen, []string{"unix:" + root + "/run/sealdisk/nbd.sock"}) || c.Admin.Socket != root+"/run/sealdisk/admin.sock" {
 		t.Fatalf("sample: %+v", c)
 	}
+	// libvirt's QEMU (group kvm: systemd's sysusers make it on Debian) connects to the socket
+	if m, err := c.NBD.SocketPerm(); err != nil || m != 0o660 || c.NBD.SocketGroup != "kvm" {
+		t.Fatalf("sample NBD socket: mode %#o (%v), group %q; want 0660 and kvm", m, err, c.NBD.SocketGroup)
+	}
 	if len(c.VMs) != 2 {
 		t.Fatalf("%d VMs", len(c.VMs))
 	}

@@ -664,15 +664,6 @@ func (d *Daemon) Close(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// listenNBD opens one nbd.listen entry.
-func listenNBD(l string, c config.NBDConfig) (net.Listener, error) {
-	kind, addr, _ := strings.Cut(l, ":")
-	if kind == "unix" {
-		return nbd.ListenUnix(addr, 0o660)
-	}
-	return nbd.ListenTCP(addr, c.TLSCert != "", c.InsecureTCP)
-}
-
 // serverTLS builds the NBD server's TLS config from nbd.tls_cert/tls_key/tls_client_ca.
 func serverTLS(c config.NBDConfig) (*tls.Config, error) {
 	if _, err := psp.ReadPrivateFile(c.TLSKey); err != nil {

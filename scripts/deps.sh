@@ -7,7 +7,7 @@ export PATH=$PATH:$(go env GOPATH)/bin
 pkgs=(qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio fuse3 gocryptfs
       busybox-static e2fsprogs bc linux-image-amd64 cryptsetup-bin
       ceph-mon ceph-osd ceph-common librbd-dev librados-dev uuid-runtime qemu-block-extra
-      nbd-client socat kmod ovmf systemd)
+      nbd-client socat kmod ovmf systemd libvirt-daemon-system libvirt-clients)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // TestSystemdUnitVerifies: packaging/sealdisk.service passes `systemd-analyze verify` — every
@@ -23,7 +27,7 @@ func TestSystemdUnitVerifies(t *testing.T) {
 	}
 	for _, want := range []string{"NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/run/sealdisk /var/lib/sealdisk",
 		"PrivateTmp=yes", "ProtectHome=yes", "DeviceAllow=/dev/fuse rw", "CapabilityBoundingSet=CAP_SYS_ADMIN",
-		"ExecReload=/bin/kill -HUP $MAINPID", "ExecStart=/usr/bin/sealdisk serve --config /etc/sealdisk/sealdisk.yaml"} {
+		"ExecReload=/bin/kill -HUP $MAINPID", "SupplementaryGroups=kvm", "ExecStart=/usr/bin/sealdisk serve --config /etc/sealdisk/sealdisk.yaml"} {
 		if !strings.Contains(string(unit), "\n"+want+"\n") {
 			t.Errorf("the unit lacks %q", want)
 		}
@@ -96,23 +100,49 @@ func TestServeUnderUnitSandbox(t *testing.T) {
 			t.Fatalf("chown: %v\n%s", err, out)
 		}
 	}
+	// the unit's SupplementaryGroups=kvm, which lets serve give the NBD socket that group
+	kvm, err := user.LookupGroup("kvm")
+	if err != nil {
+		t.Fatalf("no group kvm (the unit's SupplementaryGroups, the sample config's nbd.socket_group): %v", err)
+	}
+	groups := "--groups=" + kvm.Gid
 	asUnit := func(args ...string) *exec.Cmd {
-		return exec.Command("setpriv", append([]string{"--reuid=" + uid, "--regid=" + uid, "--clear-groups", "--no-new-privs",
+		return exec.Command("setpriv", append([]string{"--reuid=" + uid, "--regid=" + uid, groups, "--no-new-privs",
 			"--inh-caps=-all,+sys_admin", "--ambient-caps=-all,+sys_admin", "--bounding-set=-all,+sys_admin"}, args...)...)
 	}
 	s := &server{log: &bytes.Buffer{}, sock: filepath.Join(e.dir, "nbd.sock"), mnt: filepath.Join(e.dir, "mnt")}
-	s.cmd = asUnit(sealdisk, "serve", "--psp", e.psp, "--image", img, "--firmware", e.fw, "--name", "vm1",
-		"--nbd", "unix:"+s.sock, "--fuse-mountpoint", s.mnt, "--fuse-allow-other")
+	serveArgs := []string{sealdisk, "serve", "--psp", e.psp, "--image", img, "--firmware", e.fw, "--name", "vm1",
+		"--nbd", "unix:" + s.sock, "--nbd-socket-group", "kvm", "--fuse-mountpoint", s.mnt, "--fuse-allow-other"}
+	// Not in the group, serve cannot give the socket to it, and does not start.
+	groups = "--clear-groups"
+	refused := asUnit(serveArgs...)
+	stop := time.AfterFunc(20*time.Second, func() { refused.Process.Signal(syscall.SIGTERM) }) // had it started serving
+	out, err := refused.CombinedOutput()
+	stop.Stop()
+	if err == nil || !strings.Contains(string(out), `the group "kvm" (nbd.socket_group, gid `+kvm.Gid+`)`) ||
+		!strings.Contains(string(out), "operation not permitted") {
+		t.Fatalf("serve outside the group kvm with --nbd-socket-group kvm: %v\n%s", err, out)
+	}
+	groups = "--groups=" + kvm.Gid
+	s.cmd = asUnit(serveArgs...)
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.stop(t) })
-	waitFor(t, s, "the FUSE mount", func() bool {
+	waitFor(t, s, "the FUSE mount and the NBD socket", func() bool {
 		m, _ := os.ReadFile("/proc/self/mounts")
-		return strings.Contains(string(m), " "+s.mnt+" fuse.sealdisk ")
+		_, err := os.Stat(s.sock)
+		return strings.Contains(string(m), " "+s.mnt+" fuse.sealdisk ") && err == nil
 	})
-	out, err := asUnit("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k", filepath.Join(s.mnt, "vm1.raw")).CombinedOutput()
+	fi, err := os.Stat(s.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gid := strconv.Itoa(int(fi.Sys().(*syscall.Stat_t).Gid)); fi.Mode().Perm() != 0o660 || gid != kvm.Gid {
+		t.Fatalf("NBD socket of serve as the unit's user: mode %v gid %s, want 0660 and kvm (%s)", fi.Mode().Perm(), gid, kvm.Gid)
+	}
+	out, err = asUnit("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k", filepath.Join(s.mnt, "vm1.raw")).CombinedOutput()
 	if err != nil || strings.Contains(string(out), "failed") {
 		t.Fatalf("qemu-io through the mount as the unit's user: %v\n%s", err, out)
 	}

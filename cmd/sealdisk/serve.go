@@ -64,6 +64,8 @@ keys below, a flag.`,
 	f.String("engine-idle-flush", "5s", "write back sectors dirty this long (config engine.idle_flush)")
 	f.Bool("engine-mmap", true, "image reads through a shared read-only mapping; false: pread (config engine.mmap)")
 	f.StringSlice("nbd-listen", nil, "NBD listener: unix:PATH or tcp:HOST:PORT (config nbd.listen)")
+	f.String("nbd-socket-mode", config.DefaultSocketMode, "mode of the NBD unix sockets, octal (config nbd.socket_mode)")
+	f.String("nbd-socket-group", "", "group of the NBD unix sockets, a name or gid; default the service's (config nbd.socket_group)")
 	f.Bool("nbd-insecure-tcp", false, "allow TCP without TLS (config nbd.insecure_tcp)")
 	f.String("nbd-tls-cert", "", "TLS server certificate (config nbd.tls_cert)")
 	f.String("nbd-tls-key", "", "TLS server key, mode 0600 (config nbd.tls_key)")
