@@ -171,3 +171,55 @@ func TestFlushAfterAFailedCounterWriteRecordsItAgain(t *testing.T) {
 		t.Fatalf("counters recorded %v with the image's newest record at %d; want the failed one, then the image's", calls, written)
 	}
 }
+
+// TestCheckpointBeginsBeforeTheJournalIsFull: once appends fill three quarters of the journal,
+// the background committer checkpoints (the journal starts a new epoch) with no further write,
+// so a write-back rarely finds the journal full and waits for a whole checkpoint.
+func TestCheckpointBeginsBeforeTheJournalIsFull(t *testing.T) {
+	const ss = 4096
+	im := newTestImage(t, 256*ss, ss, 1<<20)
+	st := storetest.NewMem(0)
+	im.create(t, st)
+	e := New(Options{Shards: 1, Logger: quietLog, journalBytes: 32 * (ss + 512)})
+	defer e.Close()
+	d := im.attach(t, e, 1, st)
+	state := func() (epoch, head, size uint64) {
+		d.jr.mu.Lock()
+		defer d.jr.mu.Unlock()
+		return d.jr.epoch, d.jr.head, d.jr.size
+	}
+	epoch0, prev, size := state()
+	var per uint64
+	for lba := int64(0); ; lba++ {
+		if lba == 1000 {
+			t.Fatalf("1000 writes left the journal at %d of %d bytes", prev, size)
+		}
+		must(t, d.WriteAt(ctx, bytes.Repeat([]byte{byte(lba)}, ss), lba*ss, false))
+		must(t, d.Flush(ctx))
+		ep, head, _ := state()
+		if per == 0 {
+			per = head - prev // one write's journal bytes
+		}
+		if ep != epoch0 {
+			if prev+per <= size/4*3 {
+				t.Fatalf("a checkpoint came at %d of %d journal bytes, before three quarters", prev+per, size)
+			}
+			return // it came as this write crossed three quarters, before the next one
+		}
+		if head > size/4*3 {
+			break // no more writes: the journal never fills
+		}
+		prev = head
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if ep, _, _ := state(); ep != epoch0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			_, head, _ := state()
+			t.Fatalf("no checkpoint 10 s after the journal filled %d of %d bytes", head, size)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -104,9 +104,24 @@ func (a *advance) wait() error {
 func (d *Disk) committer() {
 	defer close(d.committerDone)
 	for range d.kick {
+		if d.ckptWanted.Swap(false) {
+			if err := d.checkpoint(); err != nil {
+				d.e.opts.Logger.Warn("background checkpoint failed; the next one retries", "asid", d.asid, "error", err)
+			}
+			continue
+		}
 		if err := d.commit(false); err != nil {
 			d.e.opts.Logger.Warn("background commit failed; the next flush retries", "asid", d.asid, "error", err)
 		}
+	}
+}
+
+// requestCheckpoint asks the background committer for a checkpoint (which commits too),
+// without waiting: the journal is filling, and a checkpoint begun before it is full syncs most
+// of the epoch while the parts go on appending (checkpoint's first sync).
+func (d *Disk) requestCheckpoint() {
+	if d.kick != nil && !d.ckptWanted.Swap(true) {
+		d.requestCommit()
 	}
 }
 

@@ -60,6 +60,7 @@ type Disk struct {
 	// kick asks the background committer (commit.go) for a commit: the cache's pressure
 	// commits without stopping the shard that felt it. committerDone closes when it has stopped.
 	kick          chan struct{} // capacity 1
+	ckptWanted    atomic.Bool   // the kick asks for a checkpoint (requestCheckpoint)
 	committerDone chan struct{}
 }
 

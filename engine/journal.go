@@ -77,7 +77,11 @@ func (j *journal) append(w *pendingWrite) error {
 	j.seq, j.digest = seq, prev
 	w.pos, w.end = pos, j.base+j.head
 	j.writes = append(j.writes, w)
+	filling := j.head > j.size/4*3
 	j.mu.Unlock()
+	if filling {
+		j.d.requestCheckpoint()
+	}
 	if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(pos)); err != nil {
 		j.d.e.opts.Logger.Warn("journal write failed; the next commit writes it again", "asid", j.d.asid, "error", err)
 		j.mu.Lock()
