@@ -8,7 +8,7 @@
 #
 # Variables: N (VMs, default 8), RT (seconds per run, default 5), ROUNDS (default 2),
 # SIZE_MIB (per image, default 256), DIR (where the images live), CACHE (engine cache_size per
-# server, default the config's).
+# server, default the config's), SETTLE (seconds idle after the runs before memory is read again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -18,7 +18,13 @@ command -v fio >/dev/null || { echo "bench-vms: fio missing (apt-get install fio
 S=$REPO/bin/sealdisk
 go build -o "$S" ./cmd/sealdisk
 W=$(mktemp -d "$DIR/sealdisk-vms.XXXX")
-cleanup() { [ -f "$W/pid" ] && kill "$(cat "$W/pid")" 2>/dev/null; sleep 0.5; rm -rf "$W"; }
+cleanup() { # the server checkpoints every image on SIGTERM: wait for it before removing them
+  if [ -f "$W/pid" ]; then
+    local p; p=$(cat "$W/pid"); kill "$p" 2>/dev/null
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -rf "$W"
+}
 trap cleanup EXIT
 cd "$W"
 $S vendor init --dir v >/dev/null; $S psp init --dir p --vendor v >/dev/null
@@ -27,7 +33,7 @@ echo fw > fw
 head -c $((SIZE_MIB << 20)) /dev/urandom > raw
 cert=(--chip p/chip.crt --vendor-root v/vendor.crt --provider-key k/provider.key --firmware fw)
 { echo "psp:"; echo "  dir: $W/p"; echo "nbd:"; echo "  listen: [\"unix:$W/s.sock\"]"
-  echo "admin:"; echo "  socket: $W/admin.sock"
+  echo "admin:"; echo "  socket: $W/admin.sock"; echo "  metrics_listen: unix:$W/metrics.sock"
   [ -n "${CACHE:-}" ] && { echo "engine:"; echo "  cache_size: $CACHE"; }
   echo "vms:"; echo "  - name: vm1"; echo "    image: $W/vm1.img"; echo "    firmware: $W/fw"; } > serve.yaml
 for i in $(seq 1 "$N"); do $S seal --in raw --out "vm$i.img" "${cert[@]}" 2>/dev/null; done
@@ -71,4 +77,11 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 rssa=$(rss_kib "$PID")
-echo "server anonymous RSS: $((rss1 / 1024)) MiB with one VM attached, $((rssn / 1024)) MiB with $N (idle): $(( (rssn - rss1) / 1024 / (N > 1 ? N - 1 : 1) )) MiB per further VM; $((rssa / 1024)) MiB after the runs ($((rssa / 1024 / N)) MiB per VM, the engine's shared cache included); mapped image pages $(($(rssfile_kib "$PID") / 1024)) MiB"
+# The Go heap behind that RSS: in use, and idle (freed, not yet returned to the kernel).
+metric() { curl -s --unix-socket "$W/metrics.sock" http://x/metrics | awk -v m="$1" '$1 == m {printf "%d", $2 / 1048576}'; }
+heap="Go heap in use $(metric go_memstats_heap_inuse_bytes) MiB, idle $(metric go_memstats_heap_idle_bytes) MiB of which released $(metric go_memstats_heap_released_bytes) MiB"
+if [ "${SETTLE:-0}" -gt 0 ]; then # idle, the runtime collects (every 2 min at most) and returns memory
+  sleep "$SETTLE"
+  echo "after $SETTLE s idle: anonymous RSS $(($(rss_kib "$PID") / 1024)) MiB; Go heap in use $(metric go_memstats_heap_inuse_bytes) MiB, idle $(metric go_memstats_heap_idle_bytes) MiB of which released $(metric go_memstats_heap_released_bytes) MiB"
+fi
+echo "server anonymous RSS: $((rss1 / 1024)) MiB with one VM attached, $((rssn / 1024)) MiB with $N (idle): $(( (rssn - rss1) / 1024 / (N > 1 ? N - 1 : 1) )) MiB per further VM; $((rssa / 1024)) MiB after the runs ($((rssa / 1024 / N)) MiB per VM, the engine's shared cache included); mapped image pages $(($(rssfile_kib "$PID") / 1024)) MiB; $heap"
