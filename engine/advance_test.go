@@ -223,3 +223,33 @@ func TestCheckpointBeginsBeforeTheJournalIsFull(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestCheckpointOfAnEndedEpochDoesNothing: a part that found the journal full while a
+// checkpoint ran, or a stale request of the background committer, does not checkpoint the
+// epoch that followed (three more syncs for a nearly empty journal).
+func TestCheckpointOfAnEndedEpochDoesNothing(t *testing.T) {
+	const ss = 4096
+	im := newTestImage(t, 64*ss, ss, 1<<20)
+	st := storetest.NewMem(0)
+	im.create(t, st)
+	e := New(Options{Shards: 1, Logger: quietLog})
+	defer e.Close()
+	d := im.attach(t, e, 1, st)
+	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{7}, ss), 0, false))
+	must(t, d.Flush(ctx))
+	old := d.jr.epochNow()
+	must(t, d.checkpointOf(old))
+	now := d.jr.epochNow()
+	if now == old {
+		t.Fatalf("checkpointOf(%d), the current epoch, did not checkpoint", old)
+	}
+	syncs := d.e.Stats.JournalSyncs.Load()
+	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{8}, ss), ss, false))
+	must(t, d.checkpointOf(old))
+	if got := d.jr.epochNow(); got != now {
+		t.Fatalf("checkpointOf(%d) after that epoch ended checkpointed epoch %d (now %d)", old, now, got)
+	}
+	if got := d.e.Stats.JournalSyncs.Load(); got != syncs {
+		t.Fatalf("checkpointOf an ended epoch committed (%d journal syncs, want %d)", got, syncs)
+	}
+}

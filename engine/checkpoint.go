@@ -15,7 +15,20 @@ import (
 // (FORMAT.md §6.2 (4)). It holds d.ckpt exclusively throughout, so no append runs in between;
 // the parts' own applying waits too (apply.go). On failure nothing is lost: the epoch's record
 // and journal stay current, and the next checkpoint starts over.
-func (d *Disk) checkpoint() error {
+func (d *Disk) checkpoint() error { return d.checkpointIf(nil) }
+
+// checkpointOf checkpoints the journal's epoch ep, unless a checkpoint has ended it meanwhile:
+// the parts that find the journal full while one runs, and the background committer asked
+// for one, do not checkpoint again the epoch that follows.
+func (d *Disk) checkpointOf(ep uint64) error {
+	if d.jr.epochNow() != ep {
+		return nil
+	}
+	return d.checkpointIf(func() bool { return d.jr.epochNow() == ep })
+}
+
+// checkpointIf is checkpoint, done only if still (when given) holds once commitMu is held.
+func (d *Disk) checkpointIf(still func() bool) error {
 	// Sync first with nothing held: the bulk of what the checkpoint's syncs would write (the
 	// appends and the in-place writes since the last sync) goes to the disk while appends go
 	// on, and the syncs under d.ckpt write only what came after. A failure is counted (syncer)
@@ -23,6 +36,9 @@ func (d *Disk) checkpoint() error {
 	_ = d.syncs.since(d.syncs.mark())
 	d.commitMu.Lock()
 	defer d.commitMu.Unlock()
+	if still != nil && !still() {
+		return nil
+	}
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
 	mark := d.syncs.mark()

@@ -104,8 +104,8 @@ func (a *advance) wait() error {
 func (d *Disk) committer() {
 	defer close(d.committerDone)
 	for range d.kick {
-		if d.ckptWanted.Swap(false) {
-			if err := d.checkpoint(); err != nil {
+		if ep := d.ckptWanted.Swap(0); ep != 0 {
+			if err := d.checkpointOf(ep - 1); err != nil {
 				d.e.opts.Logger.Warn("background checkpoint failed; the next one retries", "asid", d.asid, "error", err)
 			}
 			continue
@@ -116,11 +116,12 @@ func (d *Disk) committer() {
 	}
 }
 
-// requestCheckpoint asks the background committer for a checkpoint (which commits too),
-// without waiting: the journal is filling, and a checkpoint begun before it is full syncs most
-// of the epoch while the parts go on appending (checkpoint's first sync).
-func (d *Disk) requestCheckpoint() {
-	if d.kick != nil && !d.ckptWanted.Swap(true) {
+// requestCheckpoint asks the background committer for a checkpoint of the journal's epoch ep
+// (which commits too), without waiting: the journal is three quarters full, and a checkpoint begun
+// before it is full syncs most of the epoch while the parts go on appending (checkpoint's
+// first sync).
+func (d *Disk) requestCheckpoint(ep uint64) {
+	if d.kick != nil && d.ckptWanted.Swap(ep+1) != ep+1 {
 		d.requestCommit()
 	}
 }

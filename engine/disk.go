@@ -60,7 +60,7 @@ type Disk struct {
 	// kick asks the background committer (commit.go) for a commit: the cache's pressure
 	// commits without stopping the shard that felt it. committerDone closes when it has stopped.
 	kick          chan struct{} // capacity 1
-	ckptWanted    atomic.Bool   // the kick asks for a checkpoint (requestCheckpoint)
+	ckptWanted    atomic.Uint64 // 1 + the epoch the kick asks a checkpoint of; 0: none
 	committerDone chan struct{}
 }
 

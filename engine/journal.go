@@ -38,6 +38,13 @@ type journal struct {
 var errJournalFull = errors.New("journal full")
 
 // reset starts epoch at position 0 (after recovery or a checkpoint); LSNs go on growing.
+// epochNow is the journal's current epoch.
+func (j *journal) epochNow() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.epoch
+}
+
 func (j *journal) reset(epoch uint64) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -77,10 +84,10 @@ func (j *journal) append(w *pendingWrite) error {
 	j.seq, j.digest = seq, prev
 	w.pos, w.end = pos, j.base+j.head
 	j.writes = append(j.writes, w)
-	filling := j.head > j.size/4*3
+	filling, epoch := j.head > j.size/4*3, j.epoch
 	j.mu.Unlock()
 	if filling {
-		j.d.requestCheckpoint()
+		j.d.requestCheckpoint(epoch)
 	}
 	if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(pos)); err != nil {
 		j.d.e.opts.Logger.Warn("journal write failed; the next commit writes it again", "asid", j.d.asid, "error", err)

@@ -97,6 +97,7 @@ func (p *part) appendWrite(w *pendingWrite) error {
 	}
 	for {
 		d.ckpt.RLock()
+		ep := d.jr.epochNow()
 		err := d.jr.append(w)
 		if err == nil {
 			if serr := p.setEntries(w.ents); serr != nil {
@@ -108,7 +109,7 @@ func (p *part) appendWrite(w *pendingWrite) error {
 		}
 		d.ckpt.RUnlock()
 		if errors.Is(err, errJournalFull) {
-			if err = p.d.checkpoint(); err == nil {
+			if err = p.d.checkpointOf(ep); err == nil {
 				continue
 			}
 		}
