@@ -268,6 +268,11 @@ func libvirtEnv(t *testing.T) *env {
 }
 
 // qemuIDs is the uid and primary gid libvirt runs QEMU with.
+func qemuUID(t *testing.T) int {
+	uid, _ := qemuIDs(t)
+	return uid
+}
+
 func qemuIDs(t *testing.T) (uid, gid int) {
 	t.Helper()
 	u, err := user.Lookup(qemuUser)
@@ -304,6 +309,23 @@ func createDomain(t *testing.T, e *env, kind, xml string) (*domain, error) {
 	d.created = time.Now()
 	t.Cleanup(func() { virsh("destroy", d.name) })
 	return d, nil
+}
+
+// startDomain creates a domain that must start, its console written to console; libvirt's
+// dynamic ownership must give owned (a file its QEMU opens, if any) to QEMU's user meanwhile.
+func startDomain(t *testing.T, e *env, kind, xml, console, owned string) *domain {
+	t.Helper()
+	d, err := createDomain(t, e, kind, xml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.console = console
+	if owned != "" {
+		if uid, _ := ownerOf(t, owned); uid != qemuUID(t) {
+			t.Errorf("%s is owned by uid %d while the domain runs; want %s (%d), libvirt's dynamic ownership", owned, uid, qemuUser, qemuUID(t))
+		}
+	}
+	return d
 }
 
 // running reports whether the domain still exists (a transient one disappears when it stops).
@@ -369,7 +391,6 @@ func TestLibvirtFUSEDisk(t *testing.T) {
 	blocks := operatorXML(t)
 	e := libvirtEnv(t)
 	_, img := guestRoot(t, e)
-	qemuUID, _ := qemuIDs(t)
 	marker := fmt.Sprintf("fuse-%d", time.Now().UnixNano())
 
 	// without allow_other
@@ -382,14 +403,7 @@ func TestLibvirtFUSEDisk(t *testing.T) {
 	s.stop(t)
 
 	s = startServe(t, e, img, true, "--fuse-allow-other")
-	d, err := createDomain(t, e, "fuse", xml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.console = console
-	if uid, _ := ownerOf(t, file); uid != qemuUID {
-		t.Errorf("%s is owned by uid %d while the domain runs; want %s (%d), libvirt's dynamic ownership", file, uid, qemuUser, qemuUID)
-	}
+	d := startDomain(t, e, "fuse", xml, console, file)
 	checkConsole(t, d.waitGone(t, 2*time.Minute), marker)
 	if uid, _ := ownerOf(t, file); uid != os.Getuid() {
 		t.Errorf("%s is owned by uid %d after the domain stopped; want sealdisk's %d back", file, uid, os.Getuid())
@@ -436,11 +450,7 @@ func TestLibvirtNBDDisk(t *testing.T) {
 		t.Fatalf("NBD socket: mode %#o gid %d; want 0660 and %s (%d)", fi.Mode().Perm(), gid, grp.Name, qemuGID)
 	}
 	xml, console := guestDomain(t, e, blocks, "nbd", disk(s), marker)
-	d, err := createDomain(t, e, "nbd", xml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.console = console
+	d := startDomain(t, e, "nbd", xml, console, "")
 	checkConsole(t, d.waitGone(t, 2*time.Minute), marker)
 	metrics := run(t, "admin", "--socket", admin, "metrics")
 	for _, op := range []string{"read", "write", "flush"} {
@@ -477,21 +487,12 @@ func TestLibvirtNVRAM(t *testing.T) {
 	t.Setenv("SEALDISK_FUSE_ALLOW_OTHER", "true")
 	nvFile := filepath.Join(e.dir, "mnt", "vm1.nvram")
 	s := vmConfigServer(t, e, fmt.Sprintf("vms:\n  - name: vm1\n    firmware: %s\n    nvram: %s\n", ovmfCode, nvram), nvFile)
-	qemuUID, _ := qemuIDs(t)
-
 	console := filepath.Join(e.dir, "console.log")
 	xml := fillXML(t, blocks[xmlOVMF], "@NAME@", domainName("ovmf"), "@NVRAM@", nvFile, "@CONSOLE@", console)
 	if !strings.Contains(xml, "<loader readonly='yes' type='pflash'>"+ovmfCode+"</loader>") {
 		t.Fatalf("the OVMF domain's loader is not %s", ovmfCode)
 	}
-	d, err := createDomain(t, e, "ovmf", xml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.console = console
-	if uid, _ := ownerOf(t, nvFile); uid != qemuUID {
-		t.Errorf("%s is owned by uid %d while the domain runs; want %s (%d)", nvFile, uid, qemuUser, qemuUID)
-	}
+	d := startDomain(t, e, "ovmf", xml, console, nvFile)
 	start := time.Now()
 	for {
 		b, _ := os.ReadFile(console)
