@@ -84,4 +84,4 @@ if [ "${SETTLE:-0}" -gt 0 ]; then # idle, the runtime collects (every 2 min at m
   sleep "$SETTLE"
   echo "after $SETTLE s idle: anonymous RSS $(($(rss_kib "$PID") / 1024)) MiB; Go heap in use $(metric go_memstats_heap_inuse_bytes) MiB, idle $(metric go_memstats_heap_idle_bytes) MiB of which released $(metric go_memstats_heap_released_bytes) MiB"
 fi
-echo "server anonymous RSS: $((rss1 / 1024)) MiB with one VM attached, $((rssn / 1024)) MiB with $N (idle): $(( (rssn - rss1) / 1024 / (N > 1 ? N - 1 : 1) )) MiB per further VM; $((rssa / 1024)) MiB after the runs ($((rssa / 1024 / N)) MiB per VM, the engine's shared cache included); mapped image pages $(($(rssfile_kib "$PID") / 1024)) MiB; $heap"
+echo "server anonymous RSS: $((rss1 / 1024)) MiB with one VM attached, $((rssn / 1024)) MiB with $N (idle): $(( (rssn - rss1) / 1024 / (N > 1 ? N - 1 : 1) )) MiB per further VM; $((rssa / 1024)) MiB after the runs ($((rssa / 1024 / N)) MiB per VM, each disk's own cache (engine.cache_size) included); mapped image pages $(($(rssfile_kib "$PID") / 1024)) MiB; $heap"
