@@ -94,7 +94,8 @@ type VMRequest struct {
 
 // AttestRequest is POST /v1/vms/{name}/attest.
 type AttestRequest struct {
-	Nonce string `json:"nonce"` // hex
+	Nonce string `json:"nonce"`          // hex
+	Disk  int    `json:"disk,omitempty"` // which of the VM's disks (0: the first)
 }
 
 // Status reports what is being served.
@@ -186,7 +187,7 @@ func (d *Daemon) adminHandler() http.Handler {
 			writeError(w, badRequest(fmt.Errorf("nonce: not hex: %w", err)))
 			return
 		}
-		rep, err := d.Attest(r.PathValue("name"), nonce)
+		rep, err := d.Attest(r.PathValue("name"), req.Disk, nonce)
 		if err != nil {
 			writeError(w, err)
 			return

@@ -601,15 +601,19 @@ func (d *Daemon) Reload(ctx context.Context) (*ReloadResult, error) {
 	return res, nil
 }
 
-// Attest signs an attestation report for the named VM's launch, for the caller's nonce.
-func (d *Daemon) Attest(name string, nonce []byte) ([]byte, error) {
+// Attest signs an attestation report of the launch of the named VM's disk (0: its first), for
+// the caller's nonce.
+func (d *Daemon) Attest(name string, disk int, nonce []byte) ([]byte, error) {
 	d.mu.Lock()
 	a := d.vms[name]
 	d.mu.Unlock()
 	if a == nil {
 		return nil, fmt.Errorf("failed to attest %q: %w", name, ErrUnknownVM)
 	}
-	return d.psp.AttestLaunch(a.Launch, nonce)
+	if disk < 0 || disk >= len(a.Disks) {
+		return nil, badRequest(fmt.Errorf("failed to attest %q: it has disks 0..%d, not %d", name, len(a.Disks)-1, disk))
+	}
+	return d.psp.AttestLaunch(a.Disks[disk].Launch, nonce)
 }
 
 // Close stops accepting, lets NBD requests in flight finish (ctx bounds the wait), unmounts

@@ -36,10 +36,13 @@ var (
 
 // ReportBody is what the chip attests to.
 type ReportBody struct {
-	Version             int    `json:"version"`
-	ChipID              string `json:"chip_id"`
-	VM                  string `json:"vm"`
-	ASID                ASID   `json:"asid"`
+	Version int    `json:"version"`
+	ChipID  string `json:"chip_id"`
+	VM      string `json:"vm"`
+	ASID    ASID   `json:"asid"`
+	// Disk is which of the VM's disks the launch is of (OPERATOR.md disks[] order, nvram
+	// last); absent for the first.
+	Disk                int    `json:"disk,omitempty"`
 	FirmwareMeasurement string `json:"firmware_measurement"`
 	MeasureAlg          string `json:"measure_alg"`
 	FirmwareVerdict     string `json:"firmware_verdict"`
@@ -120,7 +123,7 @@ func (p *PSP) sign(l *Launch, nonce []byte) ([]byte, error) {
 		sig = "valid"
 	}
 	rb := ReportBody{
-		Version: ReportVersion, ChipID: hex.EncodeToString(p.id[:]), VM: l.VM, ASID: l.ASID,
+		Version: ReportVersion, ChipID: hex.EncodeToString(p.id[:]), VM: l.VM, ASID: l.ASID, Disk: l.Disk,
 		FirmwareMeasurement: hex.EncodeToString(l.Measurement), MeasureAlg: l.MeasureAlg.String(),
 		FirmwareVerdict: verdict(l.FirmwareOK), CertDigest: hex.EncodeToString(l.CertDigest[:]),
 		SignatureVerdict: sig, Suite: l.Suite.String(), ImageUUID: formatUUID(l.UUID),

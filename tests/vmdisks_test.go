@@ -126,6 +126,31 @@ func TestServeVMWithTwoDisks(t *testing.T) {
 	fileAt(t, rootFile, 0, 1<<20, 0x11, false)
 	fileAt(t, dataFile, 0, 1<<20, 0x22, false)
 
+	// Each disk's launch has its own report: disk 1's names it and carries its image, not disk 0's.
+	admin := filepath.Join(e.dir, "admin.sock")
+	nonce := strings.Repeat("ab", 32)
+	var bodies [2]struct {
+		Disk       int    `json:"disk"`
+		ASID       uint32 `json:"asid"`
+		ImageUUID  string `json:"image_uuid"`
+		CertDigest string `json:"cert_digest"`
+	}
+	for i := range bodies {
+		rep := filepath.Join(e.dir, fmt.Sprintf("report%d.json", i))
+		run(t, "admin", "--socket", admin, "attest", "vm1", "--disk", fmt.Sprint(i), "--nonce", nonce, "--out", rep)
+		out := run(t, "attest", "verify", rep, "--vendor-root", filepath.Join(e.vendor, "vendor.crt"), "--nonce", nonce, "--json")
+		if err := json.Unmarshal([]byte(out), &bodies[i]); err != nil {
+			t.Fatalf("report of disk %d: %v\n%s", i, err, out)
+		}
+	}
+	if bodies[0].Disk != 0 || bodies[1].Disk != 1 || bodies[0].ASID != st.VMs[0].ASID || bodies[1].ASID != st.VMs[0].ASID ||
+		bodies[0].ImageUUID == bodies[1].ImageUUID || bodies[0].CertDigest == bodies[1].CertDigest {
+		t.Fatalf("reports of the two disks: %+v (VM ASID %d)", bodies, st.VMs[0].ASID)
+	}
+	if out, err := runErr("admin", "--socket", admin, "attest", "vm1", "--disk", "2", "--nonce", nonce); err == nil || !strings.Contains(out, "disks 0..1, not 2") {
+		t.Fatalf("attest of a disk the VM does not have: %v\n%s", err, out)
+	}
+
 	// Two disks of one VM on one file (a symlink to the first) are refused, naming the key:
 	// through the admin API while serving, and at start.
 	c := filepath.Join(e.dir, "c.img")

@@ -300,7 +300,8 @@ measurement, certificate, ASID), bound to a nonce you choose. Check it with
 			} else if _, err := hex.DecodeString(nonceHex); err != nil {
 				return fmt.Errorf("--nonce: not hex: %w", err)
 			}
-			raw, err := c.call("POST", "/v1/vms/"+url.PathEscape(args[0])+"/attest", daemon.AttestRequest{Nonce: nonceHex}, nil)
+			disk, _ := f.GetInt("disk")
+			raw, err := c.call("POST", "/v1/vms/"+url.PathEscape(args[0])+"/attest", daemon.AttestRequest{Nonce: nonceHex, Disk: disk}, nil)
 			if err != nil {
 				return err
 			}
@@ -313,6 +314,7 @@ measurement, certificate, ASID), bound to a nonce you choose. Check it with
 	}
 	cmd.Flags().String("nonce", "", "nonce, hex")
 	cmd.Flags().String("nonce-file", "", "nonce, raw bytes from a file")
+	cmd.Flags().Int("disk", 0, "which of the VM's disks (disks[] order, nvram last; 0 is the first)")
 	cmd.Flags().String("out", "", "write the report here instead of stdout")
 	return cmd
 }

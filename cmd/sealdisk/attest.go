@@ -58,8 +58,8 @@ signature verdict, suite, time). Exits non-zero on any failure.`,
 				return e.Encode(body)
 			}
 			fmt.Fprintf(w, "report OK: chain, signature and nonce verified\n")
-			fmt.Fprintf(w, "chip %s vm %q asid %d\nfirmware %s %s (%s)\ncertificate sha384 %s (signature %s)\nsuite %s image %s time %s\n",
-				body.ChipID, body.VM, body.ASID, body.MeasureAlg, body.FirmwareMeasurement, body.FirmwareVerdict,
+			fmt.Fprintf(w, "chip %s vm %q asid %d disk %d\nfirmware %s %s (%s)\ncertificate sha384 %s (signature %s)\nsuite %s image %s time %s\n",
+				body.ChipID, body.VM, body.ASID, body.Disk, body.MeasureAlg, body.FirmwareMeasurement, body.FirmwareVerdict,
 				body.CertDigest, body.SignatureVerdict, body.Suite, body.ImageUUID, body.Time)
 			if body.ImageCounter != nil {
 				fmt.Fprintf(w, "image counter %d root %s\n", *body.ImageCounter, body.ImageRoot)
