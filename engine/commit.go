@@ -22,7 +22,7 @@ type commitState struct {
 	seq     uint64   // of the current record
 	slot    int      // where the current record is
 	counter uint64   // of the newest record synced; the PSP's may still be behind it
-	adv     *advance // the newest counter-advancing commit whose record is synced
+	adv     *advance // the newest counter-advancing commit whose record is synced (admitted first)
 	// Syncs: goodMark is the syncer mark as of the last commit whose sync succeeded, goodHead
 	// the journal position it covered (this epoch); epochMark the mark when the epoch began.
 	goodMark, epochMark uint64
@@ -40,12 +40,7 @@ func (d *Disk) commit(bump bool) error {
 			d.commitMu.Unlock()
 			return nil
 		}
-		a := d.cs.adv
-		if a == nil && want == 0 { // nothing appended since the attach, whose state Admit recorded
-			d.commitMu.Unlock()
-			return nil
-		}
-		if a != nil && a.end >= want {
+		if a := d.cs.adv; a.end >= want {
 			d.commitMu.Unlock()
 			if a.wait() == nil {
 				return nil
@@ -79,6 +74,14 @@ type advance struct {
 	prev    *advance      // recorded first; only record reads it
 	done    chan struct{} // closed once recorded or failed
 	err     error         // set before done is closed
+}
+
+// admitted is the advance of the state an attach began from, which Admit recorded: it covers
+// the journal up to its start (LSN 0), so a flush with nothing appended since needs no counter.
+func admitted() *advance {
+	a := &advance{done: make(chan struct{})}
+	close(a.done)
+	return a
 }
 
 func (a *advance) record(roots psp.RootKeeper) error {

@@ -37,7 +37,6 @@ type journal struct {
 // checkpoints and appends again.
 var errJournalFull = errors.New("journal full")
 
-// reset starts epoch at position 0 (after recovery or a checkpoint); LSNs go on growing.
 // epochNow is the journal's current epoch.
 func (j *journal) epochNow() uint64 {
 	j.mu.Lock()
@@ -45,6 +44,7 @@ func (j *journal) epochNow() uint64 {
 	return j.epoch
 }
 
+// reset starts epoch at position 0 (after recovery or a checkpoint); LSNs go on growing.
 func (j *journal) reset(epoch uint64) {
 	j.mu.Lock()
 	defer j.mu.Unlock()

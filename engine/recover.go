@@ -38,7 +38,7 @@ func (d *Disk) open() error {
 	if err := d.roots.Admit(rec); err != nil {
 		return err
 	}
-	d.cs = commitState{seq: rec.Seq, slot: com.Slot, counter: rec.Counter}
+	d.cs = commitState{seq: rec.Seq, slot: com.Slot, counter: rec.Counter, adv: admitted()}
 	if d.readOnly {
 		if len(com.Blocks) > 0 {
 			return fmt.Errorf("the image's journal holds %d committed blocks not yet in place: attach it read-write once (which recovers them), or unseal it", len(com.Blocks))

@@ -97,8 +97,11 @@ func (p *part) appendWrite(w *pendingWrite) error {
 	}
 	for {
 		d.ckpt.RLock()
-		ep := d.jr.epochNow()
 		err := d.jr.append(w)
+		var full uint64 // the epoch found full (d.ckpt held: no checkpoint ends it meanwhile)
+		if errors.Is(err, errJournalFull) {
+			full = d.jr.epochNow()
+		}
 		if err == nil {
 			if serr := p.setEntries(w.ents); serr != nil {
 				d.breaks(serr)
@@ -109,7 +112,7 @@ func (p *part) appendWrite(w *pendingWrite) error {
 		}
 		d.ckpt.RUnlock()
 		if errors.Is(err, errJournalFull) {
-			if err = p.d.checkpointOf(ep); err == nil {
+			if err = p.d.checkpointOf(full); err == nil {
 				continue
 			}
 		}

@@ -36,13 +36,11 @@ var (
 
 // ReportBody is what the chip attests to.
 type ReportBody struct {
-	Version int    `json:"version"`
-	ChipID  string `json:"chip_id"`
-	VM      string `json:"vm"`
-	ASID    ASID   `json:"asid"`
-	// Disk is which of the VM's disks the launch is of (OPERATOR.md disks[] order, nvram
-	// last); absent for the first.
-	Disk                int    `json:"disk,omitempty"`
+	Version             int    `json:"version"`
+	ChipID              string `json:"chip_id"`
+	VM                  string `json:"vm"`
+	ASID                ASID   `json:"asid"`
+	Disk                int    `json:"disk,omitempty"` // which of the VM's disks (disks[] order, nvram last); absent: the first
 	FirmwareMeasurement string `json:"firmware_measurement"`
 	MeasureAlg          string `json:"measure_alg"`
 	FirmwareVerdict     string `json:"firmware_verdict"`
