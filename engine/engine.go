@@ -184,6 +184,15 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, er
 	if e.disks[asid] != nil {
 		return nil, fmt.Errorf("failed to attach: ASID %d already has a disk", asid)
 	}
+	ro := readOnly || ks.b.ReadOnly || h.ReadOnly
+	if dc, ok := st.(interface{ DropCache() error }); ok && !ro {
+		// Before the mapping, which would keep the pages it maps: a writable image's clean
+		// pages may be large folios that make every one-sector write in place cost a walk of
+		// the folio (store.File.DropCache).
+		if err := dc.DropCache(); err != nil {
+			e.opts.Logger.Info("image's cached pages kept", "asid", asid, "error", err)
+		}
+	}
 	if m, ok := st.(interface {
 		SetMapped(bool) error
 		Mapped() int64
@@ -196,7 +205,7 @@ func (e *Engine) Attach(asid psp.ASID, st store.Store, readOnly bool) (*Disk, er
 			e.opts.Logger.Info("image not mapped; reads use pread", "asid", asid)
 		}
 	}
-	d, err := newDisk(e, asid, st, h, ks.cipher, ks.b.Roots, readOnly || ks.b.ReadOnly || h.ReadOnly)
+	d, err := newDisk(e, asid, st, h, ks.cipher, ks.b.Roots, ro)
 	if err != nil {
 		return nil, fmt.Errorf("failed to attach: %w", err)
 	}

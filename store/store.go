@@ -82,6 +82,19 @@ func (s *File) Sync() error {
 	return nil
 }
 
+// DropCache asks the kernel to drop the file's clean cached pages (posix_fadvise
+// POSIX_FADV_DONTNEED over the whole file); dirty pages stay. Pages that a writer such as
+// `seal` or `cp` left behind are large folios, and a later write of one sector into a large
+// folio, and the sync that writes it back, walk every block of the folio (BENCHMARKS.md,
+// "large folios"): the engine drops them at a read-write attach so that the page cache is
+// refilled at the sizes of its own I/O. Advisory: the file's contents never change.
+func (s *File) DropCache() error {
+	if err := unix.Fadvise(int(s.f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		return fmt.Errorf("failed to drop the cached pages of %s: %w", s.f.Name(), err)
+	}
+	return nil
+}
+
 // ErrPunchUnsupported is returned when the filesystem cannot punch holes; callers fall back
 // to writing zeros where that is acceptable.
 var ErrPunchUnsupported = errors.New("filesystem does not support punching holes")

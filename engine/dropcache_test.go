@@ -1,0 +1,119 @@
+package engine
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sealdisk/sealdisk/store"
+)
+
+// TestAttachDropsTheImagesCachedPages: a read-write attach drops the image's clean cached
+// pages (store.File.DropCache), which a writer of the whole file leaves as large folios that
+// make every one-sector write in place walk the folio; a read-only attach keeps them. Needs a
+// file system with a page cache of its own (tmpfs pages are the file: nothing to drop).
+func TestAttachDropsTheImagesCachedPages(t *testing.T) {
+	dir := t.TempDir()
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		t.Fatal(err)
+	}
+	if fs.Type == unix.TMPFS_MAGIC {
+		d, err := os.MkdirTemp("/var/tmp", "sealdisk-dropcache-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		dir = d
+	}
+	im := newTestImage(t, 16<<20, 4096, 1<<20)
+	path := filepath.Join(dir, "vm.img")
+	st := reopenCreate(t, im, path)
+	e := New(Options{Shards: 2, CacheBytes: 1 << 20})
+	d := im.attach(t, e, 1, st)
+	buf := make([]byte, 16<<20)
+	for i := range buf {
+		buf[i] = byte(i * 7)
+	}
+	must(t, d.WriteAt(ctx, buf, 0, false))
+	must(t, d.Flush(ctx))
+	must(t, e.ClearKey(1)) // detach: checkpointed, in place, synced
+	warm := func() {
+		if _, err := os.ReadFile(path); err != nil { // as cp or seal leave it: cached, clean
+			t.Fatal(err)
+		}
+	}
+	warm()
+	size := resident(t, path)
+	if size.of < 16<<20/4096 || size.in < size.of*9/10 {
+		t.Fatalf("image not cached before the attach: %d of %d pages", size.in, size.of)
+	}
+
+	d = im.attach(t, e, 1, reopen(t, path))
+	after := resident(t, path)
+	if after.in > after.of/10 {
+		t.Fatalf("read-write attach kept %d of %d cached pages; want them dropped", after.in, after.of)
+	}
+	got := make([]byte, len(buf))
+	must(t, d.ReadAt(ctx, got, 0))
+	if string(got) != string(buf) {
+		t.Fatal("image reads differently after its pages were dropped")
+	}
+	must(t, e.ClearKey(1))
+
+	warm()
+	if err := e.LoadKey(1, im.Binding()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Attach(1, reopen(t, path), true); err != nil {
+		t.Fatal(err)
+	}
+	if ro := resident(t, path); ro.in < ro.of*9/10 {
+		t.Fatalf("read-only attach dropped cached pages: %d of %d left", ro.in, ro.of)
+	}
+	must(t, e.ClearKey(1))
+	must(t, e.Close())
+}
+
+// reopenCreate creates the image at path, as a new image.
+func reopenCreate(t *testing.T, im *testImage, path string) *store.File {
+	f, err := store.CreateFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.create(t, f)
+	return f
+}
+
+type pages struct{ in, of int }
+
+// resident counts the file's pages in the page cache (mincore over a mapping of it).
+func resident(t *testing.T, path string) pages {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal(errno)
+	}
+	n := 0
+	for _, v := range vec {
+		n += int(v & 1)
+	}
+	return pages{in: n, of: len(vec)}
+}
