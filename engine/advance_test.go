@@ -253,3 +253,27 @@ func TestCheckpointOfAnEndedEpochDoesNothing(t *testing.T) {
 		t.Fatalf("checkpointOf an ended epoch committed (%d journal syncs, want %d)", got, syncs)
 	}
 }
+
+// TestBrokenDiskDoesNotCheckpoint: once the disk's memory no longer matches its journal
+// (Disk.breaks), a checkpoint — even with everything appended committed — writes no pages, tree
+// or epoch record: recovery at the next attach restores the last commit.
+func TestBrokenDiskDoesNotCheckpoint(t *testing.T) {
+	const ss = 4096
+	im := newTestImage(t, 64*ss, ss, 1<<20)
+	st := storetest.NewMem(0)
+	im.create(t, st)
+	e := New(Options{Shards: 1, Logger: quietLog})
+	defer e.Close()
+	d := im.attach(t, e, 1, st)
+	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{7}, ss), 0, false))
+	must(t, d.Flush(ctx))
+	ep := d.jr.epochNow()
+	d.breaks(errors.New("a write-back's entries were not applied"))
+	err := d.checkpoint()
+	if err == nil || !strings.Contains(err.Error(), "no longer matches its journal") {
+		t.Fatalf("checkpoint of a broken disk: %v; want it refused", err)
+	}
+	if got := d.jr.epochNow(); got != ep {
+		t.Fatalf("checkpoint of a broken disk began epoch %d (was %d)", got, ep)
+	}
+}

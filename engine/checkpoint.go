@@ -39,10 +39,14 @@ func (d *Disk) checkpointIf(still func() bool) error {
 	if still != nil && !still() {
 		return nil
 	}
+	d.hashLeaves()
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
 	mark := d.syncs.mark()
 	c, root := d.cutLocked()
+	if err := d.broken.Load(); err != nil {
+		return fmt.Errorf("failed to checkpoint: the disk's state in memory no longer matches its journal (%w); detach and attach it again", *err)
+	}
 	if err := d.jr.writeUnwritten(); err != nil {
 		return fmt.Errorf("failed to checkpoint: %w", err)
 	}

@@ -48,6 +48,7 @@ func (d *Disk) commit(bump bool) error {
 			d.commitMu.Lock() // its counter was not recorded: advance it again
 		}
 	}
+	d.hashLeaves() // most of the cut's hashing, while the parts go on appending
 	d.ckpt.Lock()
 	c, root := d.cutLocked()
 	err := d.jr.writeUnwritten()
@@ -142,6 +143,7 @@ func (d *Disk) requestCommit() {
 func (d *Disk) cutLocked() (cut, [32]byte) {
 	c := d.jr.cutNow()
 	var root [32]byte
+	d.hashLeaves()
 	if d.tree != nil {
 		root = d.tree.Root()
 	}

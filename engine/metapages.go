@@ -216,17 +216,29 @@ func (p *part) setEntries(ents []sector.LogEntry) error {
 	return nil
 }
 
-// changed records a page whose entries setEntries changed.
+// changed records a page whose entries setEntries changed; with a tree, its leaf is set at
+// the next commit's cut (Disk.hashLeaves).
 func (p *part) changed(pg *metaPage) {
-	d := p.d
-	d.meta.put(pg)
+	p.d.meta.put(pg)
+}
+
+// hashLeaves sets the tree leaf of every page changed since it last ran. The cut calls it with
+// d.ckpt held exclusively, so the root it then computes covers every entry appended; a commit
+// calls it first with only commitMu held (which serialises the calls), so the cut hashes only
+// the pages changed meanwhile. SetLeaf fails only on a read error of a tree node evicted
+// since, after which the disk's memory no longer matches its journal (Disk.breaks).
+func (d *Disk) hashLeaves() {
 	if d.tree == nil {
 		return
 	}
-	buf := pg.bytes()[:]
-	// The path was loaded, and checked, when the page was read; SetLeaf fails only on a read
-	// error of an evicted node, which then fails the write-back as any store error does.
-	if err := d.tree.SetLeaf(pg.idx, tree.LeafDigest(d.h.UUID, pg.idx, buf)); err != nil {
-		d.breaks(fmt.Errorf("failed to update the integrity tree for metadata page %d: %w", pg.idx, err))
+	var buf [format.MetaPageSize]byte
+	for idx := range d.meta.takeUnhashed() {
+		if !d.meta.copyOf(idx, &buf) {
+			panic("BUG: engine: a page waiting for its leaf is not among the changed pages")
+		}
+		if err := d.tree.SetLeaf(idx, tree.LeafDigest(d.h.UUID, idx, buf[:])); err != nil {
+			d.breaks(fmt.Errorf("failed to update the integrity tree for metadata page %d: %w", idx, err))
+		}
 	}
+	clear(buf[:])
 }

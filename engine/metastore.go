@@ -13,8 +13,14 @@ import (
 // the page on disk is the checkpoint's and this copy is the truth: a part that evicts the page
 // reads it back from here, and the checkpoint writes it from here without asking the shards.
 type dirtyPages struct {
-	mu    sync.Mutex // guards pages
+	mu    sync.Mutex // guards pages and unhashed
 	pages map[uint64]*[format.MetaPageSize]byte
+	// unhashed is the changed pages whose leaf in the integrity tree is behind their bytes,
+	// when hashed is set (images with a tree): a commit's cut sets their leaves
+	// (Disk.hashLeaves), not every write-back, so a page changed many times between two
+	// commits is hashed once.
+	unhashed map[uint64]struct{}
+	hashed   bool
 }
 
 // put records page idx's current entries.
@@ -30,6 +36,34 @@ func (m *dirtyPages) put(pg *metaPage) {
 		m.pages[pg.idx] = b
 	}
 	*b = *pg.bytes()
+	if m.hashed {
+		if m.unhashed == nil {
+			m.unhashed = map[uint64]struct{}{}
+		}
+		m.unhashed[pg.idx] = struct{}{}
+	}
+}
+
+// takeUnhashed returns the pages whose leaves are behind their bytes, and forgets them: a put
+// after it records the page again.
+func (m *dirtyPages) takeUnhashed() map[uint64]struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	u := m.unhashed
+	m.unhashed = nil
+	return u
+}
+
+// copyOf copies page idx's current bytes into dst (false: not changed since the checkpoint).
+func (m *dirtyPages) copyOf(idx uint64, dst *[format.MetaPageSize]byte) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b := m.pages[idx]
+	if b == nil {
+		return false
+	}
+	*dst = *b
+	return true
 }
 
 // get fills pg with page idx's entries if it changed since the checkpoint.

@@ -51,6 +51,7 @@ func (d *Disk) open() error {
 	if err := d.replay(rec, com.Blocks); err != nil {
 		return err
 	}
+	d.meta.hashed = d.tree != nil
 	d.jr.reset(rec.Epoch)
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
