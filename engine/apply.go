@@ -113,15 +113,29 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 	return nil
 }
 
-// applyCommitted applies the part's committed writes, oldest first, and retires them. A
-// failure leaves the write pending (its sectors read from it), to be tried again: the journal holds
+// applyCommitted applies the part's committed writes, oldest first, once its appends hold
+// more than their bound (maxPending), and retires every applied one (a checkpoint applies
+// them too). Below the bound they wait, read from memory: a commit's sync then writes the
+// journal blocks and the record only, not the in-place writes since the last commit as well —
+// with a guest that flushes every few writes, one sync per flush of half the bytes. A failure
+// leaves the write pending (its sectors read from it), to be tried again: the journal holds
 // it, and the checkpoint writes it in place before the journal is reused.
-func (p *part) applyCommitted() error {
+func (p *part) applyCommitted() error { return p.applyIf(p.pendingBytes > p.maxPending) }
+
+// applyAll applies every committed write of the part (an idle part: nothing waits in memory
+// for the next burst).
+func (p *part) applyAll() error { return p.applyIf(true) }
+
+// applyIf applies the committed writes when apply is set and retires the applied ones.
+func (p *part) applyIf(apply bool) error {
 	d := p.d
 	committed := d.committed.Load()
 	for len(p.pending) > 0 && p.pending[0].end <= committed {
 		w := p.pending[0]
 		if !w.applied.Load() {
+			if !apply {
+				return nil
+			}
 			d.ckpt.RLock()
 			var err error
 			if !w.applied.Load() {

@@ -83,11 +83,29 @@ func TestStoreErrorsSurface(t *testing.T) {
 			es.SetInjector(nil)
 			must(t, d.Flush(ctx))
 		}},
-		{"in-place write fails after a commit", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
-			// two sectors: the append stays below what makes the write-back commit and apply itself
+		{"in-place write fails at a checkpoint", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
+			// two sectors: the append stays below what makes a write-back apply it
 			must(t, d.WriteAt(ctx, fill[:2*ss], 0, true))
 			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.DataPos(0), 8*ss))
-			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) { // a flush applies what is committed first
+			must(t, d.Flush(ctx)) // commits, applies nothing
+			if err := d.checkpoint(); !errors.Is(err, storetest.ErrInjected) {
+				t.Fatalf("checkpoint: %v", err)
+			}
+			must(t, d.WriteAt(ctx, fill[2*ss:], 2*ss, false))
+			got := make([]byte, len(fill))
+			if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, fill) {
+				t.Fatalf("read of sectors whose in-place write failed: %v", err)
+			}
+			es.SetInjector(nil)
+			must(t, d.Flush(ctx))
+		}},
+		{"in-place write fails past the appends' bound", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
+			// eight sectors in one part: the committed append holds more than the part's bound
+			// (a quarter of its lines), so its next write-back applies it
+			must(t, d.WriteAt(ctx, fill[:6*ss], 0, true))
+			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.DataPos(0), 8*ss))
+			must(t, d.WriteAt(ctx, fill[6*ss:], 6*ss, false))
+			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
 			must(t, d.WriteAt(ctx, fill[2*ss:], 2*ss, false))
@@ -126,8 +144,8 @@ func TestStoreErrorsSurface(t *testing.T) {
 			must(t, d.WriteAt(ctx, fill, 0, true))
 			es.SetInjector(storetest.FailAfter(storetest.OpPunch, 0))
 			must(t, d.Trim(ctx, 0, 8*ss, true)) // journaled and committed; punched once applied
-			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
-				t.Fatalf("flush applying the trim: %v", err)
+			if err := d.checkpoint(); !errors.Is(err, storetest.ErrInjected) {
+				t.Fatalf("checkpoint applying the trim: %v", err)
 			}
 			es.SetInjector(nil)
 			// the trim failed: its range is undefined, but readable, and rewritable

@@ -179,5 +179,5 @@ func (p *part) idle(cutoff time.Time) error {
 			return err
 		}
 	}
-	return p.applyCommitted()
+	return p.applyAll()
 }
