@@ -229,14 +229,7 @@ func TestCheckpointBeginsBeforeTheJournalIsFull(t *testing.T) {
 // epoch that followed (three more syncs for a nearly empty journal).
 func TestCheckpointOfAnEndedEpochDoesNothing(t *testing.T) {
 	const ss = 4096
-	im := newTestImage(t, 64*ss, ss, 1<<20)
-	st := storetest.NewMem(0)
-	im.create(t, st)
-	e := New(Options{Shards: 1, Logger: quietLog})
-	defer e.Close()
-	d := im.attach(t, e, 1, st)
-	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{7}, ss), 0, false))
-	must(t, d.Flush(ctx))
+	d := flushedDisk(t, ss)
 	old := d.jr.epochNow()
 	must(t, d.checkpointOf(old))
 	now := d.jr.epochNow()
@@ -259,14 +252,7 @@ func TestCheckpointOfAnEndedEpochDoesNothing(t *testing.T) {
 // or epoch record: recovery at the next attach restores the last commit.
 func TestBrokenDiskDoesNotCheckpoint(t *testing.T) {
 	const ss = 4096
-	im := newTestImage(t, 64*ss, ss, 1<<20)
-	st := storetest.NewMem(0)
-	im.create(t, st)
-	e := New(Options{Shards: 1, Logger: quietLog})
-	defer e.Close()
-	d := im.attach(t, e, 1, st)
-	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{7}, ss), 0, false))
-	must(t, d.Flush(ctx))
+	d := flushedDisk(t, ss)
 	ep := d.jr.epochNow()
 	d.breaks(errors.New("a write-back's entries were not applied"))
 	err := d.checkpoint()
@@ -276,4 +262,18 @@ func TestBrokenDiskDoesNotCheckpoint(t *testing.T) {
 	if got := d.jr.epochNow(); got != ep {
 		t.Fatalf("checkpoint of a broken disk began epoch %d (was %d)", got, ep)
 	}
+}
+
+// flushedDisk is a one-shard disk of 64 sectors of ss bytes on a memory store, with sector 0
+// written and flushed; the engine closes at the test's end.
+func flushedDisk(t *testing.T, ss int) *Disk {
+	im := newTestImage(t, 64*uint64(ss), uint32(ss), 1<<20)
+	st := storetest.NewMem(0)
+	im.create(t, st)
+	e := New(Options{Shards: 1, Logger: quietLog})
+	t.Cleanup(func() { e.Close() })
+	d := im.attach(t, e, 1, st)
+	must(t, d.WriteAt(ctx, bytes.Repeat([]byte{7}, ss), 0, false))
+	must(t, d.Flush(ctx))
+	return d
 }

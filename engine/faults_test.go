@@ -22,6 +22,17 @@ func TestStoreErrorsSurface(t *testing.T) {
 	const ss = 4096
 	type step func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage)
 	fill := bytes.Repeat([]byte{0x5a}, 8*ss)
+	// stillReadable: after an in-place write failed, the disk takes more writes, reads every
+	// sector from its pending append, and flushes once the store works again.
+	stillReadable := func(t *testing.T, d *Disk, es *storetest.ErrStore) {
+		must(t, d.WriteAt(ctx, fill[2*ss:], 2*ss, false))
+		got := make([]byte, len(fill))
+		if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, fill) {
+			t.Fatalf("read of sectors whose in-place write failed: %v", err)
+		}
+		es.SetInjector(nil)
+		must(t, d.Flush(ctx))
+	}
 	cases := []struct {
 		name string
 		run  step
@@ -91,30 +102,18 @@ func TestStoreErrorsSurface(t *testing.T) {
 			if err := d.checkpoint(); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("checkpoint: %v", err)
 			}
-			must(t, d.WriteAt(ctx, fill[2*ss:], 2*ss, false))
-			got := make([]byte, len(fill))
-			if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, fill) {
-				t.Fatalf("read of sectors whose in-place write failed: %v", err)
-			}
-			es.SetInjector(nil)
-			must(t, d.Flush(ctx))
+			stillReadable(t, d, es)
 		}},
 		{"in-place write fails past the appends' bound", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
-			// eight sectors in one part: the committed append holds more than the part's bound
-			// (a quarter of its lines), so its next write-back applies it
+			// six sectors in one part, committed, then two more: the appends hold more than the
+			// part's bound (a quarter of its lines), so the second write-back applies the first
 			must(t, d.WriteAt(ctx, fill[:6*ss], 0, true))
 			es.SetInjector(storetest.FailRange(storetest.OpWrite, im.h.DataPos(0), 8*ss))
 			must(t, d.WriteAt(ctx, fill[6*ss:], 6*ss, false))
 			if err := d.Flush(ctx); !errors.Is(err, storetest.ErrInjected) {
 				t.Fatalf("flush: %v", err)
 			}
-			must(t, d.WriteAt(ctx, fill[2*ss:], 2*ss, false))
-			got := make([]byte, len(fill))
-			if err := d.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, fill) {
-				t.Fatalf("read of sectors whose in-place write failed: %v", err)
-			}
-			es.SetInjector(nil)
-			must(t, d.Flush(ctx))
+			stillReadable(t, d, es)
 		}},
 		{"metadata write fails at a checkpoint", func(t *testing.T, d *Disk, es *storetest.ErrStore, im *testImage) {
 			must(t, d.WriteAt(ctx, fill, 0, true))

@@ -67,16 +67,7 @@ func (m *dirtyPages) copyOf(idx uint64, dst *[format.MetaPageSize]byte) bool {
 }
 
 // get fills pg with page idx's entries if it changed since the checkpoint.
-func (m *dirtyPages) get(idx uint64, pg *metaPage) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	b := m.pages[idx]
-	if b == nil {
-		return false
-	}
-	*pg.bytes() = *b
-	return true
-}
+func (m *dirtyPages) get(idx uint64, pg *metaPage) bool { return m.copyOf(idx, pg.bytes()) }
 
 func (m *dirtyPages) len() int {
 	m.mu.Lock()
