@@ -167,10 +167,13 @@ func (p *part) shrink() error {
 		}
 	}
 	if len(p.dirtyLines) > p.maxDirty {
-		// Write back what is dirty now, the cheap way (no sync): a later flush then seals
-		// only what was written since. A failure fails no guest request — the lines stay
-		// dirty, and the flush that needs them reports it.
-		p.wb = append(p.wb[:0], p.dirtyLines...)
+		// Write back an eighth of the bound, the cheap way (no sync), so dirty data stays
+		// under it and a later flush seals little; a slice at a time, not every dirty line
+		// at once, so the requests behind this one wait for a few hundred sectors' sealing,
+		// not thousands. A failure fails no guest request — the lines stay dirty, and the
+		// flush that needs them reports it.
+		n := min(len(p.dirtyLines), len(p.dirtyLines)-p.maxDirty+max(p.maxDirty/8, 1))
+		p.wb = append(p.wb[:0], p.dirtyLines[:n]...)
 		if err := p.writeback(p.wb); err != nil {
 			p.d.e.opts.Logger.Debug("background write-back failed; the lines stay dirty", "asid", p.d.asid, "error", err)
 		}
