@@ -172,7 +172,7 @@ func (p *part) shrink() error {
 		// at once, so the requests behind this one wait for a few hundred sectors' sealing,
 		// not thousands. A failure fails no guest request — the lines stay dirty, and the
 		// flush that needs them reports it.
-		n := min(len(p.dirtyLines), len(p.dirtyLines)-p.maxDirty+max(p.maxDirty/8, 1))
+		n := len(p.dirtyLines) - p.maxDirty + max(p.maxDirty/8, 1) // ≤ len: maxDirty ≥ 1
 		p.wb = append(p.wb[:0], p.dirtyLines[:n]...)
 		if err := p.writeback(p.wb); err != nil {
 			p.d.e.opts.Logger.Debug("background write-back failed; the lines stay dirty", "asid", p.d.asid, "error", err)

@@ -7,8 +7,6 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/sealdisk/sealdisk/store"
 )
 
 // TestAttachDropsTheImagesCachedPages: a read-write attach drops the image's clean cached
@@ -31,7 +29,7 @@ func TestAttachDropsTheImagesCachedPages(t *testing.T) {
 	}
 	im := newTestImage(t, 16<<20, 4096, 1<<20)
 	path := filepath.Join(dir, "vm.img")
-	st := reopenCreate(t, im, path)
+	st := fileStoreAt(t, im, path)
 	e := New(Options{Shards: 2, CacheBytes: 1 << 20})
 	d := im.attach(t, e, 1, st)
 	buf := make([]byte, 16<<20)
@@ -76,16 +74,6 @@ func TestAttachDropsTheImagesCachedPages(t *testing.T) {
 	}
 	must(t, e.ClearKey(1))
 	must(t, e.Close())
-}
-
-// reopenCreate creates the image at path, as a new image.
-func reopenCreate(t *testing.T, im *testImage, path string) *store.File {
-	f, err := store.CreateFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im.create(t, f)
-	return f
 }
 
 type pages struct{ in, of int }

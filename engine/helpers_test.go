@@ -53,12 +53,17 @@ func (im *testImage) attach(t testing.TB, e *Engine, asid psp.ASID, st store.Sto
 
 func fileStore(t testing.TB, im *testImage) (*store.File, string) {
 	p := filepath.Join(t.TempDir(), "vm.img")
-	f, err := store.CreateFile(p)
+	return fileStoreAt(t, im, p), p
+}
+
+// fileStoreAt creates the image as a new file at path.
+func fileStoreAt(t testing.TB, im *testImage, path string) *store.File {
+	f, err := store.CreateFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	im.create(t, f)
-	return f, p
+	return f
 }
 
 func reopen(t testing.TB, p string) *store.File {

@@ -240,5 +240,4 @@ func (d *Disk) hashLeaves() {
 			d.breaks(fmt.Errorf("failed to update the integrity tree for metadata page %d: %w", idx, err))
 		}
 	}
-	clear(buf[:])
 }
