@@ -110,6 +110,24 @@ func (mp *mapping) readMapped(p []byte, off int64, f *os.File) (n int, ok bool, 
 	return len(p), true, nil
 }
 
+// readAheadMapped asks for [off, off+n) with MADV_WILLNEED unless its blocks are warm; false when
+// the range is not inside the mapping.
+func (mp *mapping) readAheadMapped(off, n int64) bool {
+	if n <= 0 || off < 0 {
+		return true
+	}
+	mp.mu.RLock()
+	defer mp.mu.RUnlock()
+	if off > int64(len(mp.m))-n {
+		return false
+	}
+	if !mp.isWarm(off/warmBlock, (off+n-1)/warmBlock) {
+		pg := off &^ int64(os.Getpagesize()-1)
+		_ = unix.Madvise(mp.m[pg:off+n], unix.MADV_WILLNEED) // advice: a failure only costs speed
+	}
+	return true
+}
+
 func (mp *mapping) isWarm(first, last int64) bool {
 	for b := first; b <= last; b++ {
 		if mp.warm[b/64].Load()&(1<<(b%64)) == 0 {

@@ -74,6 +74,16 @@ func (s *File) ReadAt(p []byte, off int64) (int, error) {
 
 func (s *File) WriteAt(p []byte, off int64) (int, error) { return s.f.WriteAt(p, off) }
 
+// ReadAhead asks the kernel to read [off, off+n) into the page cache in the background
+// (MADV_WILLNEED on the mapping, unless it records the range as in memory already;
+// POSIX_FADV_WILLNEED without one): a hint from a caller about to read the range in small
+// pieces, one at a time — the engine's metadata pages — so that they cost one I/O, not one each.
+func (s *File) ReadAhead(off, n int64) {
+	if !s.readAheadMapped(off, n) {
+		_ = unix.Fadvise(int(s.f.Fd()), off, n, unix.FADV_WILLNEED) // advice: a failure only costs speed
+	}
+}
+
 // Sync makes completed writes durable (fdatasync).
 func (s *File) Sync() error {
 	if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
