@@ -172,7 +172,7 @@ func TestFlushAfterAFailedCounterWriteRecordsItAgain(t *testing.T) {
 	}
 }
 
-// TestCheckpointBeginsBeforeTheJournalIsFull: once appends fill three quarters of the journal,
+// TestCheckpointBeginsBeforeTheJournalIsFull: once appends fill half of the journal,
 // the background committer checkpoints (the journal starts a new epoch) with no further write,
 // so a write-back rarely finds the journal full and waits for a whole checkpoint.
 func TestCheckpointBeginsBeforeTheJournalIsFull(t *testing.T) {
@@ -201,12 +201,12 @@ func TestCheckpointBeginsBeforeTheJournalIsFull(t *testing.T) {
 			per = head - prev // one write's journal bytes
 		}
 		if ep != epoch0 {
-			if prev+per <= size/4*3 {
-				t.Fatalf("a checkpoint came at %d of %d journal bytes, before three quarters", prev+per, size)
+			if prev+per <= size/2 {
+				t.Fatalf("a checkpoint came at %d of %d journal bytes, before half", prev+per, size)
 			}
-			return // it came as this write crossed three quarters, before the next one
+			return // it came as this write crossed half, before the next one
 		}
-		if head > size/4*3 {
+		if head > size/2 {
 			break // no more writes: the journal never fills
 		}
 		prev = head

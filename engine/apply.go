@@ -20,10 +20,20 @@ type pendingWrite struct {
 	ents   []sector.LogEntry // every block's entries, back to back (the blocks' are views)
 	pos    uint64            // its offset in its epoch's journal, set by journal.append
 	end    uint64            // the LSN after it, set by journal.append
-	// applied is set once its data is in place, by the part or by a checkpoint (which holds
-	// d.ckpt exclusively, so never both at once); the part then retires it.
-	applied atomic.Bool
+	// state is pending, applying or applied (tryApply): the part, a checkpoint before it
+	// stops appends, or the checkpoint with appends stopped writes it in place, whoever claims
+	// it; the part retires it once applied.
+	state atomic.Int32
 }
+
+// A pendingWrite's states: whoever moves it from pending to applying writes it in place
+// (with d.ckpt held shared, or exclusively by a checkpoint), then marks it applied, or pending
+// again if that failed.
+const (
+	writePending int32 = iota
+	writeApplying
+	writeApplied
+)
 
 // pendingBlock is one block of a pendingWrite: header at buf[off:], then (kind data) the
 // ciphertexts of ents, in order (ascending LBA).
@@ -80,9 +90,26 @@ func (w *pendingWrite) free() {
 	}
 }
 
+// tryApply writes w in place unless it is applied (true) or someone else is writing it (false):
+// the claim keeps two writers from writing one append, or its buffer from being freed under the
+// one writing it. The caller holds d.ckpt (shared or exclusively) and claims a part's appends in
+// their order, stopping at one it cannot claim: the later of two appends of one sector must
+// reach the data region last.
+func (w *pendingWrite) tryApply(d *Disk) (bool, error) {
+	if !w.state.CompareAndSwap(writePending, writeApplying) {
+		return w.state.Load() == writeApplied, nil
+	}
+	if err := w.applyTo(d); err != nil {
+		w.state.Store(writePending)
+		return false, err
+	}
+	w.state.Store(writeApplied)
+	return true, nil
+}
+
 // applyTo writes the write's ciphertexts in place and punches its trims, with the part's gate
 // held, so no read opening those sectors outside the shard sees data change under the entry it
-// took. Contiguous sectors go in one system call.
+// took. Contiguous sectors go in one system call. The caller has claimed w (tryApply).
 func (w *pendingWrite) applyTo(d *Disk) error {
 	p := w.p
 	p.gate.Lock()
@@ -109,7 +136,6 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 			return err
 		}
 	}
-	w.applied.Store(true)
 	return nil
 }
 
@@ -132,17 +158,14 @@ func (p *part) applyIf(apply bool) error {
 	committed := d.committed.Load()
 	for len(p.pending) > 0 && p.pending[0].end <= committed {
 		w := p.pending[0]
-		if !w.applied.Load() {
+		if w.state.Load() != writeApplied {
 			if !apply {
 				return nil
 			}
 			d.ckpt.RLock()
-			var err error
-			if !w.applied.Load() {
-				err = w.applyTo(d)
-			}
+			done, err := w.tryApply(d)
 			d.ckpt.RUnlock()
-			if err != nil {
+			if err != nil || !done { // !done: a checkpoint is writing it; retired later
 				return err
 			}
 		}

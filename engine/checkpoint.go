@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/sealdisk/sealdisk/format"
 	"github.com/sealdisk/sealdisk/sector"
@@ -12,9 +13,11 @@ import (
 // checkpoint commits what is appended, writes every committed append in place and every
 // metadata page and tree node changed since the last checkpoint, syncs, and starts the next
 // epoch with a record of its own, synced before any block of it overwrites the journal
-// (FORMAT.md §6.2 (4)). It holds d.ckpt exclusively throughout, so no append runs in between;
-// the parts' own applying waits too (apply.go). On failure nothing is lost: the epoch's record
-// and journal stay current, and the next checkpoint starts over.
+// (FORMAT.md §6.2 (4)). Most of its in-place writes come first, while appends go on
+// (checkpointIf); the rest, the pages, the tree and the new epoch's record with d.ckpt held
+// exclusively, so no append, and no one else's writing in place, runs in between. On failure
+// nothing is lost: the epoch's record and journal stay current, and the next checkpoint starts
+// over.
 func (d *Disk) checkpoint() error { return d.checkpointIf(nil) }
 
 // checkpointOf checkpoints the journal's epoch ep, unless a checkpoint has ended it meanwhile:
@@ -29,10 +32,21 @@ func (d *Disk) checkpointOf(ep uint64) error {
 
 // checkpointIf is checkpoint, done only if still (when given) holds once commitMu is held.
 func (d *Disk) checkpointIf(still func() bool) error {
-	// Sync first with nothing held: the bulk of what the checkpoint's syncs would write (the
-	// appends and the in-place writes since the last sync) goes to the disk while appends go
-	// on, and the syncs under d.ckpt write only what came after. A failure is counted (syncer)
-	// and found below, as any failure in the epoch is.
+	// Commit, write the committed appends in place and sync, all while appends go on: the bulk
+	// of what the checkpoint would write and sync with appends stopped — the in-place writes
+	// above all — is on the disk before it stops them, and it writes and syncs only what came
+	// after. A failure here is left to the steps below, which do it all again: a failed sync
+	// is counted (syncer) and found there, as any failure in the epoch is.
+	for range aheadRounds {
+		from := d.jr.end()
+		if d.commit(false) != nil {
+			break
+		}
+		d.applyAhead()
+		if d.jr.end()-from <= d.jr.size/16 { // what came meanwhile is left for the steps below
+			break
+		}
+	}
 	_ = d.syncs.since(d.syncs.mark())
 	d.commitMu.Lock()
 	defer d.commitMu.Unlock()
@@ -63,10 +77,8 @@ func (d *Disk) checkpointIf(still func() bool) error {
 		}
 	}
 	for _, w := range d.jr.writes {
-		if !w.applied.Load() {
-			if err := w.applyTo(d); err != nil {
-				return fmt.Errorf("failed to checkpoint: %w", err)
-			}
+		if _, err := w.tryApply(d); err != nil { // no claim is held: every claimer holds d.ckpt
+			return fmt.Errorf("failed to checkpoint: %w", err)
 		}
 	}
 	if err := d.meta.writeBack(d); err != nil {
@@ -86,6 +98,39 @@ func (d *Disk) checkpointIf(still func() bool) error {
 	d.meta.forget()
 	d.syncs.checkpointed(mark)
 	return nil
+}
+
+// aheadRounds bounds a checkpoint's rounds of committing and writing in place before it stops
+// appends: each round takes what was appended during the one before.
+const aheadRounds = 4
+
+// applyAhead writes this epoch's committed appends in place before a checkpoint stops appends,
+// each claimed (tryApply) with d.ckpt held shared, in journal order; a part's appends after one
+// it cannot claim (its part is writing it) or failed to write are left to the part and the
+// checkpoint.
+func (d *Disk) applyAhead() {
+	d.jr.mu.Lock()
+	ws := slices.Clone(d.jr.writes)
+	d.jr.mu.Unlock()
+	committed := d.committed.Load()
+	var stopped map[*part]bool
+	for _, w := range ws {
+		if w.end > committed {
+			break
+		}
+		if stopped[w.p] {
+			continue
+		}
+		d.ckpt.RLock()
+		done, err := w.tryApply(d)
+		d.ckpt.RUnlock()
+		if err != nil || !done {
+			if stopped == nil {
+				stopped = make(map[*part]bool)
+			}
+			stopped[w.p] = true
+		}
+	}
 }
 
 // nextEpochLocked writes and syncs the record of a new, empty epoch (head 0), then lets the

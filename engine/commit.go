@@ -121,9 +121,9 @@ func (d *Disk) committer() {
 }
 
 // requestCheckpoint asks the background committer for a checkpoint of the journal's epoch ep
-// (which commits too), without waiting: the journal is three quarters full, and a checkpoint begun
-// before it is full syncs most of the epoch while the parts go on appending (checkpoint's
-// first sync).
+// (which commits too), without waiting: the journal is half full, and a checkpoint begun
+// before it is full writes most of the epoch in place and syncs it while the parts go on
+// appending (checkpointIf).
 func (d *Disk) requestCheckpoint(ep uint64) {
 	if d.kick != nil && d.ckptWanted.Swap(ep+1) != ep+1 {
 		d.requestCommit()

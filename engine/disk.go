@@ -40,8 +40,9 @@ type Disk struct {
 
 	// ckpt orders appends against commits: a write-back or zeroing holds it shared from its
 	// journal append until its entries are in the pages and the tree; a commit's cut and a
-	// checkpoint hold it exclusively. A part applying its writes in place holds it shared,
-	// so a checkpoint applying them is never beside it.
+	// checkpoint hold it exclusively. Whoever writes committed appends in place outside that
+	// (the part, or a checkpoint before it stops appends) holds it shared, having claimed each
+	// append (pendingWrite.tryApply), so the checkpoint's exclusive phase finds none half-written.
 	ckpt sync.RWMutex
 
 	commitMu  sync.Mutex    // serialises commits and checkpoints; guards cs

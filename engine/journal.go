@@ -84,7 +84,7 @@ func (j *journal) append(w *pendingWrite) error {
 	j.seq, j.digest = seq, prev
 	w.pos, w.end = pos, j.base+j.head
 	j.writes = append(j.writes, w)
-	filling, epoch := j.head > j.size/4*3, j.epoch
+	filling, epoch := j.head > j.size/2, j.epoch
 	j.mu.Unlock()
 	if filling {
 		j.d.requestCheckpoint(epoch)
