@@ -4,9 +4,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-	"unsafe"
 
-	"golang.org/x/sys/unix"
+	"github.com/sealdisk/sealdisk/internal/pagecachetest"
 )
 
 // TestAttachDropsTheImagesCachedPages: a read-write attach drops the image's clean cached
@@ -14,19 +13,7 @@ import (
 // make every one-sector write in place walk the folio; a read-only attach keeps them. Needs a
 // file system with a page cache of its own (tmpfs pages are the file: nothing to drop).
 func TestAttachDropsTheImagesCachedPages(t *testing.T) {
-	dir := t.TempDir()
-	var fs unix.Statfs_t
-	if err := unix.Statfs(dir, &fs); err != nil {
-		t.Fatal(err)
-	}
-	if fs.Type == unix.TMPFS_MAGIC {
-		d, err := os.MkdirTemp("/var/tmp", "sealdisk-dropcache-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(d) })
-		dir = d
-	}
+	dir := pagecachetest.DiskDir(t)
 	im := newTestImage(t, 16<<20, 4096, 1<<20)
 	path := filepath.Join(dir, "vm.img")
 	st := fileStoreAt(t, im, path)
@@ -78,30 +65,9 @@ func TestAttachDropsTheImagesCachedPages(t *testing.T) {
 
 type pages struct{ in, of int }
 
-// resident counts the file's pages in the page cache (mincore over a mapping of it).
+// resident counts the file's pages in the page cache.
 func resident(t *testing.T, path string) pages {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(m)
-	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
-		t.Fatal(errno)
-	}
-	n := 0
-	for _, v := range vec {
-		n += int(v & 1)
-	}
-	return pages{in: n, of: len(vec)}
+	in, of := pagecachetest.Resident(t, path, 0, 0)
+	return pages{in: in, of: of}
 }
