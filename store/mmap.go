@@ -97,10 +97,7 @@ func (mp *mapping) readMapped(p []byte, off int64, f *os.File) (n int, ok bool, 
 	end := off + int64(len(p))
 	region := mp.m[off:end]
 	first, last := off/warmBlock, (end-1)/warmBlock
-	if !mp.isWarm(first, last) {
-		pg := off &^ int64(os.Getpagesize()-1)
-		_ = unix.Madvise(mp.m[pg:end], unix.MADV_WILLNEED) // advice: a failure only costs speed
-	}
+	mp.adviseUnlessWarm(off, end)
 	start := time.Now()
 	if err := faultCopy(p, region, region); err != nil {
 		mp.setWarm(first, last, false)
@@ -121,11 +118,17 @@ func (mp *mapping) readAheadMapped(off, n int64) bool {
 	if off > int64(len(mp.m))-n {
 		return false
 	}
-	if !mp.isWarm(off/warmBlock, (off+n-1)/warmBlock) {
-		pg := off &^ int64(os.Getpagesize()-1)
-		_ = unix.Madvise(mp.m[pg:off+n], unix.MADV_WILLNEED) // advice: a failure only costs speed
-	}
+	mp.adviseUnlessWarm(off, off+n)
 	return true
+}
+
+// adviseUnlessWarm asks for the mapping's [off, end) with MADV_WILLNEED (one batched read)
+// unless its blocks are warm. mu is read-held and the range lies inside the mapping.
+func (mp *mapping) adviseUnlessWarm(off, end int64) {
+	if !mp.isWarm(off/warmBlock, (end-1)/warmBlock) {
+		pg := off &^ int64(os.Getpagesize()-1)
+		_ = unix.Madvise(mp.m[pg:end], unix.MADV_WILLNEED) // advice: a failure only costs speed
+	}
 }
 
 func (mp *mapping) isWarm(first, last int64) bool {
