@@ -24,7 +24,7 @@ import (
 //	96   32    root          digest of the integrity tree's top node (zero: empty, or no tree)
 //	128  2     tree_arity    128 (0 without the tree)
 //	130  2     tree_levels   levels of the tree over the header's pages (0 without the tree)
-//	132  4     reserved      zero
+//	132  4     settled       journal blocks of the epoch (by seq) whose placed sectors are durable
 //	136  2     auth_len      n: 32 for a MAC, ≤ 512 for a signature
 //	138  n     authenticator
 //	             zero to the end of the slot
@@ -57,6 +57,9 @@ type RootRecord struct {
 	Root       [32]byte
 	TreeArity  uint16
 	TreeLevels uint16
+	// Settled: the placed blocks of the epoch with seq below it had their sectors' ciphertexts
+	// in the data region before a sync that preceded this record (FORMAT.md §6.2).
+	Settled uint32
 }
 
 // ErrNoRoot: the slot holds no root record (all zero).
@@ -86,7 +89,7 @@ func (r *RootRecord) MarshalBody() []byte {
 	w.raw(r.Root[:])
 	w.u16(r.TreeArity)
 	w.u16(r.TreeLevels)
-	w.u32(0)
+	w.u32(r.Settled)
 	return w.b
 }
 
@@ -142,9 +145,7 @@ func ParseRootSlot(slot []byte, h *Header) (rec *RootRecord, body, auth []byte, 
 	if want := RootFor(h); r.err == nil && (rec.TreeArity != want.TreeArity || rec.TreeLevels != want.TreeLevels) {
 		r.check("tree_levels", fmt.Sprintf("arity %d, %d levels; the image's tree has arity %d, %d levels", rec.TreeArity, rec.TreeLevels, want.TreeArity, want.TreeLevels))
 	}
-	if res := r.take("reserved", 4); !zeros.All(res) {
-		r.check("reserved", "is not zero")
-	}
+	rec.Settled = r.u32("settled")
 	n := int(r.u16("auth_len"))
 	if r.err == nil && (n == 0 || n > maxRootAuth) {
 		r.check("auth_len", fmt.Sprintf("%d is outside [1, %d]", n, maxRootAuth))

@@ -91,10 +91,13 @@ func FuzzParseBlockHeader(f *testing.F) {
 		h = &format.Header{UUID: vecUUID, SectorSize: 4096, VirtualSize: 1 << 30, JournalOffset: format.JournalOffset}
 	}
 	prev := ChainStart(vecUUID, 1)
-	for _, kind := range []uint8{BlockData, BlockZero} {
+	for _, kind := range []uint8{BlockData, BlockZero, BlockPlaced} {
 		ents := []LogEntry{{LBA: 7}, {LBA: 9}}
-		if kind == BlockData {
+		if kind != BlockZero {
 			ents[0].Entry[0], ents[1].Entry[3] = 1, 2
+		}
+		if kind == BlockPlaced {
+			ents[1].Old[5] = 3
 		}
 		hdr := make([]byte, BlockHeaderSize)
 		MarshalBlockHeader(hdr, kind, 1, 0, 0, prev, ents)

@@ -12,32 +12,55 @@ import (
 )
 
 // The version-2 data journal (FORMAT.md §6.2): a run of blocks from the start of the journal
-// region, each a 4096-byte header naming up to BlockEntries sectors with their new entries,
-// followed (kind data) by their ciphertexts, sector after sector. Each header carries the chain
+// region, each a 4096-byte header naming up to Entries(kind) sectors with their new entries,
+// followed (kind data) by their ciphertexts, sector after sector; a placed block names each
+// sector's old entry too, its ciphertext being written in the data region instead. Each header carries the chain
 // digest of the block before it and ends with its own, so the root record's head digest
 // authenticates every block it commits; each sector's AEAD tag authenticates its data.
 //
 //	header (4096): magic "SDJB" | kind u8 | 0 | count u16 | epoch u64 | seq u64 | pos u64 |
-//	               prev (32) | count × (lba u64 | entry (64)) | zero | digest (32) at 4064
+//	               prev (32) | count × (lba u64 | entry (64) [| old entry (64), placed]) | zero |
+//	               digest (32) at 4064
 //	digest = SHA-256 of header bytes [0, 4064)
 //	chain start of an epoch = SHA-256("sealdisk v2 journal" || image_uuid || u64(epoch))
 
 const (
 	BlockHeaderSize = 4096
-	BlockEntries    = 55 // (4064 − 64) / 72
+	BlockEntries    = 55 // per data or zero block: (4064 − 64) / 72
+	PlacedEntries   = 29 // per placed block: (4064 − 64) / 136
 
-	BlockData = 1 // sectors written: entries and ciphertexts
-	BlockZero = 2 // sectors trimmed or zeroed: entries zero, no data
+	BlockData   = 1 // sectors written: entries and ciphertexts
+	BlockZero   = 2 // sectors trimmed or zeroed: entries zero, no data
+	BlockPlaced = 3 // sectors written in place: new and old entries, no data
 
 	blockMagic     = "SDJB"
 	blockDigestOff = BlockHeaderSize - 32
 	chainLabel     = "sealdisk v2 journal"
 )
 
-// LogEntry is one sector of a block: its LBA and its new entry (zero in a zero block).
+// LogEntry is one sector of a block: its LBA and its new entry (zero in a zero block); in a
+// placed block also the entry it had before (Old), which recovery falls back to when the new
+// ciphertext did not reach the data region.
 type LogEntry struct {
 	LBA   uint64
 	Entry Entry
+	Old   Entry
+}
+
+// Entries is the most sectors one block of kind names.
+func Entries(kind uint8) int {
+	if kind == BlockPlaced {
+		return PlacedEntries
+	}
+	return BlockEntries
+}
+
+// entrySize is the bytes one sector takes in a header of kind.
+func entrySize(kind uint8) int {
+	if kind == BlockPlaced {
+		return 8 + 2*EntrySize
+	}
+	return 8 + EntrySize
 }
 
 // Block is one parsed journal block.
@@ -70,7 +93,7 @@ func ChainStart(uuid [16]byte, epoch uint64) [32]byte {
 // MarshalBlockHeader writes a block header into dst (BlockHeaderSize) and returns its digest,
 // the chain digest after the block.
 func MarshalBlockHeader(dst []byte, kind uint8, epoch, seq, pos uint64, prev [32]byte, ents []LogEntry) [32]byte {
-	if len(dst) != BlockHeaderSize || len(ents) == 0 || len(ents) > BlockEntries || kind != BlockData && kind != BlockZero {
+	if len(dst) != BlockHeaderSize || len(ents) == 0 || kind < BlockData || kind > BlockPlaced || len(ents) > Entries(kind) {
 		panic(fmt.Sprintf("BUG: sector: block header of kind %d with %d entries into %d bytes", kind, len(ents), len(dst)))
 	}
 	clear(dst)
@@ -81,11 +104,15 @@ func MarshalBlockHeader(dst []byte, kind uint8, epoch, seq, pos uint64, prev [32
 	binary.BigEndian.PutUint64(dst[16:], seq)
 	binary.BigEndian.PutUint64(dst[24:], pos)
 	copy(dst[32:64], prev[:])
+	es := entrySize(kind)
 	for i, e := range ents {
-		o := 64 + i*72
+		o := 64 + i*es
 		binary.BigEndian.PutUint64(dst[o:], e.LBA)
-		if kind == BlockData {
+		if kind != BlockZero {
 			copy(dst[o+8:o+72], e.Entry[:])
+		}
+		if kind == BlockPlaced {
+			copy(dst[o+72:o+136], e.Old[:])
 		}
 	}
 	d := sha256.Sum256(dst[:blockDigestOff])
@@ -107,28 +134,33 @@ func parseBlockHeader(b []byte, h *format.Header, epoch, seq, pos uint64, prev [
 	}
 	blk := &Block{Kind: b[4], Seq: seq, Pos: pos, Digest: [32]byte(b[blockDigestOff:])}
 	n := int(binary.BigEndian.Uint16(b[6:]))
-	switch {
-	case blk.Kind != BlockData && blk.Kind != BlockZero:
+	if blk.Kind < BlockData || blk.Kind > BlockPlaced {
 		return bad("kind %d", blk.Kind)
+	}
+	es := entrySize(blk.Kind)
+	switch {
 	case b[5] != 0:
 		return bad("reserved byte is not zero")
-	case n == 0 || n > BlockEntries:
+	case n == 0 || n > Entries(blk.Kind):
 		return bad("%d entries", n)
 	case binary.BigEndian.Uint64(b[8:]) != epoch || binary.BigEndian.Uint64(b[16:]) != seq || binary.BigEndian.Uint64(b[24:]) != pos:
 		return bad("epoch %d, seq %d, pos %d where the chain expects %d, %d, %d", binary.BigEndian.Uint64(b[8:]), binary.BigEndian.Uint64(b[16:]), binary.BigEndian.Uint64(b[24:]), epoch, seq, pos)
 	case [32]byte(b[32:64]) != prev:
 		return bad("does not follow the block before it")
-	case !zeros.All(b[64+n*72 : blockDigestOff]):
+	case !zeros.All(b[64+n*es : blockDigestOff]):
 		return bad("padding is not zero")
 	}
 	for i := range n {
-		o := 64 + i*72
+		o := 64 + i*es
 		e := LogEntry{LBA: binary.BigEndian.Uint64(b[o:])}
 		copy(e.Entry[:], b[o+8:o+72])
+		if blk.Kind == BlockPlaced {
+			copy(e.Old[:], b[o+72:o+136])
+		}
 		if e.LBA >= h.Sectors() {
 			return bad("sector %d beyond the %d-sector disk", e.LBA, h.Sectors())
 		}
-		if blk.Kind == BlockData && e.Entry.IsZero() || blk.Kind == BlockZero && !e.Entry.IsZero() {
+		if blk.Kind != BlockZero && e.Entry.IsZero() || blk.Kind == BlockZero && !e.Entry.IsZero() {
 			return bad("entry of sector %d does not fit the block's kind", e.LBA)
 		}
 		blk.Ents = append(blk.Ents, e)
@@ -141,7 +173,8 @@ func parseBlockHeader(b []byte, h *format.Header, epoch, seq, pos uint64, prev [
 // journal region, whose last block's digest must be headDigest. Every block header must
 // follow the chain and every sector of a data block must open under its entry: anything else
 // means the record's commit did not reach the disk whole, and is an error wrapping ErrJournal
-// (the caller falls back to the other root record).
+// (the caller falls back to the other root record). A placed block's sectors are in the data
+// region, which recovery checks (the engine), not here.
 func (c *Cipher) ReadLog(r io.ReaderAt, h *format.Header, epoch, head uint64, headDigest [32]byte) ([]Block, error) {
 	ss := int64(h.SectorSize)
 	prev := ChainStart(h.UUID, epoch)
