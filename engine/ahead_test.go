@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"math"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -49,11 +50,11 @@ func TestCheckpointAppliesAheadInOrder(t *testing.T) {
 	states("before", writePending, writePending, writePending, writePending)
 
 	w[1].state.Store(writeApplying) // as if the part were writing it
-	d.applyAhead()
+	d.applyAhead(math.MaxUint64)
 	states("with the part writing the second append", writeApplied, writeApplying, writePending, writePending)
 
 	w[1].state.Store(writePending)
-	d.applyAhead()
+	d.applyAhead(math.MaxUint64)
 	states("after", writeApplied, writeApplied, writeApplied, writePending)
 	if got := inPlace(1); !bytes.Equal(got, w[2].data(0)) {
 		t.Fatal("sector 1 in place is not its later append's ciphertext")

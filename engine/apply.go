@@ -15,7 +15,8 @@ import (
 // opens the append's ciphertext here, never the data region, which is stale.
 type pendingWrite struct {
 	p      *part
-	buf    []byte // block headers and ciphertexts, as appended
+	buf    []byte // block headers and ciphertexts, as appended; placed: headers, then ciphertexts
+	jlen   int    // bytes of buf that go to the journal (placed: the headers only)
 	blocks []pendingBlock
 	ents   []sector.LogEntry // every block's entries, back to back (the blocks' are views)
 	pos    uint64            // its offset in its epoch's journal, set by journal.append
@@ -24,7 +25,12 @@ type pendingWrite struct {
 	// stops appends, or the checkpoint with appends stopped writes it in place, whoever claims
 	// it; the part retires it once applied.
 	state atomic.Int32
+	seq0  uint64 // seq of its first block, set by journal.append
 }
+
+// placed: the write's ciphertexts go to the data region only, its journal blocks name the
+// sectors' new and old entries (FORMAT.md §6.2).
+func (w *pendingWrite) placed() bool { return w.blocks[0].kind == sector.BlockPlaced }
 
 // A pendingWrite's states: whoever moves it from pending to applying writes it in place
 // (with d.ckpt held shared, or exclusively by a checkpoint), then marks it applied, or pending
@@ -46,23 +52,29 @@ type pendingBlock struct {
 var writeBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 // newPendingWrite lays out blocks for the given sectors (ascending): one block per
-// sector.BlockEntries sectors, a header then (data) the sectors' ciphertexts. The caller seals
-// into data(i) and sets ents[i].Entry.
+// sector.Entries(kind) sectors, a header then (data) the sectors' ciphertexts; placed, the
+// headers back to back, then every ciphertext, so that contiguous sectors are one write in
+// place. The caller seals into data(i) and sets ents[i].Entry (and, placed, ents[i].Old).
 func newPendingWrite(p *part, kind uint8, lbas []uint64) *pendingWrite {
 	ss := int(p.d.ss)
+	per := sector.Entries(kind)
 	n := 0
-	for i := 0; i < len(lbas); i += sector.BlockEntries {
-		n += sector.BlockLen(kind, min(sector.BlockEntries, len(lbas)-i), ss)
+	for i := 0; i < len(lbas); i += per {
+		n += sector.BlockLen(kind, min(per, len(lbas)-i), ss)
+	}
+	jlen := n
+	if kind == sector.BlockPlaced {
+		n += len(lbas) * ss
 	}
 	bp := writeBufs.Get().(*[]byte)
 	if cap(*bp) < n+sector.TagSize { // the last sector seals its tag into the slack
 		*bp = make([]byte, n+sector.TagSize)
 	}
 	ents := make([]sector.LogEntry, len(lbas))
-	w := &pendingWrite{p: p, buf: (*bp)[:n], ents: ents}
+	w := &pendingWrite{p: p, buf: (*bp)[:n], jlen: jlen, ents: ents}
 	off := 0
-	for i := 0; i < len(lbas); i += sector.BlockEntries {
-		k := min(sector.BlockEntries, len(lbas)-i)
+	for i := 0; i < len(lbas); i += per {
+		k := min(per, len(lbas)-i)
 		for j := range k {
 			ents[i+j].LBA = lbas[i+j]
 		}
@@ -72,13 +84,18 @@ func newPendingWrite(p *part, kind uint8, lbas []uint64) *pendingWrite {
 	return w
 }
 
-// data is the ciphertext slot of the write's i-th sector (kind data), with TagSize bytes of
-// capacity past it for sealing in place.
+// data is the ciphertext slot of the write's i-th sector (kind data or placed), with TagSize
+// bytes of capacity past it for sealing in place.
 func (w *pendingWrite) data(i int) []byte {
-	b := w.blocks[i/sector.BlockEntries]
 	ss := int(w.p.d.ss)
-	lo := b.off + sector.BlockHeaderSize + (i%sector.BlockEntries)*ss
-	return w.buf[lo : lo+ss : lo+ss+sector.TagSize] // a tag spills into the next header or the slack, both written later
+	var lo int
+	if w.placed() {
+		lo = w.jlen + i*ss
+	} else {
+		b := w.blocks[i/sector.BlockEntries]
+		lo = b.off + sector.BlockHeaderSize + (i%sector.BlockEntries)*ss
+	}
+	return w.buf[lo : lo+ss : lo+ss+sector.TagSize] // a tag spills into the next header, the next sector or the slack, all written later
 }
 
 // free returns the buffer to the pool (after applied, or when the append failed).
@@ -115,6 +132,14 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 	p.gate.Lock()
 	defer p.gate.Unlock()
 	ss := d.ss
+	if w.placed() {
+		return forRuns(len(w.ents), func(i int) uint64 { return w.ents[i].LBA }, func(i, j int) error {
+			if _, err := d.st.WriteAt(w.buf[w.jlen+i*int(ss):w.jlen+j*int(ss)], d.h.DataPos(w.ents[i].LBA)); err != nil {
+				return fmt.Errorf("failed to write data in place: %w", err)
+			}
+			return nil
+		})
+	}
 	for _, b := range w.blocks {
 		ents := b.ents
 		lba := func(i int) uint64 { return ents[i].LBA }
@@ -146,33 +171,49 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 // with a guest that flushes every few writes, one sync per flush of half the bytes. A failure
 // leaves the write pending (its sectors read from it), to be tried again: the journal holds
 // it, and the checkpoint writes it in place before the journal is reused.
-func (p *part) applyCommitted() error { return p.applyIf(p.pendingBytes > p.maxPending) }
+func (p *part) applyCommitted() error { return p.applyIf(p.pendingBytes-p.heldBytes > p.maxPending) }
 
 // applyAll applies every committed write of the part (an idle part: nothing waits in memory
 // for the next burst).
 func (p *part) applyAll() error { return p.applyIf(true) }
 
-// applyIf applies the committed writes when apply is set and retires the applied ones.
+// applyIf applies the committed writes, in order, when apply is set and retires the applied
+// ones; a placed one stays (its ciphertexts in memory, p.heldBytes) until a sync has vouched
+// for it, while the ones after it retire: retiring needs no order, only applying does.
 func (p *part) applyIf(apply bool) error {
 	d := p.d
-	committed := d.committed.Load()
-	for len(p.pending) > 0 && p.pending[0].end <= committed {
-		w := p.pending[0]
+	committed, settled := d.committed.Load(), d.settled.Load()
+	var err error
+	i, kept, held := 0, 0, 0
+	for ; i < len(p.pending) && p.pending[i].end <= committed; i++ {
+		w := p.pending[i]
 		if w.state.Load() != writeApplied {
 			if !apply {
-				return nil
+				break
 			}
 			d.ckpt.RLock()
-			done, err := w.tryApply(d)
+			done, aerr := w.tryApply(d)
 			d.ckpt.RUnlock()
-			if err != nil || !done { // !done: a checkpoint is writing it; retired later
-				return err
+			if aerr != nil || !done { // !done: a checkpoint is writing it; retired later
+				err = aerr
+				break
 			}
 		}
+		if w.placed() && w.end > settled {
+			p.pending[kept] = w
+			kept++
+			held += len(w.buf)
+			continue
+		}
 		p.retire(w)
-		p.pending = p.pending[1:]
 	}
-	return nil
+	if kept < i {
+		n := copy(p.pending[kept:], p.pending[i:])
+		clear(p.pending[kept+n:])
+		p.pending = p.pending[:kept+n]
+	}
+	p.heldBytes = held
+	return err
 }
 
 // retire forgets an applied write's sectors (those no later append or zeroing took over) and

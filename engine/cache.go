@@ -157,7 +157,7 @@ func (p *part) shrink() error {
 				p.wb = append(p.wb, l)
 			}
 		}
-		if err := p.writeback(p.wb); err != nil {
+		if err := p.writeback(p.wb, true); err != nil {
 			return err
 		}
 		for _, l := range p.victims {
@@ -174,7 +174,7 @@ func (p *part) shrink() error {
 		// flush that needs them reports it.
 		n := len(p.dirtyLines) - p.maxDirty + max(p.maxDirty/8, 1) // ≤ len: maxDirty ≥ 1
 		p.wb = append(p.wb[:0], p.dirtyLines[:n]...)
-		if err := p.writeback(p.wb); err != nil {
+		if err := p.writeback(p.wb, true); err != nil {
 			p.d.e.opts.Logger.Debug("background write-back failed; the lines stay dirty", "asid", p.d.asid, "error", err)
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"slices"
 
 	"github.com/sealdisk/sealdisk/format"
@@ -42,7 +44,7 @@ func (d *Disk) checkpointIf(still func() bool) error {
 		if d.commit(false) != nil {
 			break
 		}
-		d.applyAhead()
+		_ = d.applyAhead(math.MaxUint64)     // a failure is the steps' below to report
 		if d.jr.end()-from <= d.jr.size/16 { // what came meanwhile is left for the steps below
 			break
 		}
@@ -104,16 +106,18 @@ func (d *Disk) checkpointIf(still func() bool) error {
 // appends: each round takes what was appended during the one before.
 const aheadRounds = 4
 
-// applyAhead writes this epoch's committed appends in place before a checkpoint stops appends,
-// each claimed (tryApply) with d.ckpt held shared, in journal order; a part's appends after one
-// it cannot claim (its part is writing it) or failed to write are left to the part and the
-// checkpoint.
-func (d *Disk) applyAhead() {
+// applyAhead writes this epoch's committed appends that end by upTo in place, before a
+// checkpoint stops appends or for a flush's placed appends (settleFor), each claimed
+// (tryApply) with d.ckpt held shared, in journal order; a part's appends after one it cannot
+// claim (its part is writing it) or failed to write are left to the part and the checkpoint.
+// It returns the first failure.
+func (d *Disk) applyAhead(upTo uint64) error {
 	d.jr.mu.Lock()
 	ws := slices.Clone(d.jr.writes)
 	d.jr.mu.Unlock()
-	committed := d.committed.Load()
+	committed := min(d.committed.Load(), upTo)
 	var stopped map[*part]bool
+	var first error
 	for _, w := range ws {
 		if w.end > committed {
 			break
@@ -129,8 +133,12 @@ func (d *Disk) applyAhead() {
 				stopped = make(map[*part]bool)
 			}
 			stopped[w.p] = true
+			if first == nil {
+				first = err
+			}
 		}
 	}
+	return first
 }
 
 // nextEpochLocked writes and syncs the record of a new, empty epoch (head 0), then lets the
@@ -149,14 +157,17 @@ func (d *Disk) nextEpochLocked(epoch uint64, root [32]byte) error {
 		return err
 	}
 	d.cs.slot = 1 - d.cs.slot
-	d.cs.goodMark, d.cs.goodHead, d.cs.epochMark = mark, 0, mark
+	d.cs.goodMark, d.cs.goodHead, d.cs.epochMark, d.cs.settled = mark, 0, mark, 0
 	d.jr.reset(epoch)
+	d.settled.Store(d.jr.end()) // every append before is in place and synced
 	return nil
 }
 
-// reapply writes every block of the epoch up to c in place again, from the journal, in order,
-// with every part's gate held: no read opening a sector outside its shard sees an older
-// version of it pass by.
+// reapply writes every sector of the epoch up to c in place again, its last version in the
+// journal: a data block's ciphertext read from the journal, a zero block's sector punched, a
+// placed block's ciphertext from its append in memory unless a good sync made it durable. Every
+// part's gate is held: no read opening a sector outside its shard sees an older version of it
+// pass by. The caller holds d.ckpt exclusively and commitMu.
 func (d *Disk) reapply(c cut) error {
 	for _, p := range d.parts {
 		p.gate.Lock()
@@ -166,40 +177,77 @@ func (d *Disk) reapply(c cut) error {
 	if err != nil {
 		return err
 	}
-	return d.replayBlocks(blocks)
+	bySeq := map[uint64]*pendingWrite{}
+	for _, w := range d.jr.writes {
+		if w.placed() {
+			for k := range w.blocks {
+				bySeq[w.seq0+uint64(k)] = w
+			}
+		}
+	}
+	return d.writeVersions(blocks, lastVersions(blocks), func(b *sector.Block, i int) ([]byte, error) {
+		if b.Seq < uint64(d.cs.settled) {
+			return nil, nil // in place and synced before any sync failed
+		}
+		w := bySeq[b.Seq]
+		if w == nil || w.buf == nil {
+			return nil, fmt.Errorf("BUG: engine: placed block %d of the epoch has no append in memory", b.Seq)
+		}
+		return w.data(int(b.Seq-w.seq0)*sector.PlacedEntries + i)[:d.ss], nil
+	})
 }
 
-// replayBlocks writes journal blocks in place, in order: each data block's ciphertexts read from
-// the journal, each zero block's sectors punched. Entries are the caller's.
-func (d *Disk) replayBlocks(blocks []sector.Block) error {
+// sectorRef is one version of a sector in a journal: blocks[b].Ents[i].
+type sectorRef struct{ b, i int }
+
+// lastVersions is each sector's last version in blocks.
+func lastVersions(blocks []sector.Block) map[uint64]sectorRef {
+	vs := map[uint64]sectorRef{}
+	for bi, b := range blocks {
+		for i, e := range b.Ents {
+			vs[e.LBA] = sectorRef{bi, i}
+		}
+	}
+	return vs
+}
+
+// writeVersions writes each sector's given version in place, sector by sector in LBA order: a
+// data block's ciphertext read from the journal, a zero block's sector punched, a placed
+// block's ciphertext as placed gives it (nil: it is in place already). Only the one version
+// of each sector is written: an older one written after a newer placed one would leave the
+// older ciphertext under the newer entry.
+func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]sectorRef, placed func(b *sector.Block, i int) ([]byte, error)) error {
 	ss := d.ss
-	var buf []byte
-	for _, b := range blocks {
-		ents := b.Ents
-		lba := func(i int) uint64 { return ents[i].LBA }
-		if b.Kind == sector.BlockZero {
-			if err := forRuns(len(ents), lba, func(i, j int) error {
-				return d.punch(d.h.DataPos(ents[i].LBA), int64(j-i)*ss)
-			}); err != nil {
+	buf := make([]byte, ss)
+	for _, lba := range slices.Sorted(maps.Keys(vs)) {
+		r := vs[lba]
+		b := &blocks[r.b]
+		pos := d.h.DataPos(lba)
+		switch b.Kind {
+		case sector.BlockZero:
+			if err := d.punch(pos, ss); err != nil {
 				return err
 			}
-			continue
-		}
-		n := int64(len(ents)) * ss
-		if int64(cap(buf)) < n {
-			buf = make([]byte, n)
-		}
-		buf = buf[:n]
-		if _, err := d.st.ReadAt(buf, b.DataPos); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
-		}
-		if err := forRuns(len(ents), lba, func(i, j int) error {
-			if _, err := d.st.WriteAt(buf[int64(i)*ss:int64(j)*ss], d.h.DataPos(ents[i].LBA)); err != nil {
-				return fmt.Errorf("failed to write sector %d in place: %w", ents[i].LBA, err)
+		case sector.BlockData:
+			if _, err := d.st.ReadAt(buf, b.DataPos+int64(r.i)*ss); err != nil && !errors.Is(err, io.EOF) {
+				return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
 			}
-			return nil
-		}); err != nil {
-			return err
+			if _, err := d.st.WriteAt(buf, pos); err != nil {
+				return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
+			}
+		case sector.BlockPlaced:
+			if placed == nil {
+				continue
+			}
+			ct, err := placed(b, r.i)
+			if err != nil {
+				return err
+			}
+			if ct != nil {
+				if _, err := d.st.WriteAt(ct, pos); err != nil {
+					return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
+				}
+			}
 		}
 	}
 	return nil

@@ -27,6 +27,9 @@ type commitState struct {
 	// the journal position it covered (this epoch); epochMark the mark when the epoch began.
 	goodMark, epochMark uint64
 	goodHead            uint64
+	// settled is the epoch's blocks (by seq) whose placed sectors a good sync made durable:
+	// the next record names it (settle.go).
+	settled uint32
 }
 
 // commit makes every append made before the call durable; bump advances the counter (a guest's
@@ -36,11 +39,11 @@ func (d *Disk) commit(bump bool) error {
 	want := d.jr.end()
 	d.commitMu.Lock()
 	if d.committed.Load() >= want {
-		if !bump {
+		if !bump && !d.vouchWaits() {
 			d.commitMu.Unlock()
 			return nil
 		}
-		if a := d.cs.adv; a.end >= want {
+		if a := d.cs.adv; bump && a.end >= want && !d.jr.placedIn(a.settled, want) {
 			d.commitMu.Unlock()
 			if a.wait() == nil {
 				return nil
@@ -70,6 +73,7 @@ func (d *Disk) commit(bump bool) error {
 // covers wait for it (wait).
 type advance struct {
 	end     uint64 // the journal LSN its record covers
+	settled uint64 // the LSN before which its record names every placed append settled
 	counter uint64
 	root    [32]byte
 	prev    *advance      // recorded first; only record reads it
@@ -154,6 +158,7 @@ func (d *Disk) cutLocked() (cut, [32]byte) {
 // higher and the advance returned must be recorded once commitMu is released. The caller holds
 // commitMu.
 func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) (*advance, error) {
+	var settled uint64 // the LSN the record's settled stands for
 	if err := d.broken.Load(); err != nil {
 		return nil, fmt.Errorf("failed to commit: the disk's state in memory no longer matches its journal (%w); detach and attach it again", *err)
 	}
@@ -172,12 +177,21 @@ func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) (*advance, error) 
 		rec.Counter++
 	}
 	rec.Epoch, rec.Head, rec.HeadDigest, rec.Root = c.epoch, c.head, c.digest, root
+	rec.Settled, settled = d.cs.settled, d.settled.Load()
+	vouches := d.canVouch(mark)
+	var v vouch
+	if vouches {
+		v = d.jr.vouchable() // written in place before this sync: durable after it
+	}
 	if err := d.writeRoot(rec, 1-d.cs.slot); err != nil {
 		return nil, err
 	}
 	d.cs.seq++ // even if the sync fails: the slot may hold this seq now
 	if err := d.syncs.since(mark); err != nil {
 		return nil, fmt.Errorf("failed to commit: %w", err)
+	}
+	if vouches {
+		d.vouched(v)
 	}
 	d.cs.slot = 1 - d.cs.slot
 	d.cs.goodMark, d.cs.goodHead = mark, c.head
@@ -187,9 +201,16 @@ func (d *Disk) publishLocked(c cut, root [32]byte, bump bool) (*advance, error) 
 		return nil, nil
 	}
 	d.cs.counter = rec.Counter
-	a := &advance{end: c.end, counter: rec.Counter, root: root, prev: d.cs.adv, done: make(chan struct{})}
+	a := &advance{end: c.end, settled: settled, counter: rec.Counter, root: root, prev: d.cs.adv, done: make(chan struct{})}
 	d.cs.adv = a
 	return a, nil
+}
+
+// vouchWaits reports whether a sync now would vouch for placed appends written in place since
+// the last one (settle.go): a commit with nothing new to commit still syncs then, so that they
+// are retired. The caller holds commitMu.
+func (d *Disk) vouchWaits() bool {
+	return d.canVouch(d.syncs.mark()) && d.jr.appliedUnvouched()
 }
 
 // writeRoot authenticates rec with the PSP and writes it into slot i.

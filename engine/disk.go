@@ -48,6 +48,8 @@ type Disk struct {
 	commitMu  sync.Mutex    // serialises commits and checkpoints; guards cs
 	cs        commitState   // commit.go
 	committed atomic.Uint64 // LSN up to which the journal is committed (read by the parts)
+	settled   atomic.Uint64 // LSN before which every placed append is durable in place (settle.go)
+	placedRun int           // sectors in a run that a pressured write-back places (Options.PlacedBytes)
 	broken    atomic.Pointer[error]
 	syncs     syncer // the image's syncs and their failures (syncs.go)
 
@@ -73,6 +75,9 @@ func newDisk(e *Engine, asid psp.ASID, st store.Store, h *format.Header, c *sect
 	d := &Disk{e: e, asid: asid, st: st, h: h, c: c, ss: int64(h.SectorSize), sectors: h.Sectors(), readOnly: ro,
 		roots: roots, drained: make(chan struct{}, 1)}
 	d.syncs = syncer{st: st, stats: &e.Stats, log: e.opts.Logger, asid: asid}
+	if pb := e.opts.PlacedBytes; pb > 0 {
+		d.placedRun = int(max(pb/d.ss, 1))
+	}
 	d.jr = &journal{d: d, size: h.JournalSize}
 	if l := e.opts.journalBytes; l > 0 && l < d.jr.size {
 		d.jr.size = l
@@ -227,6 +232,9 @@ func (d *Disk) Flush(ctx context.Context) error {
 	defer d.done()
 	d.e.Stats.Flushes.Add(1)
 	if err := d.onShards(dma.OpFlush); err != nil {
+		return err
+	}
+	if err := d.settleFor(d.jr.end()); err != nil {
 		return err
 	}
 	return d.commit(true)

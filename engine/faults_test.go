@@ -203,7 +203,9 @@ func TestRandomStoreFaults(t *testing.T) {
 		cs.Units = units(im.h)
 		es := storetest.NewErrStore(cs, nil)
 		im.create(t, es)
-		e := New(Options{Shards: 2, CacheBytes: 64 << 10, StripeSectors: 64, Logger: quietLog})
+		// Every other round writes runs of two sectors or more back in place (placed blocks).
+		placed := []int64{-1, 2 * ss}[round%2]
+		e := New(Options{Shards: 2, CacheBytes: 64 << 10, StripeSectors: 64, Logger: quietLog, PlacedBytes: placed})
 		d := im.attach(t, e, 1, es)
 		model := make([]byte, size)
 		defined := make([]bool, size)
@@ -259,6 +261,9 @@ func TestRandomStoreFaults(t *testing.T) {
 					t.Fatalf("round %d op %d under %s: error not from the store: %v", round, i, es, err)
 				}
 			}
+		}
+		if placed > 0 && e.Stats.Placed.Load() == 0 {
+			t.Fatalf("round %d: nothing written back placed", round)
 		}
 		crashed := cs.Crash(r, r.Float64())
 		ec := New(Options{Shards: 2, StripeSectors: 64, Logger: quietLog})

@@ -31,6 +31,9 @@ type journal struct {
 	// unwritten are appends whose write to the journal failed: the next commit writes them
 	// again from their buffers before its record (they are in the chain already).
 	unwritten []*pendingWrite
+	// placed is this epoch's placed appends, in order, that no good sync has vouched for yet
+	// (settle.go).
+	placed []*pendingWrite
 }
 
 // errJournalFull: the append does not fit before the end of the journal region; the caller
@@ -51,7 +54,7 @@ func (j *journal) reset(epoch uint64) {
 	j.base += j.head
 	j.epoch, j.head, j.seq = epoch, 0, 0
 	j.digest = sector.ChainStart(j.d.h.UUID, epoch)
-	j.writes, j.unwritten = nil, nil
+	j.writes, j.unwritten, j.placed = nil, nil, nil
 }
 
 // end is the LSN after the last block appended.
@@ -70,26 +73,30 @@ func (j *journal) end() uint64 {
 // commit until that succeeds. errJournalFull (nothing claimed) when w does not fit.
 func (j *journal) append(w *pendingWrite) error {
 	j.mu.Lock()
-	if j.head+uint64(len(w.buf)) > j.size {
+	if j.head+uint64(w.jlen) > j.size {
 		j.mu.Unlock()
 		return errJournalFull
 	}
 	pos, seq, prev := j.head, j.seq, j.digest
+	w.seq0 = seq
 	for _, b := range w.blocks {
 		hdr := w.buf[b.off : b.off+sector.BlockHeaderSize]
 		prev = sector.MarshalBlockHeader(hdr, b.kind, j.epoch, seq, pos+uint64(b.off), prev, b.ents)
 		seq++
 	}
-	j.head += uint64(len(w.buf))
+	j.head += uint64(w.jlen)
 	j.seq, j.digest = seq, prev
 	w.pos, w.end = pos, j.base+j.head
 	j.writes = append(j.writes, w)
+	if w.placed() {
+		j.placed = append(j.placed, w)
+	}
 	filling, epoch := j.head > j.size/2, j.epoch
 	j.mu.Unlock()
 	if filling {
 		j.d.requestCheckpoint(epoch)
 	}
-	if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(pos)); err != nil {
+	if _, err := j.d.st.WriteAt(w.buf[:w.jlen], j.d.h.JournalPos(pos)); err != nil {
 		j.d.e.opts.Logger.Warn("journal write failed; the next commit writes it again", "asid", j.d.asid, "error", err)
 		j.mu.Lock()
 		j.unwritten = append(j.unwritten, w)
@@ -105,7 +112,7 @@ func (j *journal) writeUnwritten() error {
 	defer j.mu.Unlock()
 	for len(j.unwritten) > 0 {
 		w := j.unwritten[0]
-		if _, err := j.d.st.WriteAt(w.buf, j.d.h.JournalPos(w.pos)); err != nil {
+		if _, err := j.d.st.WriteAt(w.buf[:w.jlen], j.d.h.JournalPos(w.pos)); err != nil {
 			return fmt.Errorf("failed to write the journal: %w", err)
 		}
 		j.unwritten = j.unwritten[1:]

@@ -59,6 +59,7 @@ type part struct {
 	pending      []*pendingWrite
 	pendingBytes int
 	maxPending   int
+	heldBytes    int // of pendingBytes, placed appends in place waiting for a sync (applyIf)
 	unapplied    map[uint64]unappliedRef
 
 	// scratch
@@ -66,6 +67,7 @@ type part struct {
 	ents        []sector.Entry
 	lbas        []uint64
 	wb, victims []*line
+	runs, rest  []*line // a write-back's placed runs and the rest (writebackBatch)
 
 	// gate orders reads that open sectors after the shard is released (opening) against
 	// changes to those sectors' bytes in the store. Such a read holds it shared from taking the
@@ -99,11 +101,11 @@ func (p *part) zeroise() {
 	for _, l := range p.spare {
 		clear(l.data[:cap(l.data)])
 	}
-	p.spare, p.victims, p.wb, p.dirtyLines = nil, nil, nil, nil
+	p.spare, p.victims, p.wb, p.dirtyLines, p.runs, p.rest = nil, nil, nil, nil, nil, nil
 	for _, w := range p.pending {
 		w.free()
 	}
-	p.pending, p.pendingBytes = nil, 0
+	p.pending, p.pendingBytes, p.heldBytes = nil, 0, 0
 	clear(p.ct)
 	p.pages = map[uint64]*metaPage{}
 	p.pageRing, p.hand, p.lastPage = nil, 0, nil

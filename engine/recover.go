@@ -48,23 +48,23 @@ func (d *Disk) open() error {
 		}
 		return nil
 	}
-	if err := d.replay(rec, com.Blocks); err != nil {
+	root, err := d.replay(rec, com.Blocks)
+	if err != nil {
 		return err
 	}
 	d.meta.hashed = d.tree != nil
 	d.jr.reset(rec.Epoch)
 	d.ckpt.Lock()
 	defer d.ckpt.Unlock()
-	return d.nextEpochLocked(rec.Epoch+1, rec.Root)
+	return d.nextEpochLocked(rec.Epoch+1, root)
 }
 
-// replay writes the committed blocks in place and their pages and tree nodes, checking that
-// the tree they make has the record's root, and syncs.
-func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) error {
-	if err := d.replayBlocks(blocks); err != nil {
-		return fmt.Errorf("failed to recover: %w", err)
-	}
-	pages := map[uint64][]byte{} // pages the blocks touch, as they become
+// replay brings the committed blocks' sectors in place and their pages and tree nodes up to
+// date, checking that the tree they make has the record's root, and syncs (FORMAT.md §6.2).
+// Each sector takes one version (decide): its last one in the journal, or, for a placed block
+// the record does not name settled whose new ciphertext is not in place, the one before.
+func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) ([32]byte, error) {
+	pages := map[uint64][]byte{} // pages the blocks touch, as the record's root has them
 	for _, b := range blocks {
 		for _, e := range b.Ents {
 			idx := e.LBA / entriesPerPage
@@ -73,7 +73,7 @@ func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) error {
 				pg = make([]byte, format.MetaPageSize)
 				n := min(entriesPerPage, d.sectors-idx*entriesPerPage) * format.MetaEntrySize
 				if _, err := d.st.ReadAt(pg[:n], d.h.EntryPos(idx*entriesPerPage)); err != nil && !errors.Is(err, io.EOF) {
-					return fmt.Errorf("failed to recover: failed to read metadata: %w", err)
+					return [32]byte{}, fmt.Errorf("failed to recover: failed to read metadata: %w", err)
 				}
 				pages[idx] = pg
 			}
@@ -85,37 +85,117 @@ func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) error {
 		if len(pages) > 0 {
 			var err error
 			if t, err = tree.Recovering(d.h, d.st, d.e.opts.TreeNodes); err != nil {
-				return fmt.Errorf("failed to recover: %w", err)
+				return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
 			}
 			for idx, pg := range pages {
 				if err := t.SetLeaf(idx, tree.LeafDigest(d.h.UUID, idx, pg)); err != nil {
-					return fmt.Errorf("failed to recover: %w", err)
+					return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
 				}
 			}
 			if got := t.Root(); got != rec.Root {
 				d.e.Stats.AuthFailures.Add(1)
-				return fmt.Errorf("%w: after replaying the journal the integrity tree's root is %x, the committed root record (seq %d) says %x: the image was changed by more than a crash",
+				return [32]byte{}, fmt.Errorf("%w: after replaying the journal the integrity tree's root is %x, the committed root record (seq %d) says %x: the image was changed by more than a crash",
 					ErrIntegrity, got[:8], rec.Seq, rec.Root[:8])
 			}
 			t.Trust()
 		}
 		d.tree = t
 	}
+	vs, err := d.decide(rec, blocks)
+	if err != nil {
+		return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
+	}
+	back := map[uint64]bool{} // pages with a sector that falls back to its older version
+	for lba, v := range vs {
+		slot := pages[lba/entriesPerPage][(lba%entriesPerPage)*format.MetaEntrySize:][:format.MetaEntrySize]
+		if sector.Entry(slot) != v.entry {
+			copy(slot, v.entry[:])
+			back[lba/entriesPerPage] = true
+		}
+	}
+	if d.tree != nil {
+		for idx := range back {
+			if err := d.tree.SetLeaf(idx, tree.LeafDigest(d.h.UUID, idx, pages[idx])); err != nil {
+				return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
+			}
+		}
+	}
+	refs := make(map[uint64]sectorRef, len(vs))
+	for lba, v := range vs {
+		refs[lba] = v.ref
+	}
+	if err := d.writeVersions(blocks, refs, nil); err != nil {
+		return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
+	}
 	for idx, pg := range pages {
 		if err := d.writePage(idx, pg); err != nil {
-			return fmt.Errorf("failed to recover: %w", err)
+			return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
 		}
 	}
 	if d.tree != nil {
 		if err := d.tree.WriteBack(); err != nil {
-			return fmt.Errorf("failed to recover: %w", err)
+			return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
 		}
 	}
 	if err := d.st.Sync(); err != nil {
-		return fmt.Errorf("failed to sync recovery: %w", err)
+		return [32]byte{}, fmt.Errorf("failed to sync recovery: %w", err)
 	}
 	if len(blocks) > 0 {
 		d.e.opts.Logger.Info("recovered journal", "asid", d.asid, "epoch", rec.Epoch, "blocks", len(blocks))
 	}
-	return nil
+	root := rec.Root
+	if d.tree != nil {
+		root = d.tree.Root() // the record's, unless a sector fell back to its older version
+	}
+	return root, nil
+}
+
+// choice is the version of a sector that recovery keeps: the block of ref (data: its
+// ciphertext is written in place from the journal; zero: punched; placed: it is in place) and
+// the entry the sector's page gets.
+type choice struct {
+	ref   sectorRef
+	entry sector.Entry
+}
+
+// decide picks each sector's version among the committed blocks, in order. A data or zero
+// block's is its own; so is a placed block's the record names settled (rec.Settled): its
+// ciphertext was in place before a sync that preceded the record, so only its new entry may
+// open what is in place now — an older ciphertext put back fails its reads. A placed block
+// past that may have been cut short by the crash: its new entry if it opens the ciphertext in
+// place; else its old entry if that does (a zero one: the sector was unwritten); else the
+// version before it in the journal, whose ciphertext is not in place yet; with none, the old
+// entry (the sector was damaged by more than a crash, and its reads fail).
+func (d *Disk) decide(rec *format.RootRecord, blocks []sector.Block) (map[uint64]choice, error) {
+	ss := d.ss
+	ct := make([]byte, ss)
+	pt := make([]byte, ss, ss+sector.TagSize)
+	defer clear(pt)
+	opens := func(lba uint64, e *sector.Entry) bool { return d.c.Open(lba, pt, ct, e) == nil }
+	vs := map[uint64]choice{}
+	for bi := range blocks {
+		b := &blocks[bi]
+		for i, e := range b.Ents {
+			ref := sectorRef{bi, i}
+			if b.Kind != sector.BlockPlaced || b.Seq < uint64(rec.Settled) {
+				vs[e.LBA] = choice{ref, e.Entry}
+				continue
+			}
+			n, err := d.st.ReadAt(ct, d.h.DataPos(e.LBA))
+			if err != nil && !errors.Is(err, io.EOF) {
+				return nil, fmt.Errorf("failed to read sector %d in place: %w", e.LBA, err)
+			}
+			clear(ct[n:])
+			_, before := vs[e.LBA]
+			switch {
+			case opens(e.LBA, &e.Entry):
+				vs[e.LBA] = choice{ref, e.Entry}
+			case e.Old.IsZero():
+				vs[e.LBA] = choice{ref, sector.Entry{}}
+			case opens(e.LBA, &e.Old) || !before:
+				vs[e.LBA] = choice{ref, e.Old}
+			}
+		}
+	}
+	return vs, nil
 }

@@ -179,5 +179,12 @@ func (p *part) idle(cutoff time.Time) error {
 			return err
 		}
 	}
+	if err := p.applyAll(); err != nil || p.heldBytes == 0 {
+		return err
+	}
+	// Placed appends now in place: a sync vouches for them, and they are retired.
+	if err := p.d.commit(false); err != nil {
+		return err
+	}
 	return p.applyAll()
 }

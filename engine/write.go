@@ -55,12 +55,12 @@ func (p *part) write(desc *dma.Descriptor, buf []byte) error {
 		}
 	}
 	if len(repair) > 0 {
-		if err := p.writeback(repair); err != nil {
+		if err := p.writeback(repair, false); err != nil {
 			return err
 		}
 	}
 	if len(touched) > 0 {
-		if err := p.writeback(touched); err != nil {
+		if err := p.writeback(touched, false); err != nil {
 			return err
 		}
 		if err := p.d.commit(true); err != nil {

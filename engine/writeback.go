@@ -28,18 +28,21 @@ func (p *part) flushDirty(cutoff time.Time) error {
 			p.wb = append(p.wb, l)
 		}
 	}
-	return p.writeback(p.wb)
+	return p.writeback(p.wb, false)
 }
 
 // writeback seals and appends the given dirty lines, in batches, then relieves the part if
-// its appends waiting to be applied grew past their bound.
-func (p *part) writeback(ls []*line) error {
+// its appends waiting to be applied grew past their bound. With place (the cache's pressure:
+// no flush waits for these), runs of at least Options.PlacedBytes of consecutive sectors are
+// appended as placed blocks, their ciphertexts written in place only; a flush or FUA
+// journals its sectors' data, so that it needs no sync beyond its commit's.
+func (p *part) writeback(ls []*line, place bool) error {
 	if err := p.applyCommitted(); err != nil {
 		return err
 	}
 	for len(ls) > 0 {
 		n := min(len(ls), maxWriteback)
-		if err := p.writebackBatch(ls[:n]); err != nil {
+		if err := p.writebackBatch(ls[:n], place); err != nil {
 			return err
 		}
 		ls = ls[n:]
@@ -47,18 +50,61 @@ func (p *part) writeback(ls []*line) error {
 	return p.relieve(false)
 }
 
-func (p *part) writebackBatch(ls []*line) error {
+// writebackBatch seals and appends ls: with place, runs of at least placedRun consecutive
+// sectors as one placed write, the rest as one data write.
+func (p *part) writebackBatch(ls []*line, place bool) error {
 	d := p.d
 	if d.sess == nil {
 		panic("BUG: engine: writeback on a read-only disk")
 	}
 	slices.SortFunc(ls, func(a, b *line) int { return cmp.Compare(a.lba, b.lba) })
+	run := d.placedRun
+	if !place || run == 0 || len(ls) < run {
+		return p.writebackKind(ls, sector.BlockData)
+	}
+	p.runs, p.rest = p.runs[:0], p.rest[:0]
+	for i := 0; i < len(ls); {
+		j := i + 1
+		for j < len(ls) && ls[j].lba == ls[j-1].lba+1 {
+			j++
+		}
+		if j-i >= run {
+			p.runs = append(p.runs, ls[i:j]...)
+		} else {
+			p.rest = append(p.rest, ls[i:j]...)
+		}
+		i = j
+	}
+	if len(p.rest) > 0 {
+		if err := p.writebackKind(p.rest, sector.BlockData); err != nil {
+			return err
+		}
+	}
+	if len(p.runs) > 0 {
+		return p.writebackKind(p.runs, sector.BlockPlaced)
+	}
+	return nil
+}
+
+// writebackKind seals ls (ascending) into one append of kind data or placed.
+func (p *part) writebackKind(ls []*line, kind uint8) error {
+	d := p.d
 	p.lbas = p.lbas[:0]
 	for _, l := range ls {
 		p.lbas = append(p.lbas, l.lba)
 	}
-	w := newPendingWrite(p, sector.BlockData, p.lbas)
+	w := newPendingWrite(p, kind, p.lbas)
 	for i, l := range ls {
+		if kind == sector.BlockPlaced {
+			// The entry it replaces, which recovery falls back to should the new ciphertext
+			// not reach the data region before a crash.
+			e, err := p.entry(l.lba)
+			if err != nil {
+				w.free()
+				return err
+			}
+			w.ents[i].Old = *e
+		}
 		d.sess.Seal(l.lba, w.data(i), l.data, &w.ents[i].Entry)
 	}
 	if err := p.appendWrite(w); err != nil {
@@ -72,6 +118,9 @@ func (p *part) writebackBatch(ls []*line) error {
 		p.unapplied[l.lba] = unappliedRef{w: w, i: i}
 	}
 	d.e.Stats.Writebacks.Add(uint64(len(ls)))
+	if kind == sector.BlockPlaced {
+		d.e.Stats.Placed.Add(uint64(len(ls)))
+	}
 	return nil
 }
 
@@ -133,10 +182,17 @@ func (p *part) relieve(force bool) error {
 			return err
 		}
 	}
-	if !force && p.pendingBytes <= p.maxPending {
+	// Placed appends already in place wait only for the next sync to free their memory: they
+	// ask the background committer for it, and count against the hard bound only past twice
+	// the part's share.
+	waiting := p.pendingBytes - p.heldBytes + max(p.heldBytes-2*p.maxPending, 0)
+	if !force && waiting <= p.maxPending {
+		if p.heldBytes > p.maxPending {
+			d.requestCommit()
+		}
 		return nil
 	}
-	if !force && p.pendingBytes <= 2*p.maxPending {
+	if !force && waiting <= 2*p.maxPending {
 		d.requestCommit()
 		return p.applyCommitted()
 	}

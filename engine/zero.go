@@ -50,7 +50,7 @@ func (p *part) zero(desc *dma.Descriptor) error {
 		return err
 	}
 	if desc.Flags&dma.FUA != 0 {
-		if err := p.writeback(partial); err != nil {
+		if err := p.writeback(partial, false); err != nil {
 			return err
 		}
 		if err := p.d.commit(true); err != nil {

@@ -10,13 +10,15 @@
 # default the four writes), RT (seconds per run, default 5), ROUNDS (default 3), SIZE_MIB
 # (default 1024), DIR (where the image lives, default /var/tmp, the disk), WARM (1: before each
 # server starts, the image's cached pages are dropped and the file read whole with cat, as a
-# just-written image sits in the page cache; default 1), PEER (0: no nbdkit-luks).
+# just-written image sits in the page cache; default 1), PEER (0: no nbdkit-luks), SETTLE (1:
+# `sync` and 2 s between workloads, so that one workload's dirty pages are not written back
+# during the next).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 export PATH=/usr/local/go/bin:$HOME/go/bin:$PATH
 REVS=${REVS:-HEAD~1 .}; RT=${RT:-5}; ROUNDS=${ROUNDS:-3}; SIZE_MIB=${SIZE_MIB:-1024}
-DIR=${DIR:-/var/tmp}; WARM=${WARM:-1}; PEER=${PEER:-1}
+DIR=${DIR:-/var/tmp}; WARM=${WARM:-1}; PEER=${PEER:-1}; SETTLE=${SETTLE:-0}
 WL=${WL:-write 1M 8|randwrite 4k 32|randwrite 4k 32 32}
 for t in fio nbdkit qemu-img python3; do command -v $t >/dev/null || { echo "bench-ab: $t missing (make deps)" >&2; exit 1; }; done
 W=$(mktemp -d "$DIR/sealdisk-ab.XXXX")
@@ -72,6 +74,7 @@ one() { # LABEL URI PID
   local w rw bs qd fs extra c0 c1 res
   for w in "${WLS[@]}"; do
     read -r rw bs qd fs <<<"$w"; extra=(); [ -n "${fs:-}" ] && extra=(--fsync="$fs")
+    [ "$SETTLE" = 1 ] && { sync; sleep 2; }
     c0=$(awk '{print $14+$15}' /proc/"$3"/stat)
     res=$(fio --name=x --ioengine=nbd --uri="$2" --rw="$rw" --bs="$bs" --iodepth="$qd" "${extra[@]}" \
       --size="${SIZE_MIB}m" --runtime="$RT" --time_based --output-format=json 2>/dev/null)
