@@ -197,39 +197,55 @@ func (d *Disk) reapply(c cut) error {
 	})
 }
 
-// sectorRef is one version of a sector in a journal: blocks[b].Ents[i].
-type sectorRef struct{ b, i int }
+// version is the version of a sector kept in place: blocks[b].Ents[i] (data: its ciphertext
+// is written from the journal; zero: punched; placed: written as the caller gives it, or in
+// place already), and the entry the sector's page gets.
+type version struct {
+	b, i  int
+	entry sector.Entry
+}
 
 // lastVersions is each sector's last version in blocks.
-func lastVersions(blocks []sector.Block) map[uint64]sectorRef {
-	vs := map[uint64]sectorRef{}
+func lastVersions(blocks []sector.Block) map[uint64]version {
+	vs := map[uint64]version{}
 	for bi, b := range blocks {
 		for i, e := range b.Ents {
-			vs[e.LBA] = sectorRef{bi, i}
+			vs[e.LBA] = version{bi, i, e.Entry}
 		}
 	}
 	return vs
 }
 
-// writeVersions writes each sector's given version in place, sector by sector in LBA order: a
-// data block's ciphertext read from the journal, a zero block's sector punched, a placed
-// block's ciphertext as placed gives it (nil: it is in place already). Only the one version
-// of each sector is written: an older one written after a newer placed one would leave the
-// older ciphertext under the newer entry.
-func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]sectorRef, placed func(b *sector.Block, i int) ([]byte, error)) error {
+// writeVersions writes each sector's given version in place, in LBA order: a data block's
+// ciphertext read from the journal, a zero block's sector punched — consecutive sectors of one
+// data block, and consecutive zeroed sectors, in one call each — a placed block's ciphertext as
+// placed gives it (nil: it is in place already). Only the one version of each sector is
+// written: an older one written after a newer placed one would leave the older ciphertext
+// under the newer entry.
+func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]version, placed func(b *sector.Block, i int) ([]byte, error)) error {
 	ss := d.ss
-	buf := make([]byte, ss)
-	for _, lba := range slices.Sorted(maps.Keys(vs)) {
-		r := vs[lba]
-		b := &blocks[r.b]
-		pos := d.h.DataPos(lba)
+	lbas := slices.Sorted(maps.Keys(vs))
+	var buf []byte
+	for k := 0; k < len(lbas); {
+		lba, v := lbas[k], vs[lbas[k]]
+		b := &blocks[v.b]
+		m := k + 1 // [k, m): a run of one kind written in one call
+		for b.Kind != sector.BlockPlaced && m < len(lbas) && lbas[m] == lbas[m-1]+1 {
+			w := vs[lbas[m]]
+			if blocks[w.b].Kind != b.Kind || b.Kind == sector.BlockData && (w.b != v.b || w.i != v.i+m-k) {
+				break
+			}
+			m++
+		}
+		pos, n := d.h.DataPos(lba), int64(m-k)*ss
 		switch b.Kind {
 		case sector.BlockZero:
-			if err := d.punch(pos, ss); err != nil {
+			if err := d.punch(pos, n); err != nil {
 				return err
 			}
 		case sector.BlockData:
-			if _, err := d.st.ReadAt(buf, b.DataPos+int64(r.i)*ss); err != nil && !errors.Is(err, io.EOF) {
+			buf = slices.Grow(buf[:0], int(n))[:n]
+			if _, err := d.st.ReadAt(buf, b.DataPos+int64(v.i)*ss); err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
 			}
 			if _, err := d.st.WriteAt(buf, pos); err != nil {
@@ -237,9 +253,9 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]sectorRef, pla
 			}
 		case sector.BlockPlaced:
 			if placed == nil {
-				continue
+				break
 			}
-			ct, err := placed(b, r.i)
+			ct, err := placed(b, v.i)
 			if err != nil {
 				return err
 			}
@@ -249,6 +265,7 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]sectorRef, pla
 				}
 			}
 		}
+		k = m
 	}
 	return nil
 }

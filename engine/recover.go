@@ -120,11 +120,7 @@ func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) ([32]byte, 
 			}
 		}
 	}
-	refs := make(map[uint64]sectorRef, len(vs))
-	for lba, v := range vs {
-		refs[lba] = v.ref
-	}
-	if err := d.writeVersions(blocks, refs, nil); err != nil {
+	if err := d.writeVersions(blocks, vs, nil); err != nil {
 		return [32]byte{}, fmt.Errorf("failed to recover: %w", err)
 	}
 	for idx, pg := range pages {
@@ -150,14 +146,6 @@ func (d *Disk) replay(rec *format.RootRecord, blocks []sector.Block) ([32]byte, 
 	return root, nil
 }
 
-// choice is the version of a sector that recovery keeps: the block of ref (data: its
-// ciphertext is written in place from the journal; zero: punched; placed: it is in place) and
-// the entry the sector's page gets.
-type choice struct {
-	ref   sectorRef
-	entry sector.Entry
-}
-
 // decide picks each sector's version among the committed blocks, in order. A data or zero
 // block's is its own; so is a placed block's the record names settled (rec.Settled): its
 // ciphertext was in place before a sync that preceded the record, so only its new entry may
@@ -166,19 +154,18 @@ type choice struct {
 // place; else its old entry if that does (a zero one: the sector was unwritten); else the
 // version before it in the journal, whose ciphertext is not in place yet; with none, the old
 // entry (the sector was damaged by more than a crash, and its reads fail).
-func (d *Disk) decide(rec *format.RootRecord, blocks []sector.Block) (map[uint64]choice, error) {
+func (d *Disk) decide(rec *format.RootRecord, blocks []sector.Block) (map[uint64]version, error) {
 	ss := d.ss
 	ct := make([]byte, ss)
 	pt := make([]byte, ss, ss+sector.TagSize)
 	defer clear(pt)
 	opens := func(lba uint64, e *sector.Entry) bool { return d.c.Open(lba, pt, ct, e) == nil }
-	vs := map[uint64]choice{}
+	vs := map[uint64]version{}
 	for bi := range blocks {
 		b := &blocks[bi]
 		for i, e := range b.Ents {
-			ref := sectorRef{bi, i}
 			if b.Kind != sector.BlockPlaced || b.Seq < uint64(rec.Settled) {
-				vs[e.LBA] = choice{ref, e.Entry}
+				vs[e.LBA] = version{bi, i, e.Entry}
 				continue
 			}
 			n, err := d.st.ReadAt(ct, d.h.DataPos(e.LBA))
@@ -189,11 +176,11 @@ func (d *Disk) decide(rec *format.RootRecord, blocks []sector.Block) (map[uint64
 			_, before := vs[e.LBA]
 			switch {
 			case opens(e.LBA, &e.Entry):
-				vs[e.LBA] = choice{ref, e.Entry}
+				vs[e.LBA] = version{bi, i, e.Entry}
 			case e.Old.IsZero():
-				vs[e.LBA] = choice{ref, sector.Entry{}}
+				vs[e.LBA] = version{bi, i, sector.Entry{}}
 			case opens(e.LBA, &e.Old) || !before:
-				vs[e.LBA] = choice{ref, e.Old}
+				vs[e.LBA] = version{bi, i, e.Old}
 			}
 		}
 	}
