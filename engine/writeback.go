@@ -94,17 +94,22 @@ func (p *part) writebackKind(ls []*line, kind uint8) error {
 		p.lbas = append(p.lbas, l.lba)
 	}
 	w := newPendingWrite(p, kind, p.lbas)
-	for i, l := range ls {
-		if kind == sector.BlockPlaced {
-			// The entry it replaces, which recovery falls back to should the new ciphertext
-			// not reach the data region before a crash.
-			e, err := p.entry(l.lba)
-			if err != nil {
-				w.free()
-				return err
+	if kind == sector.BlockPlaced {
+		// The entries they replace, which recovery falls back to should a new ciphertext not
+		// reach the data region before a crash: a page lookup per page of each run.
+		if err := forRuns(len(ls), func(i int) uint64 { return ls[i].lba }, func(i, j int) error {
+			ents, _, err := p.entries(p.ents[:0], ls[i].lba, j-i)
+			p.ents = ents
+			for k, e := range ents {
+				w.ents[i+k].Old = e
 			}
-			w.ents[i].Old = *e
+			return err
+		}); err != nil {
+			w.free()
+			return err
 		}
+	}
+	for i, l := range ls {
 		d.sess.Seal(l.lba, w.data(i), l.data, &w.ents[i].Entry)
 	}
 	if err := p.appendWrite(w); err != nil {
