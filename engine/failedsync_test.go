@@ -3,7 +3,6 @@ package engine
 import (
 	"bytes"
 	"errors"
-	"math/rand"
 	"testing"
 
 	"github.com/sealdisk/sealdisk/store/storetest"
@@ -30,10 +29,7 @@ func TestFailedCommitWritesJournalAgain(t *testing.T) {
 	}
 	es.SetInjector(nil)
 	must(t, d.Flush(ctx))
-	abandon(e)
-	e2 := New(Options{Shards: 1, Logger: quietLog})
-	defer e2.Close()
-	d2 := im.attach(t, e2, 1, cs.Crash(rand.New(rand.NewSource(1)), 0))
+	d2 := crashAndAttach(t, im, e, cs, 1)
 	got := make([]byte, ss)
 	must(t, d2.ReadAt(ctx, got, 3*ss))
 	if !bytes.Equal(got, data) {
@@ -58,10 +54,7 @@ func TestFailedSyncReappliesTheEpoch(t *testing.T) {
 	}
 	es.SetInjector(nil)
 	must(t, d.checkpoint())
-	abandon(e)
-	e2 := New(Options{Shards: 1, Logger: quietLog})
-	defer e2.Close()
-	d2 := im.attach(t, e2, 1, cs.Crash(rand.New(rand.NewSource(1)), 0))
+	d2 := crashAndAttach(t, im, e, cs, 1)
 	got := make([]byte, ss)
 	if err := d2.ReadAt(ctx, got, 5*ss); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("a committed write after a lost in-place write and a checkpoint: %v", err)

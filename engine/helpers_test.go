@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"math/rand"
 	"path/filepath"
 	"testing"
 
@@ -8,6 +9,7 @@ import (
 	"github.com/sealdisk/sealdisk/internal/fixture"
 	"github.com/sealdisk/sealdisk/psp"
 	"github.com/sealdisk/sealdisk/store"
+	"github.com/sealdisk/sealdisk/store/storetest"
 )
 
 func TestMain(m *testing.M) { fixture.Main(m) }
@@ -83,4 +85,15 @@ func abandon(e *Engine) {
 	for _, s := range e.shards {
 		s.sq.Close()
 	}
+}
+
+// crashAndAttach crashes st keeping nothing unsynced, abandons e as the crash would, and
+// attaches what survived to a fresh one-shard engine at asid (closed with the test).
+func crashAndAttach(t testing.TB, im *testImage, e *Engine, st *storetest.Crash, asid psp.ASID) *Disk {
+	t.Helper()
+	crashed := st.Crash(rand.New(rand.NewSource(1)), 0)
+	abandon(e)
+	e2 := New(Options{Shards: 1, Logger: quietLog})
+	t.Cleanup(func() { e2.Close() })
+	return im.attach(t, e2, asid, crashed)
 }

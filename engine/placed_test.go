@@ -3,7 +3,6 @@ package engine
 import (
 	"bytes"
 	"errors"
-	"math/rand"
 	"os"
 	"testing"
 
@@ -77,11 +76,7 @@ func TestFlushSettlesPlacedWrites(t *testing.T) {
 		t.Fatal("nothing written back placed")
 	}
 	must(t, d.Flush(ctx))
-	crashed := st.Crash(rand.New(rand.NewSource(1)), 0) // nothing unsynced survives
-	abandon(e)
-	e2 := New(Options{Shards: 1, StripeSectors: 64, Logger: quietLog})
-	defer e2.Close()
-	d2 := im.attach(t, e2, 2, crashed)
+	d2 := crashAndAttach(t, im, e, st, 2) // nothing unsynced survives
 	got := make([]byte, len(want))
 	must(t, d2.ReadAt(ctx, got, 0))
 	if !bytes.Equal(got, want) {
