@@ -67,6 +67,22 @@ type EngineConfig struct {
 	CacheSize string `mapstructure:"cache_size"` // plaintext write-back cache, e.g. 256M
 	IdleFlush string `mapstructure:"idle_flush"` // write back dirty sectors idle this long, e.g. 5s
 	Mmap      bool   `mapstructure:"mmap"`       // image reads through a shared read-only mapping (else pread)
+	// PlacedRun is the shortest run of consecutive sectors that a write-back under the cache's
+	// pressure writes once, in place, journalling only their entries ("0": off, the default;
+	// e.g. 512K). See PlacedBytes.
+	PlacedRun string `mapstructure:"placed_run"`
+}
+
+// PlacedBytes is engine.placed_run in bytes, 0 when off (validated by Load).
+func (c EngineConfig) PlacedBytes() (int64, error) {
+	if t := strings.TrimSpace(c.PlacedRun); t == "" || t == "0" {
+		return 0, nil
+	}
+	n, err := ParseSize(c.PlacedRun)
+	if err != nil || n < 4096 || n > 1<<30 {
+		return 0, &KeyError{"engine.placed_run", fmt.Sprintf("%q: want 0 (off) or a size from 4K to 1G, e.g. 512K", c.PlacedRun)}
+	}
+	return int64(n), nil
 }
 
 // NBDConfig configures the NBD listeners.
@@ -235,6 +251,7 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("engine.cache_size", "256M")
 	v.SetDefault("engine.idle_flush", "5s")
 	v.SetDefault("engine.mmap", true)
+	v.SetDefault("engine.placed_run", "0")
 	v.SetDefault("nbd.listen", []string{})
 	v.SetDefault("nbd.tls_cert", "")
 	v.SetDefault("nbd.tls_key", "")
@@ -361,6 +378,9 @@ func (c EngineConfig) check() []error {
 	}
 	if d, err := time.ParseDuration(c.IdleFlush); err != nil || d <= 0 {
 		errs = append(errs, &KeyError{"engine.idle_flush", fmt.Sprintf("%q: want a positive duration, e.g. 5s", c.IdleFlush)})
+	}
+	if _, err := c.PlacedBytes(); err != nil {
+		errs = append(errs, err)
 	}
 	return errs
 }

@@ -48,6 +48,21 @@ func TestPrecedence(t *testing.T) {
 	if c, err = Load(p, fs); err != nil || !c.FUSE.AllowOther || c.Engine.CacheSize != "8M" {
 		t.Fatalf("flags for keys with underscores: %+v %v", c, err)
 	}
+	// engine.placed_run: off unless set, a size when set.
+	if n, err := c.Engine.PlacedBytes(); err != nil || n != 0 {
+		t.Fatalf("placed_run by default: %d %v", n, err)
+	}
+	fs = pflag.NewFlagSet("x", pflag.ContinueOnError)
+	fs.String("engine-placed-run", "", "")
+	if err := fs.Parse([]string{"--engine-placed-run=512K"}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err = Load(p, fs); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Engine.PlacedBytes(); err != nil || n != 512<<10 {
+		t.Fatalf("placed_run 512K: %d %v", n, err)
+	}
 }
 
 func TestRefusalsNameTheKey(t *testing.T) {
@@ -96,6 +111,8 @@ func TestServeConfig(t *testing.T) {
 		"engine:\n  cache_size: lots\n":                                                          "engine.cache_size",
 		"engine:\n  idle_flush: -1s\n":                                                           "engine.idle_flush",
 		"engine:\n  shards: -1\n":                                                                "engine.shards",
+		"engine:\n  placed_run: 1k\n":                                                            "engine.placed_run",
+		"engine:\n  placed_run: big\n":                                                           "engine.placed_run",
 		"nbd:\n  tls_cert: /nonexistent\n  tls_key: /nonexistent\n":                              "nbd.tls_cert",
 		"vms:\n  - name: x\n    image: rbd:pool\n    firmware: " + fw + "\n":                     "vms[0].image",
 		"ceph:\n  conf: /nonexistent\n":                                                          "ceph.conf",

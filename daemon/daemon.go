@@ -151,11 +151,12 @@ func New(opts Options) (_ *Daemon, err error) {
 	}
 	cacheSize, _ := config.ParseSize(cfg.Engine.CacheSize) // validated by config
 	idle, _ := time.ParseDuration(cfg.Engine.IdleFlush)
+	placed, _ := cfg.Engine.PlacedBytes()
 	d := &Daemon{
 		opts: opts, log: log, cfg: cfg, vms: map[string]*VM{}, images: map[string][]owner{}, started: time.Now(),
 		errc: make(chan error, 8), failures: map[string]string{},
 	}
-	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, Logger: log})
+	d.eng = engine.New(engine.Options{Shards: cfg.Engine.Shards, CacheBytes: int64(cacheSize), IdleFlush: idle, NoMap: !cfg.Engine.Mmap, PlacedBytes: placed, Logger: log})
 	d.metrics = newMetrics(d)
 	defer func() {
 		if err != nil {
