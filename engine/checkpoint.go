@@ -248,7 +248,7 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]version, place
 			if _, err := d.st.ReadAt(buf, b.DataPos+int64(v.i)*ss); err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
 			}
-			if _, err := d.st.WriteAt(buf, pos); err != nil {
+			if err := d.writeData(buf, pos); err != nil {
 				return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
 			}
 		case sector.BlockPlaced:
@@ -260,7 +260,7 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]version, place
 				return err
 			}
 			if ct != nil {
-				if _, err := d.st.WriteAt(ct, pos); err != nil {
+				if err := d.writeData(ct, pos); err != nil {
 					return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
 				}
 			}
