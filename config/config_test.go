@@ -48,20 +48,20 @@ func TestPrecedence(t *testing.T) {
 	if c, err = Load(p, fs); err != nil || !c.FUSE.AllowOther || c.Engine.CacheSize != "8M" {
 		t.Fatalf("flags for keys with underscores: %+v %v", c, err)
 	}
-	// engine.placed_run: off unless set, a size when set.
-	if n, err := c.Engine.PlacedBytes(); err != nil || n != 0 {
+	// engine.placed_run: 512K unless set; 0 is off.
+	if n, err := c.Engine.PlacedBytes(); err != nil || n != 512<<10 {
 		t.Fatalf("placed_run by default: %d %v", n, err)
 	}
 	fs = pflag.NewFlagSet("x", pflag.ContinueOnError)
 	fs.String("engine-placed-run", "", "")
-	if err := fs.Parse([]string{"--engine-placed-run=512K"}); err != nil {
+	if err := fs.Parse([]string{"--engine-placed-run=0"}); err != nil {
 		t.Fatal(err)
 	}
 	if c, err = Load(p, fs); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := c.Engine.PlacedBytes(); err != nil || n != 512<<10 {
-		t.Fatalf("placed_run 512K: %d %v", n, err)
+	if n, err := c.Engine.PlacedBytes(); err != nil || n != 0 {
+		t.Fatalf("placed_run 0: %d %v", n, err)
 	}
 }
 

@@ -54,8 +54,8 @@ type Options struct {
 	// PlacedBytes, when positive, is the shortest run of consecutive sectors that a write-back
 	// under the cache's pressure writes in place only, journalling just their entries (placed
 	// blocks, FORMAT.md §6.2), instead of writing them to the journal and then in place. 0 =
-	// off: on this machine placed runs made 1 MiB writes 17-58 % faster but random 4 KiB
-	// writes that followed them a third slower, for a reason not yet found (BENCHMARKS.md).
+	// off. The service sets 512 KiB (config engine.placed_run): 1 MiB writes ran about half
+	// as fast again, random writes after them as before (BENCHMARKS.md).
 	PlacedBytes int64
 
 	// journalBytes, when set, uses only that much of the journal region (tests: the journal
