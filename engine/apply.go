@@ -11,7 +11,7 @@ import (
 // A pendingWrite is one append to the journal by one part: its blocks as written (headers and
 // ciphertexts), kept until they are applied in place — written to the data region, trims
 // punched — which may happen only once a commit has made them durable (FORMAT.md §6.2). Until
-// then the part records each of its sectors (p.unapplied): a read of one without a cache line
+// then the part records each of its sectors (p.slots.ref): a read of one without a cache line
 // opens the append's ciphertext here, never the data region, which is stale.
 type pendingWrite struct {
 	p      *part
@@ -220,12 +220,7 @@ func (p *part) applyIf(apply bool) error {
 // frees its buffer: their ciphertext is the data region's now.
 func (p *part) retire(w *pendingWrite) {
 	for i, e := range w.ents {
-		if r, ok := p.unapplied[e.LBA]; ok && r.w == w && r.i == i {
-			delete(p.unapplied, e.LBA)
-			if p.lines[e.LBA] == nil {
-				p.clearMask(e.LBA)
-			}
-		}
+		p.slots.dropRef(e.LBA, unappliedRef{w: w, i: i}, true)
 	}
 	p.pendingBytes -= len(w.buf)
 	w.free()

@@ -8,7 +8,7 @@ import (
 )
 
 // The plaintext write-back cache of a part: one line per cached sector, in an LRU list, with
-// a bit mask per metadata page's worth of sectors saying which have a line or an unapplied
+// a bit mask per metadata page's worth of sectors (slots.go) saying which have a line or an unapplied
 // journal append (apply.go) — the sectors a read must not take from the data region. Reads do
 // not allocate lines (read.go); writes do (write.go); shrink evicts beyond the bound, writing
 // dirty lines back first (writeback.go).
@@ -73,50 +73,27 @@ func (p *part) newLine(lba uint64) *line {
 // line holds nothing the cache could not hold.
 func (p *part) drop(l *line) {
 	p.lineLRU.unlink(l)
-	delete(p.lines, l.lba)
-	if _, ok := p.unapplied[l.lba]; !ok {
-		p.clearMask(l.lba)
-	}
+	p.slots.dropLine(l.lba)
 	p.markClean(l)
 	p.spare = append(p.spare, l)
 }
 
-// clearMask clears lba's bit in its page's lineMask: it has neither a line nor an unapplied
-// append.
-func (p *part) clearMask(lba uint64) {
-	if pg, m := lba/entriesPerPage, p.lineMask[lba/entriesPerPage]&^lineBit(lba); m == 0 {
-		delete(p.lineMask, pg)
-	} else {
-		p.lineMask[pg] = m
-	}
-}
-
 // insert caches l (from newLine) as most recently used.
 func (p *part) insert(l *line) *line {
-	p.lines[l.lba] = l
-	p.lineMask[l.lba/entriesPerPage] |= lineBit(l.lba)
+	p.slots.setLine(l)
 	p.lineLRU.touch(l)
 	return l
 }
 
-// lineBit is lba's bit in its page's lineMask.
-func lineBit(lba uint64) uint64 { return 1 << (lba % entriesPerPage) }
-
-// cached returns lba's line, or nil. Most sectors have none, and their page's mask says so
-// without a lookup in lines. (A set bit with no line is an unapplied append: p.unapplied.)
-func (p *part) cached(lba uint64) *line {
-	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
-		return nil
-	}
-	return p.lines[lba]
-}
+// cached returns lba's line, or nil.
+func (p *part) cached(lba uint64) *line { return p.slots.line(lba) }
 
 // uncached is how many sectors from lba on, at most n, have no line and no unapplied append
 // (their ciphertext is the data region's): one mask per metadata page's worth of sectors.
 func (p *part) uncached(lba uint64, n int64) int64 {
 	for k := int64(0); k < n; {
 		a := lba + uint64(k)
-		if m := p.lineMask[a/entriesPerPage] >> (a % entriesPerPage); m != 0 {
+		if m := p.slots.maskAt(a/entriesPerPage) >> (a % entriesPerPage); m != 0 {
 			return min(n, k+int64(bits.TrailingZeros64(m)))
 		}
 		k += int64(entriesPerPage - a%entriesPerPage)
@@ -146,11 +123,11 @@ func (p *part) markClean(l *line) {
 
 // shrink evicts least recently used lines beyond the cache bound, writing back dirty ones.
 // A line whose sector's append is not applied yet may go too: reads then open the append's
-// ciphertext, kept in memory until it is applied (p.unapplied).
+// ciphertext, kept in memory until it is applied (p.slots.ref).
 func (p *part) shrink() error {
-	for len(p.lines) > p.maxLines {
+	for p.slots.lines > p.maxLines {
 		p.wb, p.victims = p.wb[:0], p.victims[:0]
-		want := min(64, len(p.lines)-p.maxLines+32)
+		want := min(64, p.slots.lines-p.maxLines+32)
 		for l := p.lineLRU.tail; l != nil && len(p.victims) < want; l = l.prev {
 			p.victims = append(p.victims, l)
 			if l.dirty {
@@ -161,7 +138,7 @@ func (p *part) shrink() error {
 			return err
 		}
 		for _, l := range p.victims {
-			if p.lines[l.lba] == l { // a write-back's relieve may have dropped none, but be sure
+			if p.slots.line(l.lba) == l { // a write-back's relieve may have dropped none, but be sure
 				p.drop(l)
 			}
 		}

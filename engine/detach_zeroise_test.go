@@ -28,7 +28,7 @@ func TestDetachZeroisesLineBuffers(t *testing.T) {
 	for i, s := range e.shards {
 		s.own.Lock()
 		p := d.parts[i]
-		for _, l := range p.lines {
+		for l := p.lineLRU.head; l != nil; l = l.next {
 			bufs = append(bufs, l.data[:cap(l.data)])
 			cached++
 		}

@@ -129,7 +129,7 @@ func TestPermissionAndDetach(t *testing.T) {
 		t.Fatalf("read after detach: %v", err)
 	}
 	for _, p := range d.parts {
-		if len(p.lines) != 0 {
+		if p.slots.lines != 0 || len(p.slots.chunks) != 0 {
 			t.Fatal("cache not zeroised on detach")
 		}
 	}

@@ -23,7 +23,7 @@ import (
 // entriesPerPage is the number of 64-byte entries in one 4 KiB metadata page.
 const entriesPerPage = 4096 / format.MetaEntrySize
 
-var _ [64 - entriesPerPage]struct{} // a page's sectors fit one lineMask word
+var _ [64 - entriesPerPage]struct{} // a page's sectors fit one slotChunk mask word
 
 // maxWriteback bounds one writeback batch (sealed and appended to the journal at once).
 const maxWriteback = 1024
@@ -36,8 +36,7 @@ type part struct {
 	d     *Disk
 	shard int
 
-	lines    map[uint64]*line
-	lineMask map[uint64]uint64 // metadata page index -> bit i set: its sector i has a line (absent: 0)
+	slots    slots // each sector's line and unapplied append (slots.go)
 	lineLRU  lineList
 	maxLines int
 	// dirtyLines is every dirty line, in no order (line.dirtyIdx), so a flush or an idle
@@ -54,13 +53,12 @@ type part struct {
 	maxPages  int
 
 	// Journal appends not yet applied in place (apply.go), oldest first, and their bytes;
-	// maxPending bounds the bytes before a commit is forced. unapplied is each of their
-	// sectors' latest ciphertext, which reads use while the data region is stale.
+	// maxPending bounds the bytes before a commit is forced. Each of their sectors keeps its
+	// latest ciphertext in slots (slots.ref), which reads use while the data region is stale.
 	pending      []*pendingWrite
 	pendingBytes int
 	maxPending   int
 	heldBytes    int // of pendingBytes, placed appends in place waiting for a sync (applyIf)
-	unapplied    map[uint64]unappliedRef
 
 	// scratch
 	ct, pagebuf []byte
@@ -79,9 +77,8 @@ type part struct {
 
 func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 	return &part{
-		d: d, shard: shard, lines: map[uint64]*line{}, lineMask: map[uint64]uint64{}, maxLines: maxLines,
-		unapplied: map[uint64]unappliedRef{},
-		pages:     map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
+		d: d, shard: shard, slots: newSlots(), maxLines: maxLines,
+		pages: map[uint64]*metaPage{}, maxPages: max(maxPages, 2),
 		ct:      make([]byte, maxWriteback*int(d.ss)+sector.TagSize),
 		pagebuf: make([]byte, 4096),
 		// appends' ciphertexts wait in memory: commit once a quarter of the cache's worth waits
@@ -91,13 +88,12 @@ func newPart(d *Disk, shard, maxLines, maxPages int) *part {
 
 // zeroise drops every line and page and clears every buffer that held plaintext (detach).
 func (p *part) zeroise() {
-	clear(p.unapplied) // the disk is closed: its appends are in place, or recovery's
 	for l := p.lineLRU.head; l != nil; {
 		n := l.next
 		p.drop(l)
 		l = n
 	}
-	clear(p.lineMask)
+	p.slots.reset() // the disk is closed: its appends are in place, or recovery's
 	for _, l := range p.spare {
 		clear(l.data[:cap(l.data)])
 	}

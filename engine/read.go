@@ -61,7 +61,7 @@ func (p *part) read(desc *dma.Descriptor) (*opening, error) {
 
 // load returns the cached line for lba, reading and authenticating it on a miss.
 func (p *part) load(lba uint64) (*line, error) {
-	if l := p.lines[lba]; l != nil {
+	if l := p.slots.line(lba); l != nil {
 		p.d.e.Stats.CacheHits.Add(1)
 		p.lineLRU.touch(l)
 		return l, nil
@@ -96,14 +96,8 @@ func (p *part) load(lba uint64) (*line, error) {
 	return p.insert(l), nil
 }
 
-// unappliedAt is lba's unapplied append, if its mask bit says it may have one.
-func (p *part) unappliedAt(lba uint64) (unappliedRef, bool) {
-	if p.lineMask[lba/entriesPerPage]&lineBit(lba) == 0 {
-		return unappliedRef{}, false
-	}
-	r, ok := p.unapplied[lba]
-	return r, ok
-}
+// unappliedAt is lba's unapplied append, if it has one.
+func (p *part) unappliedAt(lba uint64) (unappliedRef, bool) { return p.slots.ref(lba) }
 
 // readDirect decrypts the uncached sectors i..j-1 of a read descriptor, at least one of them
 // partial (an unaligned read), into the guest buffer through p.ct, under the shard. Runs of

@@ -32,7 +32,7 @@ func TestEvictedBeforeApplied(t *testing.T) {
 	if p.cached(0) != nil {
 		t.Fatal("sector 0 is still cached: the test did not evict it")
 	}
-	if _, ok := p.unapplied[0]; !ok {
+	if _, ok := p.slots.ref(0); !ok {
 		t.Fatal("sector 0's append was applied already: the test does not cover an unapplied one")
 	}
 	got := make([]byte, ss)

@@ -12,7 +12,7 @@ import (
 // Write-back (FORMAT.md §6.2): dirty lines are sealed in batches and appended to the journal as
 // data blocks, without a sync; their new entries take effect in the part's pages and the tree.
 // Until a commit has made the append durable and it is written in place (apply.go), reads of
-// its sectors without a line open its ciphertext in memory (p.unapplied), never the data region.
+// its sectors without a line open its ciphertext in memory (p.slots.ref), never the data region.
 
 // flushDirty writes back every dirty line (older than cutoff, when cutoff is set).
 func (p *part) flushDirty(cutoff time.Time) error {
@@ -120,7 +120,7 @@ func (p *part) writebackKind(ls []*line, kind uint8) error {
 	}
 	for i, l := range ls {
 		p.markClean(l)
-		p.unapplied[l.lba] = unappliedRef{w: w, i: i}
+		p.slots.setRef(l.lba, unappliedRef{w: w, i: i})
 	}
 	d.e.Stats.Writebacks.Add(uint64(len(ls)))
 	if kind == sector.BlockPlaced {

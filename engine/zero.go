@@ -76,11 +76,9 @@ func (p *part) zeroSectors(lbas []uint64) error {
 			return err
 		}
 		for _, lba := range batch {
-			delete(p.unapplied, lba)
-			if l := p.lines[lba]; l != nil {
+			p.slots.dropRef(lba, unappliedRef{}, false)
+			if l := p.slots.line(lba); l != nil {
 				p.drop(l)
-			} else {
-				p.clearMask(lba)
 			}
 		}
 	}
