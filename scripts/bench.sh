@@ -110,6 +110,9 @@ bench_place() {
       luks.img "${SIZE_MIB}M" >/dev/null 2>&1 && break
   done
   qemu-img convert -n --object secret,id=s0,file=pass -f raw raw --target-image-opts driver=luks,key-secret=s0,file.filename=luks.img
+  # Every image is written before the first run and synced: a copy still being written back
+  # would compete for the disk with whichever server runs first.
+  [[ $ONLY == *nbd* ]] && [ -z "${SHORT:-}" ] && cp raw plainfile.raw
   sync
   if [[ $ONLY == *nbd* ]]; then
     cat > serve.yaml <<EOF
@@ -133,7 +136,6 @@ EOF
     nbdkit -f -U "$W/l.sock" --filter=luks file luks.img passphrase=+pass 2>nbdkit.log & echo $! > nbdkitluks.pid
     local peers=(nbdkitluks)
     if [ -z "${SHORT:-}" ]; then
-      cp raw plainfile.raw
       nbdkit -f -U "$W/f.sock" file plainfile.raw 2>nbdkitf.log & echo $! > nbdkitfile.pid
       qemu-nbd -t -e 8 -k "$W/q.sock" --cache=writeback --object secret,id=s0,file=pass \
         --image-opts driver=luks,key-secret=s0,file.filename=luks.img 2>qnbd.log & echo $! > qemunbd.pid
@@ -162,6 +164,7 @@ EOF
     gocryptfs -q -nosyslog -passfile pass cipher plain
     pgrep -n -x gocryptfs > gocryptfs.pid
     cp raw plain/file
+    sync # as above: gocryptfs's copy is written back before the first run
     $S serve --psp p --image vm.img --firmware fw --name vm --fuse-mountpoint "$W/mnt" 2>serve-fuse.log & echo $! > sealdisk.pid
     qemu-storage-daemon --object secret,id=s0,file=pass --blockdev driver=file,node-name=f0,filename=luks.img \
       --blockdev driver=luks,node-name=l0,file=f0,key-secret=s0 \
