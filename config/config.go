@@ -68,7 +68,7 @@ type EngineConfig struct {
 	IdleFlush string `mapstructure:"idle_flush"` // write back dirty sectors idle this long, e.g. 5s
 	Mmap      bool   `mapstructure:"mmap"`       // image reads through a shared read-only mapping (else pread)
 	// PlacedRun is the shortest run of consecutive sectors that a write-back under the cache's
-	// pressure writes once, in place, journalling only their entries (default 512K; "0": off,
+	// pressure writes once, in place, journalling only their entries (default 64K; "0": off,
 	// every sector journalled before it goes in place).
 	PlacedRun string `mapstructure:"placed_run"`
 }
@@ -251,7 +251,7 @@ func defaults(v *viper.Viper) {
 	v.SetDefault("engine.cache_size", "256M")
 	v.SetDefault("engine.idle_flush", "5s")
 	v.SetDefault("engine.mmap", true)
-	v.SetDefault("engine.placed_run", "512K")
+	v.SetDefault("engine.placed_run", "64K")
 	v.SetDefault("nbd.listen", []string{})
 	v.SetDefault("nbd.tls_cert", "")
 	v.SetDefault("nbd.tls_key", "")

@@ -48,8 +48,8 @@ func TestPrecedence(t *testing.T) {
 	if c, err = Load(p, fs); err != nil || !c.FUSE.AllowOther || c.Engine.CacheSize != "8M" {
 		t.Fatalf("flags for keys with underscores: %+v %v", c, err)
 	}
-	// engine.placed_run: 512K unless set; 0 is off.
-	if n, err := c.Engine.PlacedBytes(); err != nil || n != 512<<10 {
+	// engine.placed_run: 64K unless set; 0 is off.
+	if n, err := c.Engine.PlacedBytes(); err != nil || n != 64<<10 {
 		t.Fatalf("placed_run by default: %d %v", n, err)
 	}
 	fs = pflag.NewFlagSet("x", pflag.ContinueOnError)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -65,7 +66,8 @@ func benchEngine(b *testing.B, l format.Layout) {
 	}
 	defer os.Remove(p)
 	im.create(b, f)
-	e := New(Options{CacheBytes: 64 << 20, Shards: benchShards, NoMap: os.Getenv("SEALDISK_BENCH_NOMAP") != ""})
+	placed, _ := strconv.ParseInt(os.Getenv("SEALDISK_BENCH_PLACED"), 10, 64) // bytes; unset: off
+	e := New(Options{CacheBytes: 64 << 20, Shards: benchShards, NoMap: os.Getenv("SEALDISK_BENCH_NOMAP") != "", PlacedBytes: placed})
 	defer e.Close()
 	d := im.attach(b, e, 1, f)
 	buf := make([]byte, 4<<20)

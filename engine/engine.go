@@ -54,8 +54,9 @@ type Options struct {
 	// PlacedBytes, when positive, is the shortest run of consecutive sectors that a write-back
 	// under the cache's pressure writes in place only, journalling just their entries (placed
 	// blocks, FORMAT.md §6.2), instead of writing them to the journal and then in place. 0 =
-	// off. The service sets 512 KiB (config engine.placed_run): 1 MiB writes ran about half
-	// as fast again, random writes after them as before (BENCHMARKS.md).
+	// off. The service sets 64 KiB (config engine.placed_run): on ext4, 1 MiB writes ran
+	// about half as fast again and random 64 KiB writes a fifth faster, random 4 KiB writes
+	// as before (BENCHMARKS.md).
 	PlacedBytes int64
 
 	// journalBytes, when set, uses only that much of the journal region (tests: the journal
