@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"fmt"
 	"sync"
 	"sync/atomic"
 
@@ -134,10 +133,7 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 	ss := d.ss
 	if w.placed() {
 		return forRuns(len(w.ents), func(i int) uint64 { return w.ents[i].LBA }, func(i, j int) error {
-			if err := d.writeData(w.buf[w.jlen+i*int(ss):w.jlen+j*int(ss)], d.h.DataPos(w.ents[i].LBA)); err != nil {
-				return fmt.Errorf("failed to write data in place: %w", err)
-			}
-			return nil
+			return d.writeData(w.buf[w.jlen+i*int(ss):w.jlen+j*int(ss)], w.ents[i].LBA)
 		})
 	}
 	for _, b := range w.blocks {
@@ -147,10 +143,7 @@ func (w *pendingWrite) applyTo(d *Disk) error {
 		if b.kind == sector.BlockData {
 			base := b.off + sector.BlockHeaderSize
 			err = forRuns(len(ents), lba, func(i, j int) error {
-				if err := d.writeData(w.buf[base+i*int(ss):base+j*int(ss)], d.h.DataPos(ents[i].LBA)); err != nil {
-					return fmt.Errorf("failed to write data in place: %w", err)
-				}
-				return nil
+				return d.writeData(w.buf[base+i*int(ss):base+j*int(ss)], ents[i].LBA)
 			})
 		} else {
 			err = forRuns(len(ents), lba, func(i, j int) error {

@@ -248,8 +248,8 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]version, place
 			if _, err := d.st.ReadAt(buf, b.DataPos+int64(v.i)*ss); err != nil && !errors.Is(err, io.EOF) {
 				return fmt.Errorf("failed to read journal block %d: %w", b.Seq, err)
 			}
-			if err := d.writeData(buf, pos); err != nil {
-				return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
+			if err := d.writeData(buf, lba); err != nil {
+				return err
 			}
 		case sector.BlockPlaced:
 			if placed == nil {
@@ -260,8 +260,8 @@ func (d *Disk) writeVersions(blocks []sector.Block, vs map[uint64]version, place
 				return err
 			}
 			if ct != nil {
-				if err := d.writeData(ct, pos); err != nil {
-					return fmt.Errorf("failed to write sector %d in place: %w", lba, err)
+				if err := d.writeData(ct, lba); err != nil {
+					return err
 				}
 			}
 		}

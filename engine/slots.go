@@ -140,10 +140,7 @@ func (s *slots) dropRef(lba uint64, r unappliedRef, only bool) {
 
 // maskAt is the mask of metadata page idx's sectors (0: none has a line or an append).
 func (s *slots) maskAt(idx uint64) uint64 {
-	if c := s.last; c != nil && c.idx == idx {
-		return c.mask
-	}
-	if c := s.chunks[idx]; c != nil {
+	if c := s.get(idx * entriesPerPage); c != nil {
 		return c.mask
 	}
 	return 0
