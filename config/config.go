@@ -80,7 +80,7 @@ func (c EngineConfig) PlacedBytes() (int64, error) {
 	}
 	n, err := ParseSize(c.PlacedRun)
 	if err != nil || n < 4096 || n > 1<<30 {
-		return 0, &KeyError{"engine.placed_run", fmt.Sprintf("%q: want 0 (off) or a size from 4K to 1G, e.g. 512K", c.PlacedRun)}
+		return 0, &KeyError{"engine.placed_run", fmt.Sprintf("%q: want 0 (off) or a size from 4K to 1G, e.g. 64K", c.PlacedRun)}
 	}
 	return int64(n), nil
 }
