@@ -15,8 +15,9 @@ import (
 // conn is one client connection: option haggling, then transmission.
 //
 // Transmission (transmit.go) is built for a low cost per request. The reader (serve's
-// goroutine) parses and validates requests from a buffered reader and reads write payloads
-// into pooled buffers; an admitted request runs on a pooled worker goroutine. At most MaxInFlight requests
+// goroutine, or the one it handed reading to, rescue.go) parses and validates requests from
+// a buffered reader and reads write payloads into pooled buffers; an admitted request runs on
+// a pooled worker goroutine, or on the reader itself for a READ with nothing else executing. At most MaxInFlight requests
 // holding at most the byte budget are admitted; when either is spent the reader stops
 // reading, so a client that floods requests is slowed by its socket, not by server memory.
 // Finished requests queue their replies; whoever finds no writer active becomes the writer
@@ -40,7 +41,8 @@ type conn struct {
 	stopping     bool
 	stop         chan struct{} // closed by drain/kill: start no further request
 
-	// Handshake state and the reader's buffer: owned by the serve goroutine.
+	// Handshake state and the reader's buffer: owned by the serve goroutine, in transmission
+	// by the reader.
 	br         *bufio.Reader
 	fixed      bool // client set NBD_FLAG_C_FIXED_NEWSTYLE
 	noZeroes   bool
@@ -63,7 +65,16 @@ type conn struct {
 	inflight  sync.WaitGroup // admitted requests whose reply is not yet written or dropped
 	work      chan *job      // idle workers wait here; closed when transmission ends
 	workers   sync.WaitGroup
-	executing atomic.Int32 // jobs handed to workers and not yet queued for reply
+	handed    atomic.Int64 // requests handed to workers (inline reads are not)
+	executing atomic.Int32 // jobs executing (on workers or inline) and not yet queued for reply
+
+	// The reader's role (rescue.go): tx is the export of transmission; inlineSince is the
+	// start time of the request the reader runs inline, 0 when none; lastSince is owned by
+	// whoever reads; the goroutine that ends reading after a hand-over sends on readEnd.
+	tx          *export
+	inlineSince atomic.Int64
+	lastSince   int64
+	readEnd     chan bool
 
 	wmu     sync.Mutex // guards queue, spare and writing
 	queue   []*job     // replies waiting for the writer

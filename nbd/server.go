@@ -101,6 +101,8 @@ type Server struct {
 	forceCtx    context.Context
 	forceCancel context.CancelFunc
 
+	rescue *rescuer // watches readers running a request inline
+
 	mu           sync.Mutex // guards the fields below
 	exports      map[string]*export
 	listeners    map[net.Listener]struct{}
@@ -134,6 +136,7 @@ func NewServer(opts Options) *Server {
 		exports:   make(map[string]*export),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
+		rescue:    newRescuer(),
 	}
 	if s.log == nil {
 		s.log = slog.Default()

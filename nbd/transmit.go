@@ -30,7 +30,10 @@ func (c *conn) transmit(x *export) {
 	c.mu.Unlock()
 	c.vec = canWritev(c.wconn)
 	c.work = make(chan *job)
+	c.tx, c.readEnd = x, make(chan bool, 1)
+	c.s.rescue.add(c)
 	hard := c.readRequests(x)
+	c.s.rescue.remove(c)
 	if hard {
 		// Protocol violation: hard disconnect, then let workers run out (their replies fail).
 		c.raw.Close()
@@ -43,37 +46,48 @@ func (c *conn) transmit(x *export) {
 	}
 }
 
-// readRequests is the reader loop. It returns true when the connection must end hard.
+// readRequests reads requests until the connection's transmission ends. It returns true
+// when the connection must end hard. The reader's role may pass to other goroutines
+// (rescue.go); the last one's result is returned.
 func (c *conn) readRequests(x *export) (hard bool) {
+	if hard, ok := c.read(x); ok {
+		return hard
+	}
+	return <-c.readEnd
+}
+
+// read is the reader loop. ok is false when the reader's role passed to another goroutine
+// while this one ran a request inline; else reading has ended and hard says how.
+func (c *conn) read(x *export) (hard, ok bool) {
 	var hdr [requestHeaderSize]byte
 	for {
 		select {
 		case <-c.stop:
-			return false
+			return false, true
 		default:
 		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if !c.isStopping() && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 				c.log.Debug("nbd connection read failed", "err", err)
 			}
-			return false
+			return false, true
 		}
 		magic, r := parseRequest(&hdr)
 		if magic != magicRequest {
 			c.log.Warn("nbd protocol violation: bad request magic; closing connection", "magic", fmt.Sprintf("%#x", magic))
-			return true
+			return true, true
 		}
 		if r.cmd == cmdDisc {
-			return false
+			return false, true
 		}
 		if errno, msg := c.validate(x, &r); errno != 0 {
 			if r.cmd == cmdWrite {
 				if r.length > maxWriteDiscard {
 					c.log.Warn("nbd write payload too large to skip; closing connection", "length", r.length)
-					return true
+					return true, true
 				}
 				if err := discard(c.br, int64(r.length)); err != nil {
-					return false
+					return false, true
 				}
 			}
 			c.log.Debug("nbd request refused", "cmd", cmdName(r.cmd), "offset", r.offset, "length", r.length, "flags", r.flags, "errno", errno, "reason", msg)
@@ -81,7 +95,7 @@ func (c *conn) readRequests(x *export) (hard bool) {
 			// A refusal takes a request slot like any request, so a client that floods
 			// bad requests without reading replies is throttled too.
 			if !c.budget.acquire(c.stop, 0) {
-				return false
+				return false, true
 			}
 			j := newJob(x, &r)
 			j.budgeted = true
@@ -99,7 +113,7 @@ func (c *conn) readRequests(x *export) (hard bool) {
 			cost = int64(min(r.length, x.maxBlock))
 		}
 		if !c.budget.acquire(c.stop, cost) {
-			return false // draining: nothing more is read, so an unread payload does not matter
+			return false, true // draining: nothing more is read, so an unread payload does not matter
 		}
 		j := newJob(x, &r)
 		j.cost, j.budgeted = cost, true
@@ -109,20 +123,26 @@ func (c *conn) readRequests(x *export) (hard bool) {
 				c.budget.release(cost)
 				j.recycle()
 				c.log.Debug("nbd connection lost in a write payload", "err", err)
-				return false
+				return false, true
 			}
 		}
 		c.inflight.Add(1)
+		if r.cmd == cmdRead && c.executing.Load() == 0 && c.br.Buffered() == 0 {
+			if !c.runInline(j) {
+				return false, false
+			}
+			continue
+		}
 		c.admit(j)
 	}
 }
 
 // admit hands j to an idle worker, or to a new one. Workers live as long as the
 // connection, so there is no goroutine (or stack growth) per request, and there are never
-// more than the requests in flight plus the writer. Nothing runs inline on the reader: a
-// device call can block (a slow store, a gated test read), and the requests behind it must
-// still be read and answered out of order.
+// more than the requests in flight plus the writer. Only a READ with nothing else executing
+// runs on the reader itself (runInline), watched so that a blocked one does not stop reading.
 func (c *conn) admit(j *job) {
+	c.handed.Add(1)
 	c.executing.Add(1)
 	select {
 	case c.work <- j:
