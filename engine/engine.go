@@ -109,6 +109,7 @@ type Stats struct {
 	AuthFailures, PermissionDenials atomic.Uint64
 	SyncFailures                    atomic.Uint64 // failed syncs of an image (Disk.syncMu)
 	Placed                          atomic.Uint64 // sectors written back in place only (placed blocks)
+	Direct                          atomic.Uint64 // of those, sectors sealed from the guest's buffer, never cached (write.go)
 }
 
 // Engine is the disk controller. It is safe for concurrent use.

@@ -16,16 +16,24 @@ var ctx = context.Background()
 // TestRandomOpsAgainstModel drives random unaligned reads, writes, trims, zeroes and flushes
 // through the engine and a MemDevice, reattaching midway, and compares every read.
 func TestRandomOpsAgainstModel(t *testing.T) {
-	for _, ss := range []uint32{4096, 512} {
+	for _, tc := range []struct {
+		ss     uint32
+		placed int64 // Options.PlacedBytes: whole-sector writes of 8 sectors or more sealed from the buffer
+	}{{4096, 0}, {512, 0}, {4096, 8 * 4096}, {512, 8 * 512}} {
+		ss := tc.ss
 		im := newTestImage(t, 8<<20, ss, 0)
 		st, path := fileStore(t, im)
-		e := New(Options{Shards: 3, CacheBytes: 256 << 10, StripeSectors: 64})
+		e := New(Options{Shards: 3, CacheBytes: 256 << 10, StripeSectors: 64, PlacedBytes: tc.placed})
 		d := im.attach(t, e, 1, st)
 		model := NewMemDevice(8<<20, false)
-		r := rand.New(rand.NewSource(int64(ss)))
+		r := rand.New(rand.NewSource(int64(ss) + tc.placed))
 		for i := 0; i < 3000; i++ {
 			off := r.Int63n(8 << 20)
 			n := min(r.Int63n(300<<10)+1, 8<<20-off)
+			if r.Intn(2) == 0 { // whole sectors
+				off &^= int64(ss) - 1
+				n = max(n&^(int64(ss)-1), int64(ss))
+			}
 			switch op := r.Intn(10); {
 			case op < 4:
 				buf := make([]byte, n)
@@ -37,7 +45,7 @@ func TestRandomOpsAgainstModel(t *testing.T) {
 				must(t, d.ReadAt(ctx, a, off))
 				must(t, model.ReadAt(ctx, b, off))
 				if !bytes.Equal(a, b) {
-					t.Fatalf("ss %d op %d: read [%d,+%d) differs", ss, i, off, n)
+					t.Fatalf("ss %d placed %d op %d: read [%d,+%d) differs", ss, tc.placed, i, off, n)
 				}
 			case op == 7:
 				must(t, d.Trim(ctx, off, n, false))
@@ -60,6 +68,9 @@ func TestRandomOpsAgainstModel(t *testing.T) {
 		model.ReadAt(ctx, b, 0)
 		if !bytes.Equal(a, b) {
 			t.Fatal("final contents differ")
+		}
+		if tc.placed > 0 && e.Stats.Direct.Load() == 0 {
+			t.Fatal("no write was sealed from the buffer")
 		}
 		must(t, e.Close())
 	}

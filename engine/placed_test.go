@@ -21,43 +21,64 @@ func placedOpts() Options {
 }
 
 // TestPlacedWritesGoInPlaceOnce: a placed run's ciphertexts are written once, in place; the
-// journal gets a header per 29 sectors, not the data.
+// journal gets a header per 29 sectors, not the data. A write of a run or more of whole
+// sectors is sealed from the guest's buffer (writeDirect) and fills no cache line; smaller
+// writes are cached and placed by the cache's pressure (writebackBatch).
 func TestPlacedWritesGoInPlaceOnce(t *testing.T) {
 	const ss = 4096
-	im := newTestImage(t, 1<<20, ss, 0)
-	st := storetest.NewCrash()
-	im.create(t, st)
-	var journal, data int64
-	st.OnWrite = func(p []byte, off int64) {
-		switch {
-		case off >= int64(im.h.JournalOffset) && off < int64(im.h.MetaOffset):
-			journal += int64(len(p))
-		case off >= int64(im.h.DataPos(0)):
-			data += int64(len(p))
-		}
+	for _, tc := range []struct {
+		name           string
+		each           int    // sectors per write
+		placed, direct uint64 // sectors placed, of them direct
+		journal        int64  // journal bytes written
+	}{
+		// 64 sectors in one write: 3 headers.
+		{"direct", 64, 64, 64, 3 * 4096},
+		// 2 sectors a write: past the dirty bound of 16, write-backs of 4 sectors, a run each;
+		// the flush journals the 16 still dirty with their data.
+		{"pressure", 2, 48, 0, 12*4096 + 4096 + 16*ss},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			im := newTestImage(t, 1<<20, ss, 0)
+			st := storetest.NewCrash()
+			im.create(t, st)
+			var journal, data int64
+			st.OnWrite = func(p []byte, off int64) {
+				switch {
+				case off >= int64(im.h.JournalOffset) && off < int64(im.h.MetaOffset):
+					journal += int64(len(p))
+				case off >= int64(im.h.DataPos(0)):
+					data += int64(len(p))
+				}
+			}
+			e := New(placedOpts())
+			d := im.attach(t, e, 1, st)
+			journal, data = 0, 0
+			want := bytes.Repeat([]byte{7}, 64*ss)
+			for off := 0; off < len(want); off += tc.each * ss {
+				must(t, d.WriteAt(ctx, want[off:off+tc.each*ss], int64(off), false))
+			}
+			if tc.direct > 0 && d.parts[0].slots.lines != 0 {
+				t.Fatalf("%d lines cached after direct writes, want none", d.parts[0].slots.lines)
+			}
+			must(t, d.Flush(ctx))
+			if n, m := e.Stats.Placed.Load(), e.Stats.Direct.Load(); n != tc.placed || m != tc.direct {
+				t.Fatalf("%d sectors placed, %d of them direct; want %d, %d", n, m, tc.placed, tc.direct)
+			}
+			if journal != tc.journal {
+				t.Fatalf("journal writes: %d bytes, want %d (placed sectors' data journalled?)", journal, tc.journal)
+			}
+			if data != int64(tc.placed)*ss {
+				t.Fatalf("data region writes before the checkpoint: %d bytes, want the placed runs' %d", data, int64(tc.placed)*ss)
+			}
+			got := make([]byte, len(want))
+			must(t, d.ReadAt(ctx, got, 0))
+			if !bytes.Equal(got, want) {
+				t.Fatal("read back differs")
+			}
+			must(t, e.Close())
+		})
 	}
-	e := New(placedOpts())
-	d := im.attach(t, e, 1, st)
-	journal, data = 0, 0
-	want := bytes.Repeat([]byte{7}, 64*ss)
-	must(t, d.WriteAt(ctx, want, 0, false))
-	must(t, d.Flush(ctx))
-	if n := e.Stats.Placed.Load(); n != 50 {
-		t.Fatalf("%d sectors written back placed, want 50", n)
-	}
-	// 50 placed sectors: 2 headers; 14 journalled with their data: 1 header and 14 sectors.
-	if journal != 3*4096+14*ss {
-		t.Fatalf("journal writes: %d bytes, want %d (placed sectors' data journalled?)", journal, 3*4096+14*ss)
-	}
-	if data != 50*ss {
-		t.Fatalf("data region writes before the checkpoint: %d bytes, want the placed run's %d", data, 50*ss)
-	}
-	got := make([]byte, len(want))
-	must(t, d.ReadAt(ctx, got, 0))
-	if !bytes.Equal(got, want) {
-		t.Fatal("read back differs")
-	}
-	must(t, e.Close())
 }
 
 // TestFlushSettlesPlacedWrites: a flush whose placed appends were committed but not yet in

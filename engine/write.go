@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/sealdisk/sealdisk/dma"
+	"github.com/sealdisk/sealdisk/sector"
 )
 
 // write copies buf (nil: zeros) into cached sectors: whole sectors without reading, partial
@@ -14,6 +15,9 @@ import (
 // written back and committed (with the counter advanced) before it returns. Then the cache is
 // shrunk to its bound.
 func (p *part) write(desc *dma.Descriptor, buf []byte) error {
+	if done, err := p.writeDirect(desc, buf); done {
+		return err
+	}
 	ss := p.d.ss
 	var touched, repair []*line
 	now := time.Now()
@@ -68,4 +72,59 @@ func (p *part) write(desc *dma.Descriptor, buf []byte) error {
 		}
 	}
 	return p.shrink()
+}
+
+// writeDirect seals a write of whole sectors, at least a placed run of them (Options.
+// PlacedBytes) and without FUA, straight from the guest's buffer into one placed append, as
+// the cache's pressure would write those sectors back later (writebackKind): no line is
+// filled, so there is no copy into the cache, no eviction and no second pass over the bytes,
+// and a stream of large writes does not push the cache's other lines out. The sectors' lines,
+// if any, are dropped once the append has taken effect: it supersedes them, and reads open it
+// until it is in place (p.slots.ref). done is false when the write must take the cache's
+// path: not eligible, or a page of its sectors cannot be read (the cache's path repairs a page
+// replaced whole, or fails the write with the page's error).
+func (p *part) writeDirect(desc *dma.Descriptor, buf []byte) (done bool, err error) {
+	d := p.d
+	n := int(desc.Count)
+	if d.placedRun == 0 || n < d.placedRun || buf == nil || desc.Flags&dma.FUA != 0 ||
+		desc.Head != 0 || int64(desc.Len) != int64(n)*d.ss {
+		return false, nil
+	}
+	if err := p.applyCommitted(); err != nil {
+		return true, err
+	}
+	p.lbas = p.lbas[:0]
+	for i := range n {
+		p.lbas = append(p.lbas, desc.LBA+uint64(i))
+	}
+	w := newPendingWrite(p, sector.BlockPlaced, p.lbas)
+	// The entries replaced, which recovery falls back to should a ciphertext not reach the
+	// data region before a crash.
+	ents, _, err := p.entries(p.ents[:0], desc.LBA, n)
+	p.ents = ents
+	if err != nil {
+		w.free()
+		return false, nil
+	}
+	ss := int(d.ss)
+	for i := range n {
+		w.ents[i].Old = ents[i]
+		d.sess.Seal(desc.LBA+uint64(i), w.data(i), buf[i*ss:(i+1)*ss], &w.ents[i].Entry)
+	}
+	if err := p.appendWrite(w); err != nil {
+		if w.end == 0 { // not appended
+			w.free()
+		}
+		return true, err
+	}
+	for i := range n {
+		lba := desc.LBA + uint64(i)
+		if l := p.cached(lba); l != nil {
+			p.drop(l)
+		}
+		p.slots.setRef(lba, unappliedRef{w: w, i: i})
+	}
+	d.e.Stats.Placed.Add(uint64(n))
+	d.e.Stats.Direct.Add(uint64(n))
+	return true, p.relieve(false)
 }
