@@ -51,12 +51,14 @@ type Options struct {
 	MaxChangedPages int
 	// TreeNodes bounds the integrity tree's clean cached nodes per disk; 0 = 1024 (4 MiB).
 	TreeNodes int
-	// PlacedBytes, when positive, is the shortest run of consecutive sectors that a write-back
-	// under the cache's pressure writes in place only, journalling just their entries (placed
-	// blocks, FORMAT.md §6.2), instead of writing them to the journal and then in place. 0 =
-	// off. The service sets 64 KiB (config engine.placed_run): on ext4, 1 MiB writes ran
-	// about half as fast again and random 64 KiB writes a fifth faster, random 4 KiB writes
-	// as before (BENCHMARKS.md).
+	// PlacedBytes, when positive, is the shortest run of consecutive sectors that is written
+	// in place only, journalling just their entries (placed blocks, FORMAT.md §6.2), instead
+	// of being written to the journal and then in place: a guest write that long (whole
+	// sectors, no FUA), sealed from its buffer without entering the cache (write.go), and a
+	// run that long written back under the cache's pressure. 0 = off. The service sets 64 KiB
+	// (config engine.placed_run): on ext4, 1 MiB writes ran about half as fast again with
+	// placed write-backs and a fifth more sealed from the buffer, random 4 KiB writes as
+	// before (BENCHMARKS.md).
 	PlacedBytes int64
 
 	// journalBytes, when set, uses only that much of the journal region (tests: the journal

@@ -63,7 +63,7 @@ keys below, a flag.`,
 	f.String("engine-cache-size", "256M", "write-back cache per disk (config engine.cache_size)")
 	f.String("engine-idle-flush", "5s", "write back sectors dirty this long (config engine.idle_flush)")
 	f.Bool("engine-mmap", true, "image reads through a shared read-only mapping; false: pread (config engine.mmap)")
-	f.String("engine-placed-run", "64K", "shortest run a pressured write-back writes once in place; 0: off (config engine.placed_run)")
+	f.String("engine-placed-run", "64K", "shortest write (or pressured write-back run) written once in place; 0: off (config engine.placed_run)")
 	f.StringSlice("nbd-listen", nil, "NBD listener: unix:PATH or tcp:HOST:PORT (config nbd.listen)")
 	f.String("nbd-socket-mode", config.DefaultSocketMode, "mode of the NBD unix sockets, octal (config nbd.socket_mode)")
 	f.String("nbd-socket-group", "", "group of the NBD unix sockets, a name or gid; default the service's (config nbd.socket_group)")
