@@ -49,8 +49,9 @@ func TestReadsRunInline(t *testing.T) {
 	}
 }
 
-// TestInlineReadRescued: a READ that blocks on the reader does not stop reading: the request
-// sent behind it is read and answered first, also after the watch has parked (no inline
+// TestInlineReadRescued: a slow read does not hold back a later one, whose reply comes first
+// with its own handle and data — also when the slow one runs on the reader: the request sent
+// behind it is read and answered first, also after the watch has parked (no inline
 // request for a while) and on a reader that was itself a rescuer. The watch ends with the
 // last connection.
 func TestInlineReadRescued(t *testing.T) {

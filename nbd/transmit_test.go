@@ -270,34 +270,6 @@ func TestReadErrorNeverSendsData(t *testing.T) {
 	}
 }
 
-// TestOutOfOrder: a slow read does not hold back a later one; each reply carries its own
-// handle and data.
-func TestOutOfOrder(t *testing.T) {
-	dev := newTestDevice(1<<20, nil)
-	ts := startServer(t, Options{}, Export{Name: "d", Device: dev})
-	c := openT(t, ts.sock, "d", true, false)
-	a, b := pattern(4096, 1), pattern(4096, 2)
-	c.do(cmdWrite, 0, 0, 4096, a)
-	c.do(cmdWrite, 0, 65536, 4096, b)
-
-	release := dev.gate(0)
-	defer release()
-	c.send(cmdRead, 0, 100, 0, 4096, nil)
-	if off := <-dev.enterc; off != 0 {
-		t.Fatalf("gated read at %d", off)
-	}
-	c.send(cmdRead, 0, 200, 65536, 4096, nil)
-	r := c.recv()
-	if r.handle != 200 || !bytes.Equal(r.data, b) {
-		t.Fatalf("first reply: handle %d", r.handle)
-	}
-	release()
-	r = c.recv()
-	if r.handle != 100 || !bytes.Equal(r.data, a) {
-		t.Fatalf("second reply: handle %d", r.handle)
-	}
-}
-
 // TestBackpressure: with the in-flight bound reached, the reader stops admitting requests;
 // all of them still complete.
 func TestBackpressure(t *testing.T) {
