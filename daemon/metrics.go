@@ -52,6 +52,8 @@ func newMetrics(d *Daemon) *metrics {
 		{"sealdisk_engine_cache_misses_total", "Sector reads that decrypted from the image.", &st.CacheMisses},
 		{"sealdisk_engine_writebacks_total", "Dirty cache sectors encrypted and written back.", &st.Writebacks},
 		{"sealdisk_engine_journal_syncs_total", "Metadata journal syncs.", &st.JournalSyncs},
+		{"sealdisk_engine_placed_sectors_total", "Sectors written to the image once, in place, their journal blocks holding only entries (engine.placed_run).", &st.Placed},
+		{"sealdisk_engine_direct_sectors_total", "Of the placed sectors, those sealed straight from a guest write, never cached.", &st.Direct},
 		{"sealdisk_engine_auth_failures_total", "Sectors that failed authentication (tampered or corrupt); each is an I/O error to the guest.", &st.AuthFailures},
 		{"sealdisk_engine_permission_denials_total", "Descriptors refused because no key was bound to their ASID.", &st.PermissionDenials},
 		{"sealdisk_engine_sync_failures_total", "Failed syncs of an image: each may have lost recent writes on disk, so the journal and the journaled sectors are written again before a sync is trusted.", &st.SyncFailures},

@@ -255,7 +255,7 @@ func TestAdminAttachDetachReload(t *testing.T) {
 	// Metrics: through the admin socket and the metrics listener.
 	m := s.adminRun(t, "metrics")
 	for _, want := range []string{`sealdisk_vms_attached 2`, `sealdisk_nbd_requests_total{export="vm2",op="read",result="ok"}`,
-		`sealdisk_engine_read_bytes_total`, `sealdisk_engine_sync_failures_total 0`, `sealdisk_vm_attach_failures_total 3`, `sealdisk_engine_ring_occupancy{shard="0"}`,
+		`sealdisk_engine_read_bytes_total`, `sealdisk_engine_sync_failures_total 0`, `sealdisk_engine_direct_sectors_total`, `sealdisk_vm_attach_failures_total 3`, `sealdisk_engine_ring_occupancy{shard="0"}`,
 		`sealdisk_vm_image_mapped_bytes{disk="0",vm="vm1"} `} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s", want)
