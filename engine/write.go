@@ -97,24 +97,12 @@ func (p *part) writeDirect(desc *dma.Descriptor, buf []byte) (done bool, err err
 	for i := range n {
 		p.lbas = append(p.lbas, desc.LBA+uint64(i))
 	}
-	w := newPendingWrite(p, sector.BlockPlaced, p.lbas)
-	// The entries replaced, which recovery falls back to should a ciphertext not reach the
-	// data region before a crash.
-	ents, _, err := p.entries(p.ents[:0], desc.LBA, n)
-	p.ents = ents
-	if err != nil {
-		w.free()
-		return false, nil
-	}
 	ss := int(d.ss)
-	for i := range n {
-		w.ents[i].Old = ents[i]
-		d.sess.Seal(desc.LBA+uint64(i), w.data(i), buf[i*ss:(i+1)*ss], &w.ents[i].Entry)
+	w, err := p.sealWrite(sector.BlockPlaced, p.lbas, func(i int) []byte { return buf[i*ss : (i+1)*ss] })
+	if err != nil {
+		return false, nil // a page of the sectors cannot be read
 	}
 	if err := p.appendWrite(w); err != nil {
-		if w.end == 0 { // not appended
-			w.free()
-		}
 		return true, err
 	}
 	for i := range n {

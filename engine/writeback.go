@@ -93,29 +93,11 @@ func (p *part) writebackKind(ls []*line, kind uint8) error {
 	for _, l := range ls {
 		p.lbas = append(p.lbas, l.lba)
 	}
-	w := newPendingWrite(p, kind, p.lbas)
-	if kind == sector.BlockPlaced {
-		// The entries they replace, which recovery falls back to should a new ciphertext not
-		// reach the data region before a crash: a page lookup per page of each run.
-		if err := forRuns(len(ls), func(i int) uint64 { return ls[i].lba }, func(i, j int) error {
-			ents, _, err := p.entries(p.ents[:0], ls[i].lba, j-i)
-			p.ents = ents
-			for k, e := range ents {
-				w.ents[i+k].Old = e
-			}
-			return err
-		}); err != nil {
-			w.free()
-			return err
-		}
-	}
-	for i, l := range ls {
-		d.sess.Seal(l.lba, w.data(i), l.data, &w.ents[i].Entry)
+	w, err := p.sealWrite(kind, p.lbas, func(i int) []byte { return ls[i].data })
+	if err != nil {
+		return err
 	}
 	if err := p.appendWrite(w); err != nil {
-		if w.end == 0 { // not appended
-			w.free()
-		}
 		return err
 	}
 	for i, l := range ls {
@@ -129,13 +111,44 @@ func (p *part) writebackKind(ls []*line, kind uint8) error {
 	return nil
 }
 
+// sealWrite lays out one append of kind for lbas (ascending) and seals each sector's
+// plaintext pt(i) into it. Placed, it first takes the entries the sectors replace, which
+// recovery falls back to should a new ciphertext not reach the data region before a crash (a
+// page lookup per page of each run); an error there frees the write.
+func (p *part) sealWrite(kind uint8, lbas []uint64, pt func(i int) []byte) (*pendingWrite, error) {
+	w := newPendingWrite(p, kind, lbas)
+	if kind == sector.BlockPlaced {
+		if err := forRuns(len(lbas), func(i int) uint64 { return lbas[i] }, func(i, j int) error {
+			ents, _, err := p.entries(p.ents[:0], lbas[i], j-i)
+			p.ents = ents
+			for k, e := range ents {
+				w.ents[i+k].Old = e
+			}
+			return err
+		}); err != nil {
+			w.free()
+			return nil, err
+		}
+	}
+	for i, lba := range lbas {
+		p.d.sess.Seal(lba, w.data(i), pt(i), &w.ents[i].Entry)
+	}
+	return w, nil
+}
+
 // appendWrite appends w to the journal and applies its entries, under d.ckpt shared so that a
 // commit never sees one without the other; a full journal is checkpointed first. The pages are
 // read (and checked against the tree) before the append, so an unreadable page fails the
 // write-back cleanly; should applying the entries still fail after the append, the disk's
-// memory no longer matches its journal and it stops committing (Disk.broken).
-func (p *part) appendWrite(w *pendingWrite) error {
+// memory no longer matches its journal and it stops committing (Disk.broken). A write it
+// returns an error for without appending it is freed.
+func (p *part) appendWrite(w *pendingWrite) (err error) {
 	d := p.d
+	defer func() {
+		if err != nil && w.end == 0 { // not appended
+			w.free()
+		}
+	}()
 	for i := 0; i < len(w.ents); {
 		idx := w.ents[i].LBA / entriesPerPage
 		j := i

@@ -70,9 +70,6 @@ func (p *part) zeroSectors(lbas []uint64) error {
 		lbas = lbas[n:]
 		w := newPendingWrite(p, sector.BlockZero, batch)
 		if err := p.appendWrite(w); err != nil {
-			if w.end == 0 {
-				w.free()
-			}
 			return err
 		}
 		for _, lba := range batch {
