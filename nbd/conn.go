@@ -69,11 +69,10 @@ type conn struct {
 	executing atomic.Int32 // jobs executing (on workers or inline) and not yet queued for reply
 
 	// The reader's role (rescue.go): tx is the export of transmission; inlineSince is the
-	// start time of the request the reader runs inline, 0 when none; lastSince is owned by
-	// whoever reads; the goroutine that ends reading after a hand-over sends on readEnd.
+	// start time of the request the reader runs inline, 0 when none; the goroutine that ends
+	// reading after a hand-over sends on readEnd.
 	tx          *export
 	inlineSince atomic.Int64
-	lastSince   int64
 	readEnd     chan bool
 
 	wmu     sync.Mutex // guards queue, spare and writing

@@ -128,7 +128,7 @@ func (c *conn) rescueIfStuck(now int64) {
 	c.workers.Add(1)
 	go func() {
 		defer c.workers.Done()
-		if hard, ok := c.read(c.tx); ok {
+		if hard, ok := c.read(); ok {
 			c.readEnd <- hard
 		}
 	}()
@@ -137,8 +137,7 @@ func (c *conn) rescueIfStuck(now int64) {
 // runInline runs j on the reader and replies. It returns false if the reader's role was
 // taken meanwhile (rescueIfStuck): the caller must not read again.
 func (c *conn) runInline(j *job) bool {
-	since := max(monotonic(), c.lastSince+1) // unique, so a stale rescue cannot match a later request
-	c.lastSince = since
+	since := max(monotonic(), 1) // 0 is "none"; the CAS on it is the hand-over, so equal times do no harm
 	c.inlineSince.Store(since)
 	c.s.rescue.started()
 	c.executing.Add(1)

@@ -32,7 +32,7 @@ func (c *conn) transmit(x *export) {
 	c.work = make(chan *job)
 	c.tx, c.readEnd = x, make(chan bool, 1)
 	c.s.rescue.add(c)
-	hard := c.readRequests(x)
+	hard := c.readRequests()
 	c.s.rescue.remove(c)
 	if hard {
 		// Protocol violation: hard disconnect, then let workers run out (their replies fail).
@@ -49,16 +49,18 @@ func (c *conn) transmit(x *export) {
 // readRequests reads requests until the connection's transmission ends. It returns true
 // when the connection must end hard. The reader's role may pass to other goroutines
 // (rescue.go); the last one's result is returned.
-func (c *conn) readRequests(x *export) (hard bool) {
-	if hard, ok := c.read(x); ok {
+func (c *conn) readRequests() (hard bool) {
+	if hard, ok := c.read(); ok {
 		return hard
 	}
 	return <-c.readEnd
 }
 
-// read is the reader loop. ok is false when the reader's role passed to another goroutine
-// while this one ran a request inline; else reading has ended and hard says how.
-func (c *conn) read(x *export) (hard, ok bool) {
+// read is the reader loop over the export of transmission. ok is false when the reader's role
+// passed to another goroutine while this one ran a request inline; else reading has ended and
+// hard says how.
+func (c *conn) read() (hard, ok bool) {
+	x := c.tx
 	var hdr [requestHeaderSize]byte
 	for {
 		select {
