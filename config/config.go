@@ -67,9 +67,10 @@ type EngineConfig struct {
 	CacheSize string `mapstructure:"cache_size"` // plaintext write-back cache, e.g. 256M
 	IdleFlush string `mapstructure:"idle_flush"` // write back dirty sectors idle this long, e.g. 5s
 	Mmap      bool   `mapstructure:"mmap"`       // image reads through a shared read-only mapping (else pread)
-	// PlacedRun is the shortest run of consecutive sectors that a write-back under the cache's
-	// pressure writes once, in place, journalling only their entries (default 64K; "0": off,
-	// every sector journalled before it goes in place).
+	// PlacedRun is the shortest guest write of whole sectors (without FUA), or run of
+	// consecutive sectors written back under the cache's pressure, that is written once, in
+	// place, journalling only their entries (default 64K; "0": off, every sector journalled
+	// before it goes in place).
 	PlacedRun string `mapstructure:"placed_run"`
 }
 
